@@ -1,0 +1,142 @@
+"""The ``onnxq`` command line: parses options, calls the Python API, renders progress and tables.
+
+Exit codes: 0 success, 2 bad input or usage (one line saying what and how to fix), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxq.calibrate import ProgressCallback
+from onnxq.config import QuantConfig
+from onnxq.convert import ConversionResult, convert as convert_model
+from onnxq.errors import OnnxqError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="onnxq: ONNX float model in, int8 ONNX model out.",
+)
+console = Console(stderr=True)
+
+
+class Activations(str, enum.Enum):
+    uint8 = "uint8"
+    int8 = "int8"
+
+
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+@app.callback()
+def main() -> None:
+    """onnxq: ONNX float model in, int8 ONNX model out."""
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int | None) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on a terminal; nothing when quiet or not on a terminal."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total, rate="")
+
+        def advance(samples: int) -> None:
+            progress.advance(task, samples)
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:.1f} samples/s" if speed else "")
+
+        yield advance
+
+
+def _summary(result: ConversionResult) -> Table:
+    table = Table(title=f"onnxq: {result.output}")
+    table.add_column("op type")
+    table.add_column("int8", justify="right")
+    table.add_column("float", justify="right")
+    for op, count in result.op_counts.items():
+        table.add_row(op, str(count.quantized), str(count.float))
+    table.add_section()
+    table.add_row("size", f"{result.quantized_bytes / 1e6:.2f} MB",
+                  f"{result.float_bytes / 1e6:.2f} MB  ({result.size_ratio:.2f}x)")
+    fidelity = result.fidelity
+    if fidelity is not None:
+        if fidelity.float_top1 is not None:
+            table.add_row("top-1 accuracy", f"{fidelity.quantized_top1:.2%}", f"{fidelity.float_top1:.2%}")
+        for output in fidelity.outputs:
+            table.add_row(f"{output.name} vs float", f"SQNR {output.sqnr_db:.1f} dB", f"cosine {output.cosine:.5f}")
+    return table
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, OnnxqError):
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"internal error ({type(exc).__name__}): {exc}; please report this as a bug", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    model: Annotated[Path, typer.Argument(help="Float ONNX model to quantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")],
+    calibration_data: Annotated[str, typer.Option(
+        "--calibration-data",
+        help="An .npz file, a folder of .npz files, or a loader file.py:func / pkg.mod:func.")],
+    eval_data: Annotated[Optional[str], typer.Option(
+        "--eval-data", help="Data to measure float vs int8 fidelity on (top-1 when it has a 'label' array).")] = None,
+    activations: Annotated[Activations, typer.Option(
+        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations.")] = Activations.uint8,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Samples per calibration run (dynamic-batch models).")] = 1,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Quantize MODEL to int8 (QDQ form), calibrated on --calibration-data."""
+    try:
+        config = QuantConfig(
+            activations=activations.value, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples
+        )
+        with _progress(not quiet, "calibrating", max_samples) as progress:
+            result = convert_model(model, output, calibration_data, config, eval_data=eval_data, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
+        _fail(exc)
+    if as_json:
+        payload = dataclasses.asdict(result) | {"size_ratio": result.size_ratio}
+        sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
+    if not quiet:
+        if not as_json:
+            Console().print(_summary(result))
+        for note in result.notes:
+            typer.echo(f"note: {note}", err=True)
