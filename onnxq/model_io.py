@@ -84,16 +84,20 @@ def check_writable(output: str | os.PathLike) -> Path:
 
 def write_atomically(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    temp = None
     try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
         if isinstance(exc, OSError):
-            raise OutputError(f"could not write {path}: {exc.strerror}; check the path and free space") from exc
+            raise OutputError(
+                f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
+            ) from exc
         raise
