@@ -45,7 +45,9 @@ def test_int8_detections_agree_with_float_detections(tmp_path, yolo):
     model, _, evaluation = yolo
     result, out = _convert(tmp_path, yolo)
     agreement = YOLO.task_metric(_outputs(model, evaluation), _outputs(out, evaluation))
-    assert agreement >= 0.75
+    # Measured here: 0.77 with ONNX Runtime's fused u8 x s8 kernels (0.82 as QDQ semantics);
+    # ORT's own quantizer with the same data: about 0.3.
+    assert agreement >= 0.7
     assert result.op_counts["Conv"].float == 0
     assert any("kept float" in note for note in result.notes)
 
@@ -54,7 +56,7 @@ def test_forcing_one_scale_over_boxes_and_scores_loses_the_detections(tmp_path, 
     model, _, evaluation = yolo
     _, out = _convert(tmp_path, yolo, onnxq.QuantConfig(max_shared_range_ratio=1e9))
     agreement = YOLO.task_metric(_outputs(model, evaluation), _outputs(out, evaluation))
-    assert agreement < 0.6
+    assert agreement < 0.5  # measured here: 0.31
 
 
 def test_int8_yolo_is_about_a_quarter_of_the_float_size(tmp_path, yolo):
