@@ -1,7 +1,7 @@
 """onnxq: ONNX float model in, accurate int8 ONNX model out."""
 
 from onnxq.config import QuantConfig
-from onnxq.convert import ConversionResult, OpCount, convert
+from onnxq.convert import ConversionResult, OpCount, convert, recover
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
@@ -11,7 +11,7 @@ from onnxq.errors import (
 )
 from onnxq.evaluate import Fidelity, OutputFidelity
 
-__version__ = "0.1.0"
+from onnxq._version import __version__
 
 __all__ = [
     "CalibrationDataError",
@@ -25,4 +25,5 @@ __all__ = [
     "OutputFidelity",
     "QuantConfig",
     "convert",
+    "recover",
 ]

@@ -1,83 +1,278 @@
-"""Calibration: run the float model on the data and observe the ranges of chosen tensors.
+"""Calibration: run the float model over the data and observe the ranges of chosen tensors.
 
-The model is copied and augmented so that exactly the requested tensors are graph outputs;
-batches stream through an ONNX Runtime session and each output is reduced into its observer at
-once, so memory holds one batch's tensors, never the whole data set's.
+Rules:
+1. A copy of the model is augmented so that exactly the requested tensors are exposed. For
+   ``minmax``, ReduceMin/ReduceMax nodes are added inside the graph, so only two scalars per
+   tensor leave ONNX Runtime (on CUDA, only those cross to the host); histogram methods expose
+   the tensors themselves, reduced into their observer at once and dropped.
+2. Memory holds one batch's exposed tensors, never the data set's. When those would exceed the
+   memory budget, the tensors are split into passes, each a full run over the data.
+3. Observer state is keyed by topology signature, checkpointed at most every
+   ``checkpoint_interval_s`` seconds and at the end of each pass; a resumed run skips the
+   samples a checkpoint already covers, so its result equals the uninterrupted run's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
 
 import numpy as np
 import onnx
+import onnx.helper as oh
+import onnx.shape_inference
 import onnxruntime as ort
 
-from onnxq.data import Batch
-from onnxq.errors import ModelError
-from onnxq.observers import MinMaxObserver
+from onnxq.config import QuantConfig
+from onnxq.data import BatchSource
+from onnxq.errors import CalibrationDataError, DeviceError, ModelError
+from onnxq.observers import MinMaxObserver, make_observer, observer_from_dict
 
 ProgressCallback = Callable[[int], None]
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
 
 
-def _augmented(proto: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(proto)
-    present = {output.name for output in augmented.graph.output}
-    known = {info.name: info for info in augmented.graph.value_info}
-    for name in tensor_names:
-        if name in present:
-            continue
-        info = onnx.ValueInfoProto()
-        if name in known:
-            info.CopyFrom(known[name])
-        else:
-            info.name = name
-        augmented.graph.output.append(info)
-    return augmented
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
-def create_session(model: onnx.ModelProto | bytes, what: str) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session; a model it refuses is reported as ``ModelError``."""
+def create_session(model: onnx.ModelProto | bytes, what: str, providers: tuple[str, ...] = (CPU,)) -> ort.InferenceSession:
+    """An ONNX Runtime session; a model it refuses is reported as ``ModelError``."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=list(providers))
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX Runtime cannot load {what}: {message}") from exc
+        raise ModelError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from exc
 
 
-def collect_ranges(
-    proto: onnx.ModelProto,
-    tensor_names: list[str],
-    batches: Iterable[Batch],
-    progress: ProgressCallback | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Min/max of each named tensor over all batches; tensors that are not float are left out."""
-    session = create_session(_augmented(proto, tensor_names), "the float model")
-    observers = {name: MinMaxObserver() for name in tensor_names}
-    not_float: set[str] = set()
-    for batch in batches:
-        try:
-            outputs = session.run(tensor_names, batch.feed)
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0]
-            raise ModelError(
-                f"the float model fails on the calibration data: {message}; check that the "
-                "data matches what the model was exported for"
-            ) from exc
-        for name, array in zip(tensor_names, outputs):
-            if isinstance(array, np.ndarray) and array.dtype == np.float32:
-                observers[name].update(array)
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or ``None`` when its CUDA provider loads.
+
+    A tiny model is loaded with the CUDA provider first in line; CUDA counts only if the
+    session really uses it (ONNX Runtime otherwise falls back to the CPU quietly).
+    """
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+    probe = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("Identity", ["x"], ["y"])], "probe",
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[oh.make_opsetid("", 13)],
+    )
+    ort.set_default_logger_severity(4)  # the failed load is expected; don't print it
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA, CPU])
+        loaded = session.get_providers()[0] == CUDA
+    except Exception:
+        loaded = False
+    finally:
+        ort.set_default_logger_severity(2)
+    if loaded:
+        return None
+    return "ONNX Runtime's CUDA execution provider did not load (no GPU, or CUDA/cuDNN libraries missing)"
+
+
+def calibration_providers(device: str) -> tuple[tuple[str, ...], str | None]:
+    """Execution providers for calibration, and a note when ``auto`` fell back to the CPU.
+
+    ``cuda`` raises ``DeviceError`` with the reason when CUDA cannot be used.
+    """
+    if device == "cpu":
+        return (CPU,), None
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return (CUDA, CPU), None
+    if device == "cuda":
+        raise DeviceError(f"cannot calibrate on CUDA: {reason}; use --device cpu or auto")
+    return (CPU,), f"calibrating on CPU: {reason}"
+
+
+@dataclasses.dataclass
+class CalibrationState:
+    """Observer state keyed by tensor signature, and how far calibration got."""
+
+    observers: dict[str, MinMaxObserver]
+    passes: list[list[str]]
+    pass_index: int = 0
+    samples_done: int = 0
+    complete: bool = False
+    samples_seen: int = 0  # samples in the data, as counted on the first pass
+
+    def to_payload(self) -> dict:
+        return {
+            "samples_seen": self.samples_seen,
+            "observers": {key: observer.to_dict() for key, observer in sorted(self.observers.items())},
+            "passes": self.passes,
+            "pass_index": self.pass_index,
+            "samples_done": self.samples_done,
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict, percentile: float) -> CalibrationState:
+        observers = {key: observer_from_dict(state, percentile) for key, state in payload["observers"].items()}
+        return cls(
+            observers, payload["passes"], payload["pass_index"], payload["samples_done"], payload["complete"],
+            payload["samples_seen"],
+        )
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """The chosen range of every observed tensor, by signature."""
+        return {key: o.range() for key, o in self.observers.items() if o.observed}
+
+
+def _augmented(proto: onnx.ModelProto, names: list[str], reduce_in_graph: set[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with ``names`` exposed; tensors in ``reduce_in_graph`` as min and max scalars."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(proto)
+    graph = augmented.graph
+    present = {output.name for output in graph.output}
+    known = {info.name: info for info in graph.value_info}
+    outputs = []
+    for name in names:
+        if name in reduce_in_graph:
+            for op in ("ReduceMin", "ReduceMax"):
+                reduced = f"{name}__onnxq_{op}"
+                graph.node.append(oh.make_node(op, [name], [reduced], keepdims=0))
+                graph.output.append(oh.make_tensor_value_info(reduced, onnx.TensorProto.FLOAT, []))
+                outputs.append(reduced)
+            continue
+        if name not in present:
+            info = onnx.ValueInfoProto()
+            if name in known:
+                info.CopyFrom(known[name])
             else:
-                not_float.add(name)
-        if progress is not None:
-            progress(batch.samples)
-    return {
-        name: observer.range()
-        for name, observer in observers.items()
-        if name not in not_float and observer.observed
-    }
+                info.name = name
+            graph.output.append(info)
+        outputs.append(name)
+    return augmented, outputs
+
+
+def _tensor_bytes(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
+    """Estimated bytes of each tensor for a batch like ``feed`` (unknown sizes: the largest known)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[value.name].shape):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph
+    except Exception:
+        inferred = fixed.graph
+    sizes = {}
+    for info in [*inferred.value_info, *inferred.output, *inferred.input]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[info.name] = int(np.prod([d.dim_value for d in dims])) * 4
+    largest = max(sizes.values(), default=4)
+    return {name: sizes.get(name, largest) for name in names}
+
+
+def _split_into_passes(keys: list[str], sizes: list[int], budget_bytes: float) -> list[list[str]]:
+    passes: list[list[str]] = [[]]
+    used = 0
+    for key, size in zip(keys, sizes):
+        if passes[-1] and used + size > budget_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(key)
+        used += size
+    return passes
+
+
+def calibrate(
+    proto: onnx.ModelProto,
+    tensors: dict[str, str],
+    float_tensors: set[str],
+    batches: BatchSource,
+    config: QuantConfig,
+    state: CalibrationState | None = None,
+    checkpoint: Callable[[CalibrationState], None] | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[CalibrationState, list[str]]:
+    """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
+    state and notes. ``float_tensors`` are the names known to be float32 (others are checked on
+    the first batch). ``batches`` gives a fresh pass over the data each time it is called.
+    ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
+    """
+    providers, device_note = calibration_providers(config.device)
+    names_of = {key: name for name, key in tensors.items()}
+    inputs = {value.name for value in proto.graph.input}
+    reduce_in_graph = float_tensors - inputs if config.method == "minmax" else set()
+    if state is None:
+        first = batches.first
+        keys = list(tensors.values())
+        sizes = _tensor_bytes(proto, first.feed, list(tensors))
+        per_batch = [0 if names_of[k] in reduce_in_graph else sizes[names_of[k]] for k in keys]
+        passes = _split_into_passes(keys, per_batch, config.memory_budget_mb * 2**20)
+        state = CalibrationState({k: make_observer(config.method, config.percentile) for k in keys}, passes)
+    notes: list[str] = [device_note] if device_note else []
+    if len(state.passes) > 1:
+        notes.append(f"calibrated in {len(state.passes)} passes to stay within {config.memory_budget_mb:g} MB")
+    last_checkpoint = time.monotonic()
+
+    def record() -> None:
+        nonlocal last_checkpoint
+        if checkpoint is not None:
+            checkpoint(state)
+        last_checkpoint = time.monotonic()
+
+    while state.pass_index < len(state.passes):
+        names = [names_of[key] for key in state.passes[state.pass_index]]
+        model, outputs = _augmented(proto, [n for n in names if n not in inputs], reduce_in_graph)
+        session = create_session(model, "the float model", providers)
+        skip, seen = state.samples_done, 0
+        for batch in batches():
+            seen += batch.samples
+            if seen <= skip:
+                continue
+            if seen - batch.samples < skip:
+                raise CalibrationDataError(
+                    "the calibration data is batched differently from the run being resumed; "
+                    "resume with the same data and --batch-size"
+                )
+            try:
+                values = dict(zip(outputs, session.run(outputs, batch.feed)))
+            except Exception as exc:
+                raise ModelError(
+                    f"the float model fails on the calibration data: {_first_line(exc)}; check that the "
+                    "data matches what the model was exported for"
+                ) from exc
+            for name in names:
+                observer = state.observers[tensors[name]]
+                if name in reduce_in_graph:
+                    observer.update(np.array([values[f"{name}__onnxq_ReduceMin"], values[f"{name}__onnxq_ReduceMax"]]))
+                    continue
+                array = batch.feed[name] if name in inputs else values[name]
+                if isinstance(array, np.ndarray) and array.dtype == np.float32:
+                    observer.update(array)
+            state.samples_done = seen
+            if state.pass_index == 0:
+                state.samples_seen = seen
+            if progress is not None:
+                progress(batch.samples)
+            if time.monotonic() - last_checkpoint >= config.checkpoint_interval_s:
+                record()
+        if seen == 0:
+            raise CalibrationDataError(
+                "the calibration data gave no samples on a later pass; pass a path, a loader or a "
+                "list rather than a one-shot iterator when calibrating in several passes"
+            )
+        state.pass_index += 1
+        state.samples_done = 0
+        state.complete = state.pass_index == len(state.passes)
+        record()
+    return state, notes

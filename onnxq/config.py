@@ -8,6 +8,8 @@ from typing import Literal
 from onnxq.errors import ConfigError
 
 ActivationType = Literal["uint8", "int8"]
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,14 @@ class QuantConfig:
         max_samples: stop calibration after this many samples (``None``: use all).
         max_shared_range_ratio: a Concat whose inputs' ranges differ by more than this factor is
             kept in float instead of forcing them through one scale.
+        method: how activation ranges are chosen from the calibration data: ``minmax``,
+            ``percentile`` (of ``percentile`` and ``100 - percentile``), ``entropy`` (KL
+            divergence, TensorRT-style) or ``mse`` (least expected squared error).
+        device: where calibration runs: ``cuda`` only if ONNX Runtime's CUDA provider really
+            loads (``auto`` falls back to ``cpu`` and says so).
+        memory_budget_mb: calibration exposes at most about this much tensor data per batch;
+            beyond it, tensors are calibrated in several passes over the data.
+        checkpoint_interval_s: seconds between calibration checkpoints in the workspace.
     """
 
     activations: ActivationType = "uint8"
@@ -29,6 +39,11 @@ class QuantConfig:
     batch_size: int = 1
     max_samples: int | None = None
     max_shared_range_ratio: float = 16.0
+    method: Method = "minmax"
+    percentile: float = 99.99
+    device: Device = "auto"
+    memory_budget_mb: float = 2048.0
+    checkpoint_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.activations not in ("uint8", "int8"):
@@ -41,7 +56,25 @@ class QuantConfig:
             raise ConfigError(
                 f"max samples must be at least 1 (or unset for all), not {self.max_samples}"
             )
+        if self.method not in ("minmax", "percentile", "entropy", "mse"):
+            raise ConfigError(
+                f"method must be minmax, percentile, entropy or mse, not {self.method!r}"
+            )
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
+            raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
         if self.max_shared_range_ratio <= 1:
             raise ConfigError(
                 f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}"
             )
+
+    def result_options(self) -> dict:
+        """The options that determine the quantized model (not where or how fast it is made)."""
+        fields = ("activations", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method")
+        options = {name: getattr(self, name) for name in fields}
+        if self.method == "percentile":
+            options["percentile"] = self.percentile
+        return options

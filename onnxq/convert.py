@@ -1,12 +1,12 @@
-"""The conversion pipeline: load -> analyze -> calibrate -> plan -> rewrite -> check -> save."""
+"""The conversion pipeline: load -> analyze -> calibrate -> plan -> rewrite -> check -> save,
+with a workspace that makes it resumable, and ``recover`` to rebuild any recorded step."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
+import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -14,14 +14,20 @@ import onnx.shape_inference
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq.calibrate import ProgressCallback, collect_ranges, create_session
+from onnxq._version import __version__
+from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
-from onnxq.data import Batch, DataSource, InputSpec, iter_batches, model_inputs
+from onnxq.data import Batch, BatchSource, DataSource, model_inputs
+from onnxq.errors import CalibrationDataError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
 from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atomically
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
+from onnxq.signatures import graph_fingerprint, tensor_keys
+from onnxq.workspace import Workspace
+
+ModelInput = str | os.PathLike | onnx.ModelProto
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +40,8 @@ class OpCount:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionResult:
-    """What ``convert`` produced: the output file, sizes, per-op counts, notes, fidelity."""
+    """What ``convert`` or ``recover`` produced: the output, sizes, per-op counts, notes,
+    calibration samples, the workspace and its step the model was built from, fidelity."""
 
     output: Path
     float_bytes: int
@@ -42,17 +49,13 @@ class ConversionResult:
     op_counts: dict[str, OpCount]
     notes: tuple[str, ...]
     calibration_samples: int
+    workspace: Path
+    calibration_step: int
     fidelity: Fidelity | None = None
 
     @property
     def size_ratio(self) -> float:
         return self.quantized_bytes / self.float_bytes
-
-
-def _validated(batches: Iterator[Batch]) -> Iterator[Batch]:
-    """Pull the first batch now, so bad data is reported before any work starts."""
-    first = next(batches)
-    return itertools.chain([first], batches)
 
 
 def _prepare(proto: onnx.ModelProto) -> ir.Model:
@@ -70,9 +73,9 @@ def _may_be_float(value: ir.Value | None) -> bool:
     return value is not None and not is_constant(value) and value.dtype in (None, ir.DataType.FLOAT)
 
 
-def candidate_tensors(graph: ir.Graph) -> list[str]:
+def candidate_tensors(graph: ir.Graph) -> list[ir.Value]:
     """Every tensor whose range a quantization decision may need, in graph order."""
-    names: dict[str, None] = {}
+    values: dict[str, ir.Value] = {}
     for node in graph:
         rule = rule_for(node)
         if rule is None:
@@ -82,11 +85,11 @@ def candidate_tensors(graph: ir.Graph) -> list[str]:
             slots = (*slots, rule.weight_input)
         for slot in slots:
             if slot < len(node.inputs) and _may_be_float(node.inputs[slot]):
-                names[node.inputs[slot].name] = None
+                values[node.inputs[slot].name] = node.inputs[slot]
         for output in node.outputs:
             if _may_be_float(output):
-                names[output.name] = None
-    return list(names)
+                values[output.name] = output
+    return list(values.values())
 
 
 def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
@@ -117,63 +120,181 @@ def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes
     return data
 
 
-def _model_bytes(model: str | os.PathLike | onnx.ModelProto, proto: onnx.ModelProto) -> int:
+def _model_bytes(model: ModelInput, proto: onnx.ModelProto) -> int:
     return proto.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
 
 
+def _weights_fingerprint(graph: ir.Graph) -> str:
+    digests = sorted(hashlib.sha256(v.const_value.tobytes()).hexdigest() for v in graph.initializers.values())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _batch_fingerprint(batch: Batch) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(batch.feed):
+        array = batch.feed[name]
+        digest.update(f"{name}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _manifest(graph: ir.Graph, config: QuantConfig, first_batch: Batch | None) -> dict:
+    return {
+        "onnxq_version": __version__,
+        "model": {"structure": graph_fingerprint(graph), "weights": _weights_fingerprint(graph)},
+        "config": config.result_options(),
+        "data": None if first_batch is None else {"first_batch_sha256": _batch_fingerprint(first_batch)},
+    }
+
+
+def default_workspace(output: str | os.PathLike) -> Path:
+    """``OUTPUT.onnxq/`` next to the output."""
+    output = Path(output)
+    return output.with_name(output.name + ".onnxq")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    float_proto: onnx.ModelProto
+    proto: onnx.ModelProto  # upgraded to opset >= 13
+    model: ir.Model
+    notes: tuple[str, ...]
+
+
+def _load(model: ModelInput) -> _Loaded:
+    float_proto = load_model(model)
+    proto, upgrade_note = upgrade_opset(float_proto)
+    return _Loaded(float_proto, proto, _prepare(proto), (upgrade_note,) if upgrade_note else ())
+
+
+def _build(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> tuple[bytes, dict[str, OpCount], list[str]]:
+    """The quantized model's bytes from calibrated state: plan, rewrite, check."""
+    graph = loaded.model.graph
+    by_key = state.ranges()
+    ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key}
+    plan = plan_quantization(graph, ranges, config)
+    op_counts = _op_counts(graph, plan)
+    rewrite = apply_qdq(loaded.model, plan)
+    return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, plan.notes + rewrite.notes
+
+
 def convert(
-    model: str | os.PathLike | onnx.ModelProto,
+    model: ModelInput,
     output: str | os.PathLike,
-    calibration_data: DataSource,
+    calibration_data: DataSource | None,
     config: QuantConfig | None = None,
     *,
     eval_data: DataSource | None = None,
+    workspace: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ConversionResult:
     """Quantize ``model`` to int8 QDQ form, calibrated on ``calibration_data``; write ``output``.
 
-    ``eval_data`` (optional, same format) is used after conversion to measure fidelity (and
-    top-1 accuracy when it has a ``label`` array). Raises an ``OnnxqError`` subclass for bad
-    input; nothing is written then.
+    Calibration is checkpointed in ``workspace`` (default ``OUTPUT.onnxq/``); ``resume=True``
+    continues a run that was killed, and gives the same model as an uninterrupted run
+    (``calibration_data`` may then be ``None`` if calibration had finished). ``eval_data``
+    (same formats) measures fidelity after conversion, with top-1 accuracy when it has a
+    ``label`` array. Bad input raises an ``OnnxqError`` subclass, and nothing is written then.
     """
     config = config or QuantConfig()
-    float_proto = load_model(model)
+    loaded = _load(model)
     output_path = check_writable(output)
-    proto, upgrade_note = upgrade_opset(float_proto)
-    inputs: list[InputSpec] = model_inputs(proto)
-    batches = _validated(iter_batches(calibration_data, inputs, config.batch_size, config.max_samples))
-    eval_batches = None
-    if eval_data is not None:
-        eval_batches = _validated(iter_batches(eval_data, inputs, config.batch_size))
+    inputs = model_inputs(loaded.proto)
+    source = None
+    if calibration_data is not None:
+        source = BatchSource(calibration_data, inputs, config.batch_size, config.max_samples)
+    elif not resume:
+        raise CalibrationDataError("no calibration data; pass --calibration-data (an .npz file, a folder or a loader)")
+    eval_source = None if eval_data is None else BatchSource(eval_data, inputs, config.batch_size)
 
-    ir_model = _prepare(proto)
-    samples = 0
-
-    def count(n: int) -> None:
-        nonlocal samples
-        samples += n
-        if progress is not None:
-            progress(n)
-
-    ranges = collect_ranges(ir.to_proto(ir_model), candidate_tensors(ir_model.graph), batches, count)
-    plan = plan_quantization(ir_model.graph, ranges, config)
-    op_counts = _op_counts(ir_model.graph, plan)
-    rewrite = apply_qdq(ir_model, plan)
-    data = _check_output(float_proto, ir.to_proto(ir_model))
-    write_atomically(data, output_path)
-
-    fidelity = None
-    if eval_batches is not None:
-        fidelity = compare_models(
-            create_session(proto, "the float model"), create_session(data, "the quantized model"), eval_batches
+    graph = loaded.model.graph
+    manifest = _manifest(graph, config, None if source is None else source.first)
+    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
+    state = None
+    if resume:
+        space = Workspace.open(workspace_path)
+        space.check_matches(manifest)
+        step = space.latest("calibration")
+        state = None if step is None else CalibrationState.from_payload(step.payload, config.percentile)
+    else:
+        space = Workspace.create(workspace_path, manifest)
+    notes = list(loaded.notes)
+    if state is None or not state.complete:
+        if source is None:
+            raise CalibrationDataError(
+                f"calibration in {workspace_path} is not finished; pass the same --calibration-data to resume it"
+            )
+        keys = tensor_keys(graph)
+        candidates = candidate_tensors(graph)
+        float_names = {v.name for v in candidates if v.dtype == ir.DataType.FLOAT}
+        state, calibration_notes = calibrate(
+            ir.to_proto(loaded.model),
+            {v.name: keys[v.name] for v in candidates},
+            float_names,
+            source,
+            config,
+            state,
+            checkpoint=lambda s: space.append("calibration", s.to_payload()),
+            progress=progress,
         )
-    notes = ([upgrade_note] if upgrade_note else []) + plan.notes + rewrite.notes
+        notes += calibration_notes
+    calibration_step = space.latest("calibration")
+    if calibration_step is None:  # pragma: no cover - calibrate always records the final state
+        raise WorkspaceError(f"workspace {workspace_path} lost its calibration state; start a new run")
+    data, op_counts, build_notes = _build(loaded, state, config)
+    write_atomically(data, output_path)
+    space.append(
+        "quantized",
+        {"calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(data).hexdigest()},
+    )
+    fidelity = None
+    if eval_source is not None:
+        fidelity = compare_models(
+            create_session(loaded.proto, "the float model"), create_session(data, "the quantized model"), eval_source()
+        )
     return ConversionResult(
         output=output_path,
-        float_bytes=_model_bytes(model, float_proto),
+        float_bytes=_model_bytes(model, loaded.float_proto),
         quantized_bytes=len(data),
         op_counts=op_counts,
-        notes=tuple(notes),
-        calibration_samples=samples,
+        notes=tuple(notes + build_notes),
+        calibration_samples=state.samples_seen,
+        workspace=workspace_path,
+        calibration_step=calibration_step.index,
         fidelity=fidelity,
+    )
+
+
+def recover(
+    model: ModelInput,
+    workspace: str | os.PathLike,
+    output: str | os.PathLike,
+    index: int | None = None,
+) -> ConversionResult:
+    """Rebuild the quantized model of recorded step ``index`` (default: the last calibration
+    step) from the float model and the workspace alone, without calibrating."""
+    loaded = _load(model)
+    output_path = check_writable(output)
+    space = Workspace.open(workspace)
+    config = QuantConfig(**space.manifest["config"])
+    space.check_matches(_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
+    step = space.latest("calibration") if index is None else space.step(index)
+    if step is None:
+        raise WorkspaceError(f"workspace {workspace} has no intact calibration step to recover from")
+    if step.kind == "quantized":
+        step = space.step(step.payload["calibration_step"])
+    state = CalibrationState.from_payload(step.payload, config.percentile)
+    data, op_counts, build_notes = _build(loaded, state, config)
+    write_atomically(data, output_path)
+    partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
+    return ConversionResult(
+        output=output_path,
+        float_bytes=_model_bytes(model, loaded.float_proto),
+        quantized_bytes=len(data),
+        op_counts=op_counts,
+        notes=tuple(list(loaded.notes) + partial + build_notes),
+        calibration_samples=state.samples_seen,
+        workspace=Path(workspace),
+        calibration_step=step.index,
     )

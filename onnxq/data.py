@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -254,6 +255,24 @@ class Batch:
     feed: dict[str, np.ndarray]
     samples: int
     labels: np.ndarray | None = None
+
+
+class BatchSource:
+    """Batches that can be read again for another pass; the first batch is read, and so
+    checked, when the source is made. A one-shot iterator gives its batches only once."""
+
+    def __init__(self, data: DataSource, inputs: list[InputSpec], batch_size: int = 1, max_samples: int | None = None):
+        self._restart = lambda: iter_batches(data, inputs, batch_size, max_samples)
+        self._one_shot = isinstance(data, Iterator)
+        stream = self._restart()
+        self.first = next(stream)
+        self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
+
+    def __call__(self) -> Iterator[Batch]:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
+        return iter(()) if self._one_shot else self._restart()
 
 
 def iter_batches(

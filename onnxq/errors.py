@@ -24,3 +24,11 @@ class OutputError(OnnxqError):
 
 class ConfigError(OnnxqError):
     """An option has a value onnxq does not accept."""
+
+
+class WorkspaceError(OnnxqError):
+    """The workspace belongs to another model or configuration, or cannot be used."""
+
+
+class DeviceError(OnnxqError):
+    """The requested execution device cannot be used."""

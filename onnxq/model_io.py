@@ -82,6 +82,16 @@ def check_writable(output: str | os.PathLike) -> Path:
     return path
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: sync the folder entry (not possible on every platform)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_atomically(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file."""
     temp = None
@@ -92,6 +102,7 @@ def write_atomically(data: bytes, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+        _fsync_folder(path.parent)
     except BaseException as exc:
         if temp is not None:
             with contextlib.suppress(FileNotFoundError):
