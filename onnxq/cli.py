@@ -22,7 +22,7 @@ from rich.table import Table
 
 from onnxq.calibrate import ProgressCallback
 from onnxq.config import QuantConfig
-from onnxq.convert import ConversionResult, convert as convert_model
+from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
 
 app = typer.Typer(
@@ -39,6 +39,21 @@ class Activations(str, enum.Enum):
     int8 = "int8"
 
 
+class Method(str, enum.Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
+OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -106,32 +121,7 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-@app.command()
-def convert(
-    model: Annotated[Path, typer.Argument(help="Float ONNX model to quantize.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")],
-    calibration_data: Annotated[str, typer.Option(
-        "--calibration-data",
-        help="An .npz file, a folder of .npz files, or a loader file.py:func / pkg.mod:func.")],
-    eval_data: Annotated[Optional[str], typer.Option(
-        "--eval-data", help="Data to measure float vs int8 fidelity on (top-1 when it has a 'label' array).")] = None,
-    activations: Annotated[Activations, typer.Option(
-        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations.")] = Activations.uint8,
-    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Samples per calibration run (dynamic-batch models).")] = 1,
-    max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
-    quiet: QuietOption = False,
-    as_json: JsonOption = False,
-) -> None:
-    """Quantize MODEL to int8 (QDQ form), calibrated on --calibration-data."""
-    try:
-        config = QuantConfig(
-            activations=activations.value, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples
-        )
-        with _progress(not quiet, "calibrating", max_samples) as progress:
-            result = convert_model(model, output, calibration_data, config, eval_data=eval_data, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
-        _fail(exc)
+def _report(result: ConversionResult, quiet: bool, as_json: bool) -> None:
     if as_json:
         payload = dataclasses.asdict(result) | {"size_ratio": result.size_ratio}
         sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
@@ -140,3 +130,63 @@ def convert(
             Console().print(_summary(result))
         for note in result.notes:
             typer.echo(f"note: {note}", err=True)
+
+
+@app.command()
+def convert(
+    model: ModelArgument,
+    output: OutputOption,
+    calibration_data: Annotated[Optional[str], typer.Option(
+        "--calibration-data",
+        help="An .npz file, a folder of .npz files, or a loader file.py:func / pkg.mod:func. "
+        "Required unless --resume finds finished calibration.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(
+        "--eval-data", help="Data to measure float vs int8 fidelity on (top-1 when it has a 'label' array).")] = None,
+    activations: Annotated[Activations, typer.Option(
+        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations.")] = Activations.uint8,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
+    method: Annotated[Method, typer.Option(help="How activation ranges are chosen.")] = Method.minmax,
+    percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
+    device: Annotated[Device, typer.Option(help="Where calibration runs (cuda only if ORT's CUDA provider loads).")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(help="Samples per calibration run (dynamic-batch models).")] = 1,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many calibration samples.")] = None,
+    memory_budget: Annotated[float, typer.Option(
+        help="MB of exposed tensors per calibration batch; more are calibrated in several passes.")] = 2048.0,
+    workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
+    checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Quantize MODEL to int8 (QDQ form), calibrated on --calibration-data."""
+    try:
+        config = QuantConfig(
+            activations=activations.value, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples,
+            method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
+            checkpoint_interval_s=checkpoint_interval,
+        )
+        with _progress(not quiet, "calibrating", max_samples) as progress:
+            result = convert_model(
+                model, output, calibration_data, config,
+                eval_data=eval_data, workspace=workspace, resume=resume, progress=progress,
+            )
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
+        _fail(exc)
+    _report(result, quiet, as_json)
+
+
+@app.command()
+def recover(
+    model: ModelArgument,
+    workspace: Annotated[Path, typer.Argument(help="Workspace of an earlier (possibly killed) run.")],
+    output: OutputOption,
+    index: Annotated[Optional[int], typer.Option(help="Step to rebuild (default: the last calibration step).")] = None,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Rebuild the int8 model of a recorded workspace step, without calibrating."""
+    try:
+        result = recover_model(model, workspace, output, index)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
+        _fail(exc)
+    _report(result, quiet, as_json)

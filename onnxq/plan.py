@@ -176,11 +176,11 @@ def plan_quantization(graph: ir.Graph, ranges: dict[str, Range], config: QuantCo
     while True:
         decisions, quantized_outputs = _decide_nodes(graph, ranges, config, float_nodes)
         groups = _Groups()
-        members: set[ir.Value] = set()
+        members: dict[ir.Value, None] = {}  # ordered: names in the output must not depend on hashing
         concats_of: dict[ir.Value, list[ir.Node]] = {}
         for node, decision in decisions.items():
-            members.update(node.inputs[slot] for slot in decision.activation_slots)
-            members.update(v for v in node.outputs if v in quantized_outputs)
+            members.update((node.inputs[slot], None) for slot in decision.activation_slots)
+            members.update((v, None) for v in node.outputs if v in quantized_outputs)
             if decision.rule.kind == "shared":
                 for output in node.outputs:
                     if output in quantized_outputs:
