@@ -10,6 +10,7 @@ from onnxq.errors import (
     OutputError,
 )
 from onnxq.evaluate import Fidelity, OutputFidelity
+from onnxq.images import ImageFolder
 
 from onnxq._version import __version__
 
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "ConversionResult",
     "Fidelity",
+    "ImageFolder",
     "ModelError",
     "OnnxqError",
     "OpCount",

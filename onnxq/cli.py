@@ -24,6 +24,7 @@ from onnxq.calibrate import ProgressCallback
 from onnxq.config import QuantConfig
 from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
+from onnxq.images import ImageFolder, image_files
 
 app = typer.Typer(
     add_completion=False,
@@ -44,6 +45,23 @@ class Method(str, enum.Enum):
     percentile = "percentile"
     entropy = "entropy"
     mse = "mse"
+
+
+class Resize(str, enum.Enum):
+    stretch = "stretch"
+    letterbox = "letterbox"
+    crop = "crop"
+
+
+class ChannelOrder(str, enum.Enum):
+    rgb = "rgb"
+    bgr = "bgr"
+
+
+class Layout(str, enum.Enum):
+    auto = "auto"
+    nchw = "nchw"
+    nhwc = "nhwc"
 
 
 class Device(str, enum.Enum):
@@ -132,6 +150,44 @@ def _report(result: ConversionResult, quiet: bool, as_json: bool) -> None:
             typer.echo(f"note: {note}", err=True)
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise OnnxqError(f"{option} takes comma-separated numbers such as 0.485,0.456,0.406, not {text!r}") from None
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise OnnxqError(f"--image-size takes HEIGHTxWIDTH such as 224x224, not {text!r}") from None
+    return height, width
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageOptions:
+    size: str | None
+    resize: Resize
+    pixel_scale: float
+    mean: str
+    std: str
+    channel_order: ChannelOrder
+    layout: Layout
+
+    def source(self, data: str | None):
+        """An ``ImageFolder`` when ``data`` is a folder of images, else ``data`` as it is."""
+        if data is None or not Path(data).is_dir() or not image_files(Path(data)):
+            return data
+        return ImageFolder(
+            Path(data), size=_image_size(self.size), resize=self.resize.value, scale=self.pixel_scale,
+            mean=_floats(self.mean, "--mean"), std=_floats(self.std, "--std"),
+            channel_order=self.channel_order.value, layout=self.layout.value,
+        )
+
+
 @app.command()
 def convert(
     model: ModelArgument,
@@ -155,11 +211,21 @@ def convert(
     workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
+    image_size: Annotated[Optional[str], typer.Option(
+        help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")] = None,
+    resize: Annotated[Resize, typer.Option(help="Image folders: how images reach that size.")] = Resize.stretch,
+    pixel_scale: Annotated[float, typer.Option(help="Image folders: pixels (0-255) are multiplied by this.")] = 1 / 255,
+    mean: Annotated[str, typer.Option(help="Image folders: per-channel mean subtracted after scaling.")] = "0",
+    std: Annotated[str, typer.Option(help="Image folders: per-channel std divided by after the mean.")] = "1",
+    channel_order: Annotated[ChannelOrder, typer.Option(help="Image folders: channel order.")] = ChannelOrder.rgb,
+    layout: Annotated[Layout, typer.Option(help="Image folders: tensor layout (auto: from the model input).")] = Layout.auto,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Quantize MODEL to int8 (QDQ form), calibrated on --calibration-data."""
+    images = _ImageOptions(image_size, resize, pixel_scale, mean, std, channel_order, layout)
     try:
+        calibration_data, eval_data = images.source(calibration_data), images.source(eval_data)
         config = QuantConfig(
             activations=activations.value, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,

@@ -4,8 +4,9 @@ Data contract (shared/DESIGN.md section 2): a *chunk* is a dict ``{input_name: a
 arrays hold samples on axis 0. An array with the input's rank is batched along axis 0; one with
 a rank more holds complete inputs, fed one by one. Keys starting with ``__`` and the key
 ``label`` are metadata, never inputs. Chunks come from an ``.npz`` file, a folder of ``.npz``
-(or, for single-input models, ``.npy``) files, a loader ``file.py:func`` / ``pkg.mod:func``
-returning an iterable of chunks, or, in the Python API, a dict or any iterable of dicts.
+(or, for single-input models, ``.npy``) files, a folder of images (``onnxq.images``), a loader
+``file.py:func`` / ``pkg.mod:func`` returning an iterable of chunks, or, in the Python API, a
+dict or any iterable of dicts.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import onnx
 import onnx.helper
 
 from onnxq.errors import CalibrationDataError
+from onnxq.images import ImageFolder, image_files
 
 LABEL_KEY = "label"
 
-DataSource = Union[str, os.PathLike, Mapping[str, Any], Iterable[Mapping[str, Any]]]
+DataSource = Union[str, os.PathLike, ImageFolder, Mapping[str, Any], Iterable[Mapping[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,17 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
     """Yield ``(origin, chunk)`` pairs; ``origin`` names where a chunk came from in errors."""
     if isinstance(source, Mapping):
         yield "data", source
+        return
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and image_files(Path(source)):
+        if not any(Path(source).glob("*.np[yz]")):
+            source = ImageFolder(Path(source))
+    if isinstance(source, ImageFolder):
+        if len(inputs) != 1:
+            raise CalibrationDataError(
+                f"image folders feed single-input models; this model has inputs {[s.name for s in inputs]}, "
+                "so give .npz files or a loader"
+            )
+        yield from source.chunks(inputs[0].name, inputs[0].dims, inputs[0].dtype)
         return
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)

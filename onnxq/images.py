@@ -1,0 +1,112 @@
+"""Folders of images as calibration data, with the preprocessing vision models expect.
+
+Each image is read with Pillow, converted to RGB (or grayscale for one-channel inputs), resized
+(``stretch`` to the size, ``letterbox``: fit inside and pad with gray 114 as YOLO does, or
+``crop``: cover and crop the center), scaled (``pixel * scale``), normalized
+(``(x - mean) / std`` per channel), put in ``rgb`` or ``bgr`` order and in ``nchw`` or ``nhwc``
+layout (``auto``: whichever axis of the model input has 1 or 3 channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from onnxq.errors import CalibrationDataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGES_PER_CHUNK = 32
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, in name order."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """Calibration data read from a folder of images for a single image input."""
+
+    path: Path
+    size: tuple[int, int] | None = None  # (height, width); default: the input's fixed dims
+    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    layout: Literal["auto", "nchw", "nhwc"] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.resize not in ("stretch", "letterbox", "crop"):
+            raise CalibrationDataError(f"resize must be stretch, letterbox or crop, not {self.resize!r}")
+        if any(s == 0 for s in self.std):
+            raise CalibrationDataError("std must not contain 0; give the per-channel standard deviations")
+
+    def _geometry(self, dims: tuple[int | None, ...], name: str) -> tuple[str, int, int, int]:
+        if len(dims) != 4:
+            raise CalibrationDataError(
+                f"input {name!r} has rank {len(dims)}; image folders feed rank-4 image inputs only"
+            )
+        layout = self.layout
+        if layout == "auto":
+            layout = "nhwc" if dims[1] not in (1, 3) and dims[3] in (1, 3) else "nchw"
+        channels, height, width = (dims[1], dims[2], dims[3]) if layout == "nchw" else (dims[3], dims[1], dims[2])
+        if self.size is not None:
+            height, width = self.size
+        if height is None or width is None:
+            raise CalibrationDataError(
+                f"input {name!r} has no fixed height and width; give the image size with --image-size HxW"
+            )
+        if channels not in (1, 3):
+            raise CalibrationDataError(f"input {name!r} has {channels} channels; image folders give 1 or 3")
+        return layout, channels, height, width
+
+    def _load(self, file: Path, channels: int, height: int, width: int) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if channels == 1 else "RGB")
+                image = _resized(image, self.resize, width, height)
+        except (OSError, ValueError) as exc:
+            raise CalibrationDataError(f"cannot read image {file} ({exc}); remove or replace it") from exc
+        pixels = np.asarray(image, np.float32).reshape(height, width, channels)
+        if channels == 3 and self.channel_order == "bgr":
+            pixels = pixels[..., ::-1]
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        return (pixels * np.float32(self.scale) - mean) / std
+
+    def chunks(self, name: str, dims: tuple[int | None, ...], dtype: np.dtype) -> Iterator[tuple[str, dict]]:
+        """``(origin, {name: batch})`` chunks of up to ``IMAGES_PER_CHUNK`` preprocessed images."""
+        if not self.path.is_dir():
+            raise CalibrationDataError(f"image folder not found: {self.path}; check the path")
+        files = image_files(self.path)
+        if not files:
+            raise CalibrationDataError(f"folder {self.path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        layout, channels, height, width = self._geometry(dims, name)
+        for start in range(0, len(files), IMAGES_PER_CHUNK):
+            batch = np.stack([self._load(f, channels, height, width) for f in files[start : start + IMAGES_PER_CHUNK]])
+            if layout == "nchw":
+                batch = batch.transpose(0, 3, 1, 2)
+            yield str(files[start]), {name: np.ascontiguousarray(batch, dtype=dtype)}
+
+
+def _resized(image, mode: str, width: int, height: int):
+    from PIL import Image
+
+    if mode == "stretch":
+        return image.resize((width, height), Image.BILINEAR)
+    ratio = (min if mode == "letterbox" else max)(width / image.width, height / image.height)
+    fitted = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.BILINEAR)
+    if mode == "crop":
+        left, top = (fitted.width - width) // 2, (fitted.height - height) // 2
+        return fitted.crop((left, top, left + width, top + height))
+    canvas = Image.new(image.mode, (width, height), 114 if image.mode == "L" else (114, 114, 114))
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    return canvas
