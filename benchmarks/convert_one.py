@@ -1,7 +1,10 @@
 """Run one quantizer on one model in a fresh process and report its time and peak RSS as JSON.
 
-``python -m benchmarks.convert_one {onnxq|ort} MODEL OUTPUT CALIBRATION.npz``; the .npz holds one
-array per model input with samples on axis 0, fed one sample at a time to both tools.
+``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD]``: TOOL is ``onnxq``, ``ort``
+(ONNX Runtime's quantize_static) or ``float`` (one plain inference pass, for reference); DATA is
+an .npz with one array per model input (samples on axis 0), or ``stream`` for
+``benchmarks.stream.samples``. Both tools are fed one sample at a time. METHOD is minmax
+(default), percentile or entropy.
 """
 
 from __future__ import annotations
@@ -14,13 +17,54 @@ import time
 import numpy as np
 
 
-def _convert_onnxq(model: str, output: str, calibration: str) -> None:
+def _feeds(calibration: str):
+    if calibration == "stream":
+        from benchmarks.stream import samples
+
+        yield from samples()
+        return
+    with np.load(calibration) as data:
+        arrays = {name: data[name] for name in data.files}
+    count = len(next(iter(arrays.values())))
+    for i in range(count):
+        yield {k: v[i : i + 1] for k, v in arrays.items()}
+
+
+CALIBRATION_SECONDS = [0.0]  # time spent calibrating, as opposed to loading, rewriting, saving
+
+
+def _timed(function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            CALIBRATION_SECONDS[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+def _convert_onnxq(model: str, output: str, calibration: str, method: str) -> None:
     import onnxq
+    import onnxq.convert
 
-    onnxq.convert(model, output, calibration)
+    onnxq.convert.calibrate = _timed(onnxq.convert.calibrate)
+    data = "benchmarks.stream:samples" if calibration == "stream" else calibration
+    onnxq.convert(model, output, data, onnxq.QuantConfig(method=method, device="cpu"))
 
 
-def _convert_ort(model: str, output: str, calibration: str) -> None:
+def _float_pass(model: str, output: str, calibration: str, method: str) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    for feed in _feeds(calibration):
+        session.run(None, feed)
+    CALIBRATION_SECONDS[0] = time.perf_counter() - start
+
+
+def _convert_ort(model: str, output: str, calibration: str, method: str) -> None:
+    from onnxruntime.quantization import calibrate
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -29,41 +73,48 @@ def _convert_ort(model: str, output: str, calibration: str) -> None:
         quantize_static,
     )
 
-    class NpzReader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            with np.load(calibration) as data:
-                arrays = {name: data[name] for name in data.files}
-            count = len(next(iter(arrays.values())))
-            self._feeds = iter([{k: v[i : i + 1] for k, v in arrays.items()} for i in range(count)])
+            self._feeds = _feeds(calibration)
 
         def get_next(self):
             return next(self._feeds, None)
 
     # The reference tool as a new user runs it: QDQ, per-channel int8 weights, uint8 activations, MinMax.
+    for calibrator in (calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater):
+        for step in ("collect_data", "compute_data"):
+            setattr(calibrator, step, _timed(getattr(calibrator, step)))
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     quantize_static(
         model,
         output,
-        NpzReader(),
+        Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=methods[method],
     )
 
 
 def main() -> None:
     tool, model, output, calibration = sys.argv[1:5]
-    convert = {"onnxq": _convert_onnxq, "ort": _convert_ort}[tool]
+    method = sys.argv[5] if len(sys.argv) > 5 else "minmax"
+    convert = {"onnxq": _convert_onnxq, "ort": _convert_ort, "float": _float_pass}[tool]
     start = time.perf_counter()
     error = None
     try:
-        convert(model, output, calibration)
+        convert(model, output, calibration, method)
     except Exception as exc:  # reported, not raised: a failing tool is a benchmark result
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb, "error": error}))
+    print(json.dumps({"seconds": seconds, "calibration_seconds": CALIBRATION_SECONDS[0], "peak_rss_mb": peak_rss_mb,
+                      "error": error}))
 
 
 if __name__ == "__main__":

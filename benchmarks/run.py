@@ -1,9 +1,11 @@
 """onnxq against ONNX Runtime's quantizer on real models, side by side in one run.
 
 ``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec] [--calibration N] [--eval N]
-[--output benchmarks/RESULTS.md]``. Each tool converts each model in its own fresh process (time
-and peak RSS measured there) from the same calibration data; the outputs are then compared with
-the float model on held-out inputs, and timed against it at batch 1 with runs interleaved.
+[--calibration-model yolov8n] [--output benchmarks/RESULTS.md]``. Each tool converts each model
+in its own fresh process (time and peak RSS measured there) from the same calibration data; the
+outputs are then compared with the float model on held-out inputs, and timed against it at
+batch 1 with runs interleaved. Then ``benchmarks.calibration`` measures calibration memory and
+time as the calibration set grows, and the cost of a resumed run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.calibration import bench_calibration
 from benchmarks.workloads import WORKLOADS, Workload
 
 TOOLS = ("onnxq", "ort")
@@ -55,7 +58,7 @@ def _latencies_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: i
 
 
 def _convert(tool: str, model: Path, output: Path, calibration: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration)]
+    command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration), "minmax"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "error": proc.stderr.strip().splitlines()[-1]}
@@ -131,6 +134,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=64, help="calibration samples per model")
     parser.add_argument("--eval", type=int, default=32, help="held-out samples per model")
     parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--calibration-model", default="yolov8n", help="model for the calibration cost section ('' skips it)")
+    parser.add_argument("--calibration-counts", default="64,512")
+    parser.add_argument("--rss-limit-mb", type=float, default=12_000)
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     rows = []
@@ -138,8 +144,13 @@ def main() -> None:
         for name in args.models.split(","):
             rows.extend(bench_model(WORKLOADS[name], Path(tmp), args.calibration, args.eval, args.latency_runs))
             print(render(rows, ""), flush=True)
-    settings = f"--models {args.models} --calibration {args.calibration} --eval {args.eval}"
-    report = render(rows, settings)
+        section = ""
+        if args.calibration_model:
+            small, large = (int(n) for n in args.calibration_counts.split(","))
+            section = bench_calibration(WORKLOADS[args.calibration_model], Path(tmp), (small, large), args.rss_limit_mb)
+    settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
+                f"--calibration-model {args.calibration_model} --calibration-counts {args.calibration_counts}")
+    report = render(rows, settings) + "\n" + section
     args.output.write_text(report)
     print(report)
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,11 @@ class Workload:
     def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
         """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
         return float(self.metric(float_outputs, quant_outputs))
+
+    def calibration_stream(self, n: int) -> Iterator[np.ndarray]:
+        """The first ``n`` calibration samples, one at a time (nothing kept)."""
+        for i in range(n):
+            yield self.make_sample(np.random.default_rng((_CALIBRATION_STREAM, i)))
 
     def _inputs(self, n: int, stream: int) -> list[dict[str, np.ndarray]]:
         return [

@@ -212,6 +212,10 @@ def convert(
     manifest = _manifest(graph, config, None if source is None else source.first)
     workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
     state = None
+    notes = list(loaded.notes)
+    if resume and not (workspace_path / "manifest.json").is_file():
+        notes.append(f"nothing to resume in {workspace_path}: started a new run")
+        resume = False
     if resume:
         space = Workspace.open(workspace_path)
         space.check_matches(manifest)
@@ -219,7 +223,6 @@ def convert(
         state = None if step is None else CalibrationState.from_payload(step.payload, config.percentile)
     else:
         space = Workspace.create(workspace_path, manifest)
-    notes = list(loaded.notes)
     if state is None or not state.complete:
         if source is None:
             raise CalibrationDataError(

@@ -190,7 +190,7 @@ class EntropyObserver(HistogramObserver):
         if last <= self.LEVELS:
             threshold = last * self.bin_width
             return self._clamped(-threshold, threshold)
-        candidates = np.unique(np.linspace(self.LEVELS, last, num=min(256, last - self.LEVELS + 1)).astype(int))
+        candidates = np.unique(np.linspace(self.LEVELS, last, num=min(64, last - self.LEVELS + 1)).astype(int))
         best, best_kl = last, math.inf
         for i in candidates:
             reference = hist[:i].copy()
@@ -206,16 +206,19 @@ def _kl_after_requantizing(reference: np.ndarray, clipped: np.ndarray, levels: i
     """KL(P || Q): P the clipped histogram with the outliers added to its last bin, Q the
     clipped histogram merged into ``levels`` groups and spread back evenly over the bins that
     are non-empty in P (zeros smoothed, as TensorRT does)."""
-    expanded = np.zeros_like(clipped)
-    for members in np.array_split(np.arange(clipped.size), levels):
-        nonempty = members[reference[members] > 0]
-        if nonempty.size:
-            expanded[nonempty] = clipped[members].sum() / nonempty.size
+    size = clipped.size
+    starts = (np.arange(levels) * size) // levels  # group boundaries, like np.array_split
+    group = np.repeat(np.arange(levels), np.diff(np.append(starts, size)))
+    nonempty = reference > 0
+    totals = np.add.reduceat(clipped, starts)
+    counts = np.add.reduceat(nonempty.astype(np.float64), starts)
+    per_bin = np.divide(totals, counts, out=np.zeros(levels), where=counts > 0)
+    expanded = np.where(nonempty, per_bin[group], 0.0)
     p = reference / reference.sum()
-    mask = p > 0
-    q = np.where(mask & (expanded == 0), 1e-4 * expanded[expanded > 0].min(initial=1.0), expanded)
+    positive = expanded[expanded > 0]
+    q = np.where(nonempty & (expanded == 0), 1e-4 * (positive.min() if positive.size else 1.0), expanded)
     q = q / q.sum()
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    return float(np.sum(p[nonempty] * np.log(p[nonempty] / q[nonempty])))
 
 
 class MseObserver(HistogramObserver):

@@ -1,0 +1,42 @@
+"""Calibration samples streamed from a raw ``.npy`` file, one sample at a time.
+
+Both quantizers read the data through ``samples()`` in the calibration benchmark, so that the
+peak RSS they show is theirs, not the data set's: each sample is read from the file with a seek,
+without memory-mapping the whole file. Set ``ONNXQ_BENCH_DATA`` (the .npy), ``ONNXQ_BENCH_INPUT``
+(the model input name) and ``ONNXQ_BENCH_COUNT`` (how many samples).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+def write_samples(path: Path, samples: Iterator[np.ndarray], count: int, shape: tuple[int, ...]) -> None:
+    """Write ``count`` samples of ``shape`` (batch 1 each) into one .npy without holding them all."""
+    temp = path.with_suffix(".tmp.npy")
+    array = np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32, shape=(count, *shape[1:]))
+    for index, sample in zip(range(count), samples):
+        array[index] = sample[0]
+    array.flush()
+    del array
+    os.replace(temp, path)
+
+
+def samples() -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{input: array[1, ...]}`` for the first ``ONNXQ_BENCH_COUNT`` samples of the file."""
+    path, name = os.environ["ONNXQ_BENCH_DATA"], os.environ["ONNXQ_BENCH_INPUT"]
+    count = int(os.environ["ONNXQ_BENCH_COUNT"])
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(handle)
+        offset = handle.tell()
+        sample_shape = (1, *shape[1:])
+        size = int(np.prod(sample_shape)) * np.dtype(dtype).itemsize
+        for index in range(min(count, shape[0])):
+            handle.seek(offset + index * size)
+            yield {name: np.frombuffer(handle.read(size), dtype=dtype).reshape(sample_shape).copy()}
