@@ -10,7 +10,6 @@ an .npz with one array per model input (samples on axis 0), or ``stream`` for
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -45,10 +44,12 @@ def _timed(function):
 
 
 def _convert_onnxq(model: str, output: str, calibration: str, method: str) -> None:
-    import onnxq
-    import onnxq.convert
+    import importlib
 
-    onnxq.convert.calibrate = _timed(onnxq.convert.calibrate)
+    import onnxq
+
+    pipeline = importlib.import_module("onnxq.convert")  # the module; onnxq.convert is the function
+    pipeline.calibrate = _timed(pipeline.calibrate)
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
     onnxq.convert(model, output, data, onnxq.QuantConfig(method=method, device="cpu"))
 
@@ -101,6 +102,16 @@ def _convert_ort(model: str, output: str, calibration: str, method: str) -> None
     )
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Unlike getrusage's ru_maxrss, which on Linux keeps the
+    high-water mark of the parent that forked it, VmHWM starts anew with the exec'd program."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> None:
     tool, model, output, calibration = sys.argv[1:5]
     method = sys.argv[5] if len(sys.argv) > 5 else "minmax"
@@ -112,7 +123,7 @@ def main() -> None:
     except Exception as exc:  # reported, not raised: a failing tool is a benchmark result
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = _peak_rss_mb()
     print(json.dumps({"seconds": seconds, "calibration_seconds": CALIBRATION_SECONDS[0], "peak_rss_mb": peak_rss_mb,
                       "error": error}))
 

@@ -25,6 +25,7 @@ from onnxq.config import QuantConfig
 from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
 from onnxq.images import ImageFolder, image_files
+from onnxq.observers import METHODS
 
 app = typer.Typer(
     add_completion=False,
@@ -35,39 +36,17 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-class Activations(str, enum.Enum):
-    uint8 = "uint8"
-    int8 = "int8"
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str enum for an option that takes one of ``values`` (typer lists them in --help)."""
+    return enum.Enum(name, {value: value for value in values}, type=str)
 
 
-class Method(str, enum.Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
-
-
-class Resize(str, enum.Enum):
-    stretch = "stretch"
-    letterbox = "letterbox"
-    crop = "crop"
-
-
-class ChannelOrder(str, enum.Enum):
-    rgb = "rgb"
-    bgr = "bgr"
-
-
-class Layout(str, enum.Enum):
-    auto = "auto"
-    nchw = "nchw"
-    nhwc = "nhwc"
-
-
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+Activations = _choices("Activations", ("uint8", "int8"))
+Method = _choices("Method", METHODS)
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
+ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
+Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
 
 
 ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
