@@ -230,11 +230,13 @@ def convert(
             )
         keys = tensor_keys(graph)
         candidates = candidate_tensors(graph)
-        float_names = {v.name for v in candidates if v.dtype == ir.DataType.FLOAT}
+        float_ranks = {
+            v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
+        }
         state, calibration_notes = calibrate(
             ir.to_proto(loaded.model),
             {v.name: keys[v.name] for v in candidates},
-            float_names,
+            float_ranks,
             source,
             config,
             state,

@@ -44,6 +44,12 @@ class MinMaxObserver:
             self.minimum = min(self.minimum, float(values.min()))
             self.maximum = max(self.maximum, float(values.max()))
 
+    def update_bounds(self, low: float, high: float) -> None:
+        """Update with the extremes of a batch computed elsewhere (inside the ONNX graph)."""
+        if math.isfinite(low) and math.isfinite(high):
+            self.minimum = min(self.minimum, low)
+            self.maximum = max(self.maximum, high)
+
     def merge(self, other: MinMaxObserver) -> None:
         self.minimum = min(self.minimum, other.minimum)
         self.maximum = max(self.maximum, other.maximum)
