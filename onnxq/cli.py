@@ -44,6 +44,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
 Activations = _choices("Activations", ("uint8", "int8"))
 Method = _choices("Method", METHODS)
 Device = _choices("Device", ("auto", "cpu", "cuda"))
+Format = _choices("Format", ("qdq", "qoperator"))
+Target = _choices("Target", ("cpu", "cuda", "tensorrt"))
 Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
@@ -177,8 +179,15 @@ def convert(
         "Required unless --resume finds finished calibration.")] = None,
     eval_data: Annotated[Optional[str], typer.Option(
         "--eval-data", help="Data to measure float vs int8 fidelity on (top-1 when it has a 'label' array).")] = None,
-    activations: Annotated[Activations, typer.Option(
-        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations.")] = Activations.uint8,
+    format: Annotated[Format, typer.Option(
+        "--format", help="qdq (Quantize/DequantizeLinear pairs) or qoperator (QLinearConv, QGemm, ...).")] = Format.qdq,
+    target: Annotated[Target, typer.Option(
+        help="Where the model will run; sets defaults (tensorrt: int8 symmetric activations).")] = Target.cpu,
+    force_format: Annotated[bool, typer.Option(
+        "--force-format", help="Write QOperator form even for a cuda or tensorrt target.")] = False,
+    activations: Annotated[Optional[Activations], typer.Option(
+        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations [default: from --target].",
+        show_default=False)] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
     method: Annotated[Method, typer.Option(help="How activation ranges are chosen.")] = Method.minmax,
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
@@ -201,12 +210,13 @@ def convert(
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Quantize MODEL to int8 (QDQ form), calibrated on --calibration-data."""
+    """Quantize MODEL to int8, calibrated on --calibration-data (an already quantized MODEL needs none)."""
     images = _ImageOptions(image_size, resize, pixel_scale, mean, std, channel_order, layout)
     try:
         calibration_data, eval_data = images.source(calibration_data), images.source(eval_data)
         config = QuantConfig(
-            activations=activations.value, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples,
+            activations=None if activations is None else activations.value, target=target.value,
+            format=format.value, force_format=force_format, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
             checkpoint_interval_s=checkpoint_interval,
         )

@@ -10,6 +10,8 @@ from onnxq.errors import ConfigError
 ActivationType = Literal["uint8", "int8"]
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 Device = Literal["auto", "cpu", "cuda"]
+Format = Literal["qdq", "qoperator"]
+Target = Literal["cpu", "cuda", "tensorrt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,8 +19,13 @@ class QuantConfig:
     """What to quantize and how.
 
     Attributes:
+        target: where the model will run; it sets the defaults: ``cpu`` and ``cuda`` uint8
+            activations, ``tensorrt`` int8 symmetric activations (TensorRT takes only those).
+        format: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops) or ``qoperator``
+            (QLinearConv, QLinearMatMul and ONNX Runtime's QGemm, QLinearAdd, ...). QOperator is
+            refused for ``cuda`` and ``tensorrt`` targets unless ``force_format``.
         activations: ``uint8`` asymmetric activations (best on CPUs) or ``int8`` symmetric
-            (TensorRT-style).
+            (TensorRT-style); default from the target.
         per_channel: int8 weights with one scale per output channel (else one per tensor).
         batch_size: samples per calibration run when the model's batch axis is dynamic.
         max_samples: stop calibration after this many samples (``None``: use all).
@@ -34,7 +41,10 @@ class QuantConfig:
         checkpoint_interval_s: seconds between calibration checkpoints in the workspace.
     """
 
-    activations: ActivationType = "uint8"
+    activations: ActivationType | None = None
+    target: Target = "cpu"
+    format: Format = "qdq"
+    force_format: bool = False
     per_channel: bool = True
     batch_size: int = 1
     max_samples: int | None = None
@@ -46,6 +56,18 @@ class QuantConfig:
     checkpoint_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.target not in ("cpu", "cuda", "tensorrt"):
+            raise ConfigError(f"target must be cpu, cuda or tensorrt, not {self.target!r}")
+        if self.format not in ("qdq", "qoperator"):
+            raise ConfigError(f"format must be qdq or qoperator, not {self.format!r}")
+        if self.format == "qoperator" and self.target != "cpu" and not self.force_format:
+            raise ConfigError(
+                f"QOperator form for a {self.target} target would run on the CPU or not at all: ONNX "
+                "Runtime's CUDA and TensorRT providers have no QLinear kernels; use --format qdq, or "
+                "--force-format to write it anyway"
+            )
+        if self.activations is None:
+            object.__setattr__(self, "activations", "int8" if self.target == "tensorrt" else "uint8")
         if self.activations not in ("uint8", "int8"):
             raise ConfigError(
                 f"activations must be 'uint8' or 'int8', not {self.activations!r}"
@@ -73,7 +95,9 @@ class QuantConfig:
 
     def result_options(self) -> dict:
         """The options that determine the quantized model (not where or how fast it is made)."""
-        fields = ("activations", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method")
+        fields = (
+            "activations", "format", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method"
+        )
         options = {name: getattr(self, name) for name in fields}
         if self.method == "percentile":
             options["percentile"] = self.percentile

@@ -24,6 +24,7 @@ from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atom
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
+from onnxq.qoperator import QLINEAR, has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.signatures import graph_fingerprint, tensor_keys
 from onnxq.workspace import Workspace
 
@@ -49,8 +50,8 @@ class ConversionResult:
     op_counts: dict[str, OpCount]
     notes: tuple[str, ...]
     calibration_samples: int
-    workspace: Path
-    calibration_step: int
+    workspace: Path | None
+    calibration_step: int | None
     fidelity: Fidelity | None = None
 
     @property
@@ -174,8 +175,49 @@ def _build(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> tup
     ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key}
     plan = plan_quantization(graph, ranges, config)
     op_counts = _op_counts(graph, plan)
-    rewrite = apply_qdq(loaded.model, plan)
-    return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, plan.notes + rewrite.notes
+    notes = plan.notes + apply_qdq(loaded.model, plan).notes
+    if config.format == "qoperator":
+        notes += to_qoperator(loaded.model)
+    return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
+
+
+_BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
+
+
+def _form_counts(graph: ir.Graph) -> dict[str, OpCount]:
+    """Per-op counts of an already quantized graph: QLinear operators, and ops reading a
+    DequantizeLinear, count as int8 under their float op's name."""
+    quantized, total = collections.Counter(), collections.Counter()
+    for node in graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        op = _BASE_OP.get(node.op_type, node.op_type)
+        total[op] += 1
+        reads_integers = any(
+            v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+            for v in node.inputs
+        )
+        quantized[op] += node.op_type in _BASE_OP or reads_integers
+    return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
+
+
+def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
+    """An already quantized model (QDQ from another tool, a QAT export, or onnxq): completed
+    (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
+    notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
+    notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
+    data = _check_output(loaded.float_proto, ir.to_proto(loaded.model))
+    write_atomically(data, output_path)
+    return ConversionResult(
+        output=output_path,
+        float_bytes=_model_bytes(model, loaded.float_proto),
+        quantized_bytes=len(data),
+        op_counts=_form_counts(loaded.model.graph),
+        notes=tuple(notes),
+        calibration_samples=0,
+        workspace=None,
+        calibration_step=None,
+    )
 
 
 def convert(
@@ -189,7 +231,9 @@ def convert(
     resume: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ConversionResult:
-    """Quantize ``model`` to int8 QDQ form, calibrated on ``calibration_data``; write ``output``.
+    """Quantize ``model`` to int8 (QDQ or QOperator form, per ``config.format``), calibrated on
+    ``calibration_data``; write ``output``. A model that is already quantized is converted
+    without calibration.
 
     Calibration is checkpointed in ``workspace`` (default ``OUTPUT.onnxq/``); ``resume=True``
     continues a run that was killed, and gives the same model as an uninterrupted run
@@ -200,6 +244,8 @@ def convert(
     config = config or QuantConfig()
     loaded = _load(model)
     output_path = check_writable(output)
+    if has_quantize_nodes(loaded.model):
+        return _convert_quantized(loaded, model, output_path, config)
     inputs = model_inputs(loaded.proto)
     source = None
     if calibration_data is not None:
