@@ -2,7 +2,7 @@
 
 Rules, applied to a model in QDQ form (onnxq's own, or one quantized by another tool):
 1. Quantize nodes of constants are folded: the constant is stored quantized (PyTorch exports
-   weights as float -> QuantizeLinear -> DequantizeLinear).
+   weights as float -> QuantizeLinear -> DequantizeLinear, and zero points behind Identity).
 2. A compute op whose inputs all come from DequantizeLinear and whose single output goes only to
    a QuantizeLinear becomes its QLinear operator (``QLINEAR``), reading the quantized inputs
    and writing the quantized output. A Relu or Clip between the op and the QuantizeLinear is
@@ -73,8 +73,10 @@ def _params(node: ir.Node) -> QuantParams | None:
         return None
     if zero_point is None:
         zero_point = np.zeros(scale.shape, np.uint8)
+    if scale.size == 1:  # [1]-shaped params are per tensor (PyTorch writes them so)
+        return QuantParams(scale.reshape(()).astype(np.float32), zero_point.reshape(()))
     axis = node.attributes.get("axis")
-    return QuantParams(scale.astype(np.float32), zero_point, axis.as_int() if axis is not None and scale.ndim else None)
+    return QuantParams(scale.astype(np.float32), zero_point, axis.as_int() if axis is not None else 1)
 
 
 def _dequantized(value: ir.Value | None) -> _Quantized | None:
@@ -150,6 +152,13 @@ class _Rewriter:
         self.graph.register_initializer(value)
         return value
 
+    def fold_constant_identities(self) -> None:
+        """Identity nodes of constants (PyTorch exports shared zero points so) become the constant."""
+        for node in list(self.graph):
+            if node.op_type == "Identity" and _constant(node.inputs[0]) is not None and not node.outputs[0].is_graph_output():
+                node.outputs[0].replace_all_uses_with(node.inputs[0])
+                self._remove([node])
+
     def fold_constant_quantize(self) -> None:
         for node in list(self.graph):
             if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
@@ -197,7 +206,9 @@ class _Rewriter:
 
     def _remove(self, nodes: list[ir.Node]) -> None:
         for node in nodes:
-            inputs = [v for v in node.inputs if v is not None]
+            if node.graph is not self.graph:
+                continue  # already removed through another input
+            inputs = list(dict.fromkeys(v for v in node.inputs if v is not None))
             self.graph.remove(node, safe=True)
             for value in inputs:
                 self._drop_if_unused(value)
@@ -370,6 +381,7 @@ def normalize_qdq(model: ir.Model) -> list[str]:
     """Complete a QDQ model in place (rules 1 and 3): constants stored quantized, int32 biases.
     Returns notes on what changed."""
     rewriter = _Rewriter(model)
+    rewriter.fold_constant_identities()
     rewriter.fold_constant_quantize()
     rewriter.quantize_float_biases()
     model.graph.sort()
