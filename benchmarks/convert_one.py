@@ -1,10 +1,10 @@
 """Run one quantizer on one model in a fresh process and report its time and peak RSS as JSON.
 
-``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD]``: TOOL is ``onnxq``, ``ort``
-(ONNX Runtime's quantize_static) or ``float`` (one plain inference pass, for reference); DATA is
-an .npz with one array per model input (samples on axis 0), or ``stream`` for
+``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD [FORMAT]]``: TOOL is ``onnxq``,
+``ort`` (ONNX Runtime's quantize_static) or ``float`` (one plain inference pass, for reference);
+DATA is an .npz with one array per model input (samples on axis 0), or ``stream`` for
 ``benchmarks.stream.samples``. Both tools are fed one sample at a time. METHOD is minmax
-(default), percentile or entropy.
+(default), percentile or entropy; FORMAT is qdq (default) or qoperator.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _timed(function):
     return wrapper
 
 
-def _convert_onnxq(model: str, output: str, calibration: str, method: str) -> None:
+def _convert_onnxq(model: str, output: str, calibration: str, method: str, form: str) -> None:
     import importlib
 
     import onnxq
@@ -51,10 +51,10 @@ def _convert_onnxq(model: str, output: str, calibration: str, method: str) -> No
     pipeline = importlib.import_module("onnxq.convert")  # the module; onnxq.convert is the function
     pipeline.calibrate = _timed(pipeline.calibrate)
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
-    onnxq.convert(model, output, data, onnxq.QuantConfig(method=method, device="cpu"))
+    onnxq.convert(model, output, data, onnxq.QuantConfig(method=method, device="cpu", format=form))
 
 
-def _float_pass(model: str, output: str, calibration: str, method: str) -> None:
+def _float_pass(model: str, output: str, calibration: str, method: str, form: str) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -64,7 +64,7 @@ def _float_pass(model: str, output: str, calibration: str, method: str) -> None:
     CALIBRATION_SECONDS[0] = time.perf_counter() - start
 
 
-def _convert_ort(model: str, output: str, calibration: str, method: str) -> None:
+def _convert_ort(model: str, output: str, calibration: str, method: str, form: str) -> None:
     from onnxruntime.quantization import calibrate
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -81,7 +81,7 @@ def _convert_ort(model: str, output: str, calibration: str, method: str) -> None
         def get_next(self):
             return next(self._feeds, None)
 
-    # The reference tool as a new user runs it: QDQ, per-channel int8 weights, uint8 activations, MinMax.
+    # The reference tool as a new user runs it: per-channel int8 weights, uint8 activations, MinMax.
     for calibrator in (calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater):
         for step in ("collect_data", "compute_data"):
             setattr(calibrator, step, _timed(getattr(calibrator, step)))
@@ -94,7 +94,7 @@ def _convert_ort(model: str, output: str, calibration: str, method: str) -> None
         model,
         output,
         Reader(),
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
@@ -115,11 +115,12 @@ def _peak_rss_mb() -> float:
 def main() -> None:
     tool, model, output, calibration = sys.argv[1:5]
     method = sys.argv[5] if len(sys.argv) > 5 else "minmax"
+    form = sys.argv[6] if len(sys.argv) > 6 else "qdq"
     convert = {"onnxq": _convert_onnxq, "ort": _convert_ort, "float": _float_pass}[tool]
     start = time.perf_counter()
     error = None
     try:
-        convert(model, output, calibration, method)
+        convert(model, output, calibration, method, form)
     except Exception as exc:  # reported, not raised: a failing tool is a benchmark result
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start

@@ -28,8 +28,13 @@ import onnxruntime as ort
 from benchmarks.calibration import bench_calibration
 from benchmarks.workloads import WORKLOADS, Workload
 
-TOOLS = ("onnxq", "ort")
-TOOL_NAMES = {"onnxq": "onnxq", "ort": "ORT quantize_static"}
+# (tool, output format) -> name in the table
+TOOLS = {
+    ("onnxq", "qdq"): "onnxq QDQ",
+    ("ort", "qdq"): "ORT quantize_static QDQ",
+    ("onnxq", "qoperator"): "onnxq QOperator",
+    ("ort", "qoperator"): "ORT quantize_static QOperator",
+}
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -57,8 +62,9 @@ def _latencies_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: i
     return times
 
 
-def _convert(tool: str, model: Path, output: Path, calibration: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration), "minmax"]
+def _convert(tool: str, form: str, model: Path, output: Path, calibration: Path) -> dict:
+    command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration),
+               "minmax", form]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "error": proc.stderr.strip().splitlines()[-1]}
@@ -75,9 +81,9 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
     float_session = _session(model)
     float_outputs = [float_session.run(None, feed) for feed in evaluation]
     rows, sessions = [], {"float": float_session}
-    for tool in TOOLS:
-        output = folder / f"{workload.name}.{tool}.int8.onnx"
-        row = {"model": workload.name, "tool": TOOL_NAMES[tool], **_convert(tool, model, output, calibration_path)}
+    for (tool, form), label in TOOLS.items():
+        output = folder / f"{workload.name}.{tool}.{form}.int8.onnx"
+        row = {"model": workload.name, "tool": label, **_convert(tool, form, model, output, calibration_path)}
         if row["error"] is None:
             try:
                 session = _session(output)
@@ -88,13 +94,13 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
             row["size_ratio"] = output.stat().st_size / model.stat().st_size
             row["sqnr_db"] = _sqnr_db([o[0] for o in float_outputs], [o[0] for o in outputs])
             row["task_metric"] = workload.task_metric(float_outputs, outputs)
-            sessions[tool] = session
+            sessions[label] = session
         rows.append(row)
     times = _latencies_ms(sessions, evaluation[0], latency_runs)
     float_ms = statistics.median(times["float"])
-    for tool, row in zip(TOOLS, rows):
-        if tool in times:
-            row["latency_ms"] = statistics.median(times[tool])
+    for row in rows:
+        if row["tool"] in times:
+            row["latency_ms"] = statistics.median(times[row["tool"]])
             row["latency_ratio"] = row["latency_ms"] / float_ms
             row["float_latency_ms"] = float_ms
     return rows
@@ -110,19 +116,20 @@ def render(rows: list[dict], settings: str) -> str:
         "",
         f"Produced by `python -m benchmarks.run {settings}` on {datetime.date.today()}, "
         f"{platform.machine()} with {os.cpu_count()} cores, onnxruntime {ort.__version__}, CPU execution provider.",
-        "ORT is run as a new user would: QDQ, per-channel int8 weights, uint8 activations, MinMax, the same",
-        "calibration samples. SQNR is of the first output vs float on the held-out inputs; latency is the",
-        "median at batch 1, runs of float and both int8 models interleaved.",
+        "ORT is run as a new user would: per-channel int8 weights, uint8 activations, MinMax, the same",
+        "calibration samples, in QDQ and in QOperator format. SQNR is of the first output vs float on the",
+        "held-out inputs; latency is the median at batch 1, runs of float and all int8 models interleaved.",
         "",
-        "| model | tool | convert s | peak RSS MB | size ratio | SQNR dB | task metric | latency int8/float | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | tool | convert s | peak RSS MB | size ratio | SQNR dB | task metric | latency ms | latency int8/float | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         metric = WORKLOADS[row["model"]].metric_name
         lines.append(
             f"| {row['model']} | {row['tool']} | {_fmt(row['seconds'], '.1f')} | {_fmt(row['peak_rss_mb'], '.0f')} "
             f"| {_fmt(row.get('size_ratio'), '.3f')} | {_fmt(row.get('sqnr_db'), '.1f')} "
-            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {_fmt(row.get('latency_ratio'), '.2f')} "
+            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {_fmt(row.get('latency_ms'), '.1f')} "
+            f"| {_fmt(row.get('latency_ratio'), '.2f')} "
             f"| {row['error'] or ''} |"
         )
     return "\n".join(lines) + "\n"
