@@ -46,6 +46,7 @@ Method = _choices("Method", METHODS)
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 Format = _choices("Format", ("qdq", "qoperator"))
 Target = _choices("Target", ("cpu", "cuda", "tensorrt"))
+ReduceRange = _choices("ReduceRange", ("auto", "always", "never"))
 Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
@@ -189,6 +190,8 @@ def convert(
         help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations [default: from --target].",
         show_default=False)] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
+    reduce_range: Annotated[ReduceRange, typer.Option(
+        help="7-bit weights: auto = only on layers this CPU's int8 kernels would saturate.")] = ReduceRange.auto,
     method: Annotated[Method, typer.Option(help="How activation ranges are chosen.")] = Method.minmax,
     percentile: Annotated[float, typer.Option(help="Percentile kept by --method percentile.")] = 99.99,
     device: Annotated[Device, typer.Option(help="Where calibration runs (cuda only if ORT's CUDA provider loads).")] = Device.auto,
@@ -216,7 +219,7 @@ def convert(
         calibration_data, eval_data = images.source(calibration_data), images.source(eval_data)
         config = QuantConfig(
             activations=None if activations is None else activations.value, target=target.value,
-            format=format.value, force_format=force_format, per_channel=per_channel, batch_size=batch_size, max_samples=max_samples,
+            format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
             checkpoint_interval_s=checkpoint_interval,
         )

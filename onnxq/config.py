@@ -12,6 +12,7 @@ Method = Literal["minmax", "percentile", "entropy", "mse"]
 Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["qdq", "qoperator"]
 Target = Literal["cpu", "cuda", "tensorrt"]
+ReduceRange = Literal["auto", "always", "never"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class QuantConfig:
         memory_budget_mb: calibration exposes at most about this much tensor data per batch;
             beyond it, tensors are calibrated in several passes over the data.
         checkpoint_interval_s: seconds between calibration checkpoints in the workspace.
+        reduce_range: 7-bit weights: ``auto`` only on the layers this CPU's integer kernels
+            would saturate (measured on calibration data; none on CPUs with VNNI), ``always``
+            on every layer, ``never``.
     """
 
     activations: ActivationType | None = None
@@ -54,6 +58,7 @@ class QuantConfig:
     device: Device = "auto"
     memory_budget_mb: float = 2048.0
     checkpoint_interval_s: float = 30.0
+    reduce_range: ReduceRange = "auto"
 
     def __post_init__(self) -> None:
         if self.target not in ("cpu", "cuda", "tensorrt"):
@@ -86,6 +91,8 @@ class QuantConfig:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.reduce_range not in ("auto", "always", "never"):
+            raise ConfigError(f"reduce range must be auto, always or never, not {self.reduce_range!r}")
         if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
             raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
         if self.max_shared_range_ratio <= 1:
@@ -96,7 +103,8 @@ class QuantConfig:
     def result_options(self) -> dict:
         """The options that determine the quantized model (not where or how fast it is made)."""
         fields = (
-            "activations", "format", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method"
+            "activations", "format", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method",
+            "reduce_range",
         )
         options = {name: getattr(self, name) for name in fields}
         if self.method == "percentile":

@@ -25,7 +25,8 @@ from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
 from onnxq.qoperator import QLINEAR, has_quantize_nodes, normalize_qdq, to_qoperator
-from onnxq.signatures import graph_fingerprint, tensor_keys
+from onnxq.saturation import saturating_layers
+from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -168,14 +169,45 @@ def _load(model: ModelInput) -> _Loaded:
     return _Loaded(float_proto, proto, _prepare(proto), (upgrade_note,) if upgrade_note else ())
 
 
-def _build(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> tuple[bytes, dict[str, OpCount], list[str]]:
-    """The quantized model's bytes from calibrated state: plan, rewrite, check."""
+def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> QuantPlan:
     graph = loaded.model.graph
     by_key = state.ranges()
     ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key}
-    plan = plan_quantization(graph, ranges, config)
+    return plan_quantization(graph, ranges, config)
+
+
+def _saturating_layer_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict) -> list[str]:
+    """Signatures of the layers that need 7-bit weights on this CPU, measured on ``feed``."""
+    trial = _Loaded(loaded.float_proto, loaded.proto, _prepare(loaded.proto), loaded.notes)
+    keys = node_signatures(trial.model.graph)
+    plan = _plan(trial, state, config)
+    apply_qdq(trial.model, plan)
+    return sorted(keys[node] for node in saturating_layers(trial.model, plan, feed))
+
+
+def _build(
+    loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys: list[str]
+) -> tuple[bytes, dict[str, OpCount], list[str]]:
+    """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers whose
+    signature is in ``reduced_keys`` (or every layer, for ``reduce_range="always"``) get 7-bit
+    weights."""
+    graph = loaded.model.graph
+    keys = node_signatures(graph)
+    plan = _plan(loaded, state, config)
     op_counts = _op_counts(graph, plan)
-    notes = plan.notes + apply_qdq(loaded.model, plan).notes
+    if config.reduce_range == "always":
+        reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
+    else:
+        wanted = set(reduced_keys)
+        reduced = {node for node in plan.decisions if keys[node] in wanted}
+    notes = plan.notes + apply_qdq(loaded.model, plan, reduced).notes
+    if reduced and config.reduce_range == "auto":
+        names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
+        more = f" and {len(reduced) - 8} more" if len(reduced) > 8 else ""
+        notes.append(
+            f"7-bit weights on {len(reduced)} layer(s) whose 8-bit form this CPU's integer kernels "
+            f"would saturate (no VNNI): {names}{more}"
+        )
     if config.format == "qoperator":
         notes += to_qoperator(loaded.model)
     return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
@@ -293,7 +325,15 @@ def convert(
     calibration_step = space.latest("calibration")
     if calibration_step is None:  # pragma: no cover - calibrate always records the final state
         raise WorkspaceError(f"workspace {workspace_path} lost its calibration state; start a new run")
-    data, op_counts, build_notes = _build(loaded, state, config)
+    reduced = space.latest("reduce_range") if resume else None
+    if reduced is not None and reduced.payload["calibration_step"] == calibration_step.index:
+        reduced_keys = reduced.payload["layers"]
+    elif config.reduce_range == "auto" and source is not None:
+        reduced_keys = _saturating_layer_keys(loaded, state, config, source.first.feed)
+        space.append("reduce_range", {"calibration_step": calibration_step.index, "layers": reduced_keys})
+    else:
+        reduced_keys = []
+    data, op_counts, build_notes = _build(loaded, state, config, reduced_keys)
     write_atomically(data, output_path)
     space.append(
         "quantized",
@@ -336,7 +376,8 @@ def recover(
     if step.kind == "quantized":
         step = space.step(step.payload["calibration_step"])
     state = CalibrationState.from_payload(step.payload, config.percentile)
-    data, op_counts, build_notes = _build(loaded, state, config)
+    reduced = space.latest("reduce_range")
+    data, op_counts, build_notes = _build(loaded, state, config, [] if reduced is None else reduced.payload["layers"])
     write_atomically(data, output_path)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.plan import QuantPlan, is_constant
-from onnxq.quant_math import QuantParams, quantize, quantize_bias, weight_scale
+from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
 
 
 class _Emitter:
@@ -79,7 +79,9 @@ class RewriteReport:
     notes: list[str]
 
 
-def _quantize_weights_and_biases(emitter: _Emitter, plan: QuantPlan, notes: list[str]) -> None:
+def _quantize_weights_and_biases(
+    emitter: _Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
+) -> None:
     uses: dict[ir.Value, list[ir.Node]] = {}
     for node, decision in plan.decisions.items():
         if decision.weight_slot is not None:
@@ -88,7 +90,8 @@ def _quantize_weights_and_biases(emitter: _Emitter, plan: QuantPlan, notes: list
         axes = {plan.decisions[node].weight_axis for node in nodes}
         axis = axes.pop() if len(axes) == 1 else None  # consumers disagree: one scale for all
         array = weight.const_value.numpy()
-        scale = weight_scale(array, axis)
+        qmax = REDUCED_WEIGHT_QMAX if reduced_range.intersection(nodes) else WEIGHT_QMAX
+        scale = weight_scale(array, axis, qmax)
         biased = [(n, plan.decisions[n].bias_slot) for n in nodes if plan.decisions[n].bias_slot is not None]
         for node, slot in biased:  # widen the scale first, so that every bias fits
             fitted = quantize_bias(node.inputs[slot].const_value.numpy(), _input_scale(plan, node), scale)
@@ -154,11 +157,12 @@ def _quantize_activations(emitter: _Emitter, plan: QuantPlan) -> None:
                     outputs[index] = dequantized
 
 
-def apply_qdq(model: ir.Model, plan: QuantPlan) -> RewriteReport:
-    """Rewrite ``model``'s main graph in place to the QDQ form ``plan`` describes."""
+def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:
+    """Rewrite ``model``'s main graph in place to the QDQ form ``plan`` describes; the weights of
+    ``reduced_range`` nodes get 7 bits."""
     emitter = _Emitter(model.graph)
     notes: list[str] = []
-    _quantize_weights_and_biases(emitter, plan, notes)
+    _quantize_weights_and_biases(emitter, plan, notes, set(reduced_range))
     _quantize_activations(emitter, plan)
     model.graph.sort()
     return RewriteReport(notes)

@@ -11,6 +11,7 @@ import numpy as np
 
 INT32_MAX = 2**31 - 1
 WEIGHT_QMAX = 127  # int8 weights are symmetric in [-127, 127], zero point 0
+REDUCED_WEIGHT_QMAX = 63  # 7-bit weights, where CPU kernels would saturate (onnxq.saturation)
 
 _QRANGE = {
     np.dtype(np.uint8): (0, 255),
@@ -54,8 +55,9 @@ def activation_params(rmin: float, rmax: float, dtype: str) -> QuantParams:
     raise ValueError(f"unknown activation type {dtype!r}")
 
 
-def weight_scale(weight: np.ndarray, axis: int | None) -> np.ndarray:
-    """Symmetric int8 scale ``max|w| / 127``, per channel along ``axis`` or per tensor.
+def weight_scale(weight: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX) -> np.ndarray:
+    """Symmetric int8 scale ``max|w| / qmax`` (127, or 63 for 7-bit weights), per channel along
+    ``axis`` or per tensor.
 
     A channel that is entirely zero gets the median scale of the other channels (1.0 if every
     channel is zero): any positive scale represents its zeros exactly, and a typical one keeps
@@ -66,7 +68,7 @@ def weight_scale(weight: np.ndarray, axis: int | None) -> np.ndarray:
         amax = np.array(w.max() if w.size else 0.0)
     else:
         amax = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1)
-    scale = amax / WEIGHT_QMAX
+    scale = amax / qmax
     nonzero = scale > 0
     fill = np.median(scale[nonzero]) if nonzero.any() else 1.0
     return np.where(nonzero, scale, fill).astype(np.float32)

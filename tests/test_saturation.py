@@ -1,0 +1,80 @@
+"""Saturation-aware weights: 7-bit weights only where this CPU's u8 x s8 kernels saturate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+import onnxq
+from onnxq.saturation import cpu_saturates, saturates
+from tests.graphs import initializers, make_model, run, sqnr_db
+
+
+def test_cpu_capability_detection():
+    assert saturates("x86_64", "flags : fpu sse2 avx2 fma")
+    assert not saturates("x86_64", "flags : fpu avx2 avx512f avx512_vnni")
+    assert not saturates("x86_64", "flags : avx2 avx_vnni")
+    assert not saturates("aarch64", "Features : fp asimd asimddp")
+    assert saturates("x86_64", None)
+
+
+def _first_layer_model():
+    """An image-like first layer: 3 input channels, so few products per output that one pair of
+    large uint8 pixels times large weights can pass int16."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    nodes = [oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["y"])]
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", None)], [("w", w), ("b", np.zeros(8, np.float32))])
+
+
+def _weight_qmax(path):
+    stored = initializers(onnx.load(path))
+    w, scale = stored["w_quantized"], stored["w_scale"]
+    return np.abs(w.astype(np.int32)).max(), scale
+
+
+def _convert(tmp_path, reduce_range):
+    rng = np.random.default_rng(1)
+    data = {"x": rng.uniform(0, 1, (8, 3, 16, 16)).astype(np.float32)}
+    out = tmp_path / f"{reduce_range}.onnx"
+    result = onnxq.convert(_first_layer_model(), out, data, onnxq.QuantConfig(reduce_range=reduce_range))
+    return result, out
+
+
+def test_never_and_always_choose_8_and_7_bit_weights(tmp_path):
+    _, never = _convert(tmp_path, "never")
+    _, always = _convert(tmp_path, "always")
+    assert _weight_qmax(never)[0] == 127 and _weight_qmax(always)[0] == 63
+
+
+@pytest.mark.skipif(not cpu_saturates(), reason="this CPU's int8 kernels do not saturate (VNNI/ARM)")
+def test_auto_gives_7_bit_weights_to_a_saturating_layer_and_restores_accuracy(tmp_path):
+    result, auto = _convert(tmp_path, "auto")
+    _, never = _convert(tmp_path, "never")
+    assert _weight_qmax(auto)[0] == 63
+    assert any("7-bit weights on 1 layer" in note for note in result.notes)
+    x = np.random.default_rng(2).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)
+    reference = run(_first_layer_model(), {"x": x})[0]
+    # Measured against the float model with ONNX Runtime's fused integer kernels, as deployed.
+    assert sqnr_db(reference, run(str(auto), {"x": x})[0]) > sqnr_db(reference, run(str(never), {"x": x})[0]) + 3
+
+
+@pytest.mark.skipif(not cpu_saturates(), reason="this CPU's int8 kernels do not saturate (VNNI/ARM)")
+def test_auto_keeps_8_bit_weights_where_saturation_does_not_hurt(tmp_path):
+    rng = np.random.default_rng(3)
+    w = (rng.normal(0, 0.05, (8, 64, 1, 1))).astype(np.float32)
+    w[:, 0] = 1.0  # one large weight per output sets the scale: the rest are small, pairs stay in int16
+    model = make_model([oh.make_node("Conv", ["x", "w"], ["y"])], [("x", [1, 64, 4, 4])], [("y", None)], [("w", w)])
+    data = {"x": rng.uniform(-1, 1, (4, 64, 4, 4)).astype(np.float32)}
+    result = onnxq.convert(model, tmp_path / "m.onnx", data, onnxq.QuantConfig(reduce_range="auto"))
+    assert _weight_qmax(tmp_path / "m.onnx")[0] == 127
+    assert not any("7-bit" in note for note in result.notes)
+
+
+def test_recover_reuses_the_recorded_choice(tmp_path):
+    result, auto = _convert(tmp_path, "auto")
+    recovered = tmp_path / "recovered.onnx"
+    onnxq.recover(_first_layer_model(), result.workspace, recovered)
+    assert recovered.read_bytes() == auto.read_bytes()
