@@ -13,6 +13,12 @@ import onnx
 import onnx.shape_inference
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript import rewriter
+from onnxscript.rewriter.rules.common import (
+    fuse_batchnorm_into_conv_rule,
+    fuse_batchnorm_into_conv_transpose_rule,
+    fuse_batchnorm_into_gemm_rule,
+)
 
 from onnxq._version import __version__
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
@@ -60,15 +66,27 @@ class ConversionResult:
         return self.quantized_bytes / self.float_bytes
 
 
-def _prepare(proto: onnx.ModelProto) -> ir.Model:
-    """The graph that is calibrated and rewritten: shapes and types inferred, constants lifted."""
+_CLEANUP_RULES = (
+    fuse_batchnorm_into_conv_rule,
+    fuse_batchnorm_into_conv_transpose_rule,
+    fuse_batchnorm_into_gemm_rule,
+)
+
+
+def _prepare(proto: onnx.ModelProto) -> tuple[ir.Model, list[str]]:
+    """The graph that is calibrated and rewritten, so that ranges are measured on the graph that
+    will run: shapes and types inferred, constants lifted to initializers, BatchNormalization
+    folded into the Conv, ConvTranspose or Gemm before it (as runtimes do)."""
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # types then come from the calibration run instead
         pass
     model = ir.from_proto(proto)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return model
+    batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph)
+    model = rewriter.rewrite(model, pattern_rewrite_rules=list(_CLEANUP_RULES))
+    folded = batch_norms - sum(node.op_type == "BatchNormalization" for node in model.graph)
+    return model, [f"{folded} BatchNormalization node(s) folded into the layer before"] if folded else []
 
 
 def _may_be_float(value: ir.Value | None) -> bool:
@@ -166,7 +184,8 @@ class _Loaded:
 def _load(model: ModelInput) -> _Loaded:
     float_proto = load_model(model)
     proto, upgrade_note = upgrade_opset(float_proto)
-    return _Loaded(float_proto, proto, _prepare(proto), (upgrade_note,) if upgrade_note else ())
+    prepared, notes = _prepare(proto)
+    return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
 
 
 def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> QuantPlan:
@@ -178,7 +197,7 @@ def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> Quan
 
 def _saturating_layer_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict) -> list[str]:
     """Signatures of the layers that need 7-bit weights on this CPU, measured on ``feed``."""
-    trial = _Loaded(loaded.float_proto, loaded.proto, _prepare(loaded.proto), loaded.notes)
+    trial = _Loaded(loaded.float_proto, loaded.proto, _prepare(loaded.proto)[0], loaded.notes)
     keys = node_signatures(trial.model.graph)
     plan = _plan(trial, state, config)
     apply_qdq(trial.model, plan)
