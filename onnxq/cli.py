@@ -190,6 +190,8 @@ def convert(
         help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations [default: from --target].",
         show_default=False)] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scale granularity.")] = True,
+    quantize_unfused: Annotated[bool, typer.Option(
+        "--quantize-unfused", help="Also quantize nodes ONNX Runtime's CPU provider would not fuse.")] = False,
     reduce_range: Annotated[ReduceRange, typer.Option(
         help="7-bit weights: auto = only on layers this CPU's int8 kernels would saturate.")] = ReduceRange.auto,
     method: Annotated[Method, typer.Option(help="How activation ranges are chosen.")] = Method.minmax,
@@ -219,7 +221,8 @@ def convert(
         calibration_data, eval_data = images.source(calibration_data), images.source(eval_data)
         config = QuantConfig(
             activations=None if activations is None else activations.value, target=target.value,
-            format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value, batch_size=batch_size, max_samples=max_samples,
+            format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value,
+            quantize_unfused=quantize_unfused, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
             checkpoint_interval_s=checkpoint_interval,
         )

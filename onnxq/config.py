@@ -40,6 +40,8 @@ class QuantConfig:
         memory_budget_mb: calibration exposes at most about this much tensor data per batch;
             beyond it, tensors are calibrated in several passes over the data.
         checkpoint_interval_s: seconds between calibration checkpoints in the workspace.
+        quantize_unfused: also quantize the nodes whose quantized form ONNX Runtime's CPU provider
+            would not fuse into an integer kernel (by default they stay float).
         reduce_range: 7-bit weights: ``auto`` only on the layers this CPU's integer kernels
             would saturate (measured on calibration data; none on CPUs with VNNI), ``always``
             on every layer, ``never``.
@@ -59,6 +61,7 @@ class QuantConfig:
     memory_budget_mb: float = 2048.0
     checkpoint_interval_s: float = 30.0
     reduce_range: ReduceRange = "auto"
+    quantize_unfused: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in ("cpu", "cuda", "tensorrt"):
@@ -104,7 +107,7 @@ class QuantConfig:
         """The options that determine the quantized model (not where or how fast it is made)."""
         fields = (
             "activations", "format", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method",
-            "reduce_range",
+            "reduce_range", "quantize_unfused",
         )
         options = {name: getattr(self, name) for name in fields}
         if self.method == "percentile":

@@ -31,6 +31,7 @@ from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
 from onnxq.qoperator import QLINEAR, has_quantize_nodes, normalize_qdq, to_qoperator
+from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.workspace import Workspace
@@ -83,6 +84,7 @@ def _prepare(proto: onnx.ModelProto) -> tuple[ir.Model, list[str]]:
         pass
     model = ir.from_proto(proto)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common_passes.NameFixPass()(model)  # unique node names: fusion reports name nodes
     batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph)
     model = rewriter.rewrite(model, pattern_rewrite_rules=list(_CLEANUP_RULES))
     folded = batch_norms - sum(node.op_type == "BatchNormalization" for node in model.graph)
@@ -188,20 +190,35 @@ def _load(model: ModelInput) -> _Loaded:
     return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
 
 
-def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig) -> QuantPlan:
+def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig, keep_float=frozenset()) -> QuantPlan:
     graph = loaded.model.graph
     by_key = state.ranges()
     ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key}
-    return plan_quantization(graph, ranges, config)
+    return plan_quantization(graph, ranges, config, keep_float)
+
+
+def _trial(loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys=()) -> tuple[ir.Model, QuantPlan, dict]:
+    """The QDQ model of a fresh copy of the graph, its plan and its node signatures."""
+    model = _prepare(loaded.proto)[0]
+    keys = node_signatures(model.graph)
+    trial = dataclasses.replace(loaded, model=model)
+    plan = _plan(trial, state, config)
+    wanted = set(reduced_keys)
+    apply_qdq(model, plan, {node for node in plan.decisions if keys[node] in wanted})
+    return model, plan, keys
 
 
 def _saturating_layer_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict) -> list[str]:
     """Signatures of the layers that need 7-bit weights on this CPU, measured on ``feed``."""
-    trial = _Loaded(loaded.float_proto, loaded.proto, _prepare(loaded.proto)[0], loaded.notes)
-    keys = node_signatures(trial.model.graph)
-    plan = _plan(trial, state, config)
-    apply_qdq(trial.model, plan)
-    return sorted(keys[node] for node in saturating_layers(trial.model, plan, feed))
+    model, plan, keys = _trial(loaded, state, config)
+    return sorted(keys[node] for node in saturating_layers(model, plan, feed))
+
+
+def _unfused_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys: list[str]) -> list[str]:
+    """Signatures of the quantized compute nodes ONNX Runtime's CPU provider would not fuse."""
+    model, plan, keys = _trial(loaded, state, config, reduced_keys)
+    by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
+    return sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
 
 
 def _build(
@@ -209,17 +226,30 @@ def _build(
 ) -> tuple[bytes, dict[str, OpCount], list[str]]:
     """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers whose
     signature is in ``reduced_keys`` (or every layer, for ``reduce_range="always"``) get 7-bit
-    weights."""
+    weights; quantized nodes ONNX Runtime would not fuse stay float unless
+    ``config.quantize_unfused``."""
     graph = loaded.model.graph
     keys = node_signatures(graph)
-    plan = _plan(loaded, state, config)
+    notes = []
+    keep_float = frozenset()
+    if not config.quantize_unfused:
+        unfused = set(_unfused_keys(loaded, state, config, reduced_keys))
+        keep_float = frozenset(node for node in graph if keys[node] in unfused)
+        if keep_float:
+            ops = collections.Counter(node.op_type for node in keep_float)
+            notes.append(
+                f"kept float {len(keep_float)} node(s) that ONNX Runtime's CPU provider would not fuse into "
+                f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
+                "--quantize-unfused quantizes them anyway"
+            )
+    plan = _plan(loaded, state, config, keep_float)
     op_counts = _op_counts(graph, plan)
     if config.reduce_range == "always":
         reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
     else:
         wanted = set(reduced_keys)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
-    notes = plan.notes + apply_qdq(loaded.model, plan, reduced).notes
+    notes += plan.notes + apply_qdq(loaded.model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
         names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
         more = f" and {len(reduced) - 8} more" if len(reduced) > 8 else ""

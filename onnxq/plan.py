@@ -169,9 +169,12 @@ def _magnitude(r: Range) -> float:
     return max(abs(r[0]), abs(r[1]))
 
 
-def plan_quantization(graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig) -> QuantPlan:
-    """Decide which nodes and tensors of ``graph`` are quantized, and with which params."""
-    float_nodes: set[ir.Node] = set()
+def plan_quantization(
+    graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, keep_float: frozenset[ir.Node] = frozenset()
+) -> QuantPlan:
+    """Decide which nodes and tensors of ``graph`` are quantized, and with which params;
+    ``keep_float`` nodes stay float."""
+    float_nodes: set[ir.Node] = set(keep_float)
     notes: list[str] = []
     while True:
         decisions, quantized_outputs = _decide_nodes(graph, ranges, config, float_nodes)

@@ -39,10 +39,12 @@ def _data(shape, n=24, seed=0):
 
 
 def _convert(tmp_path, model, x_shape, **config):
-    """Convert with 8-bit weights everywhere (7-bit weights have tests of their own)."""
+    """Convert with 8-bit weights everywhere and every quantizable node quantized, fused by ONNX
+    Runtime or not (7-bit weights and fusion coverage have tests of their own)."""
     out = tmp_path / "model.int8.onnx"
     calibration = {"x": _data(x_shape)}
     config.setdefault("reduce_range", "never")
+    config.setdefault("quantize_unfused", True)
     result = onnxq.convert(model, out, calibration, onnxq.QuantConfig(**config))
     return result, onnx.load(out), str(out)
 

@@ -1,0 +1,42 @@
+"""Fusion coverage: which quantized node groups ONNX Runtime's CPU provider would not turn into
+integer kernels.
+
+ONNX Runtime is asked to write the model after its graph optimizations (the extended level,
+where QDQ groups become QLinearConv, QGemm, QLinearAdd, ...). A compute op that still reads a
+DequantizeLinear there would run as dequantize -> float op -> quantize: slower than float and
+less accurate. Those nodes are better left float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+COMPUTE_OPS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
+    "Sigmoid", "Concat", "LeakyRelu", "Softmax",
+}
+
+
+def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
+    """Names of the compute nodes of ``qdq_model`` that would still read dequantized tensors
+    after ONNX Runtime's CPU graph optimizations."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
+        path = Path(folder) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(path)
+    producers = {output: node for node in optimized.graph.node for output in node.output}
+    return [
+        node.name
+        for node in optimized.graph.node
+        if node.op_type in COMPUTE_OPS
+        and node.domain in ("", "ai.onnx")
+        and any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input)
+    ]
