@@ -1,10 +1,11 @@
 """Run one quantizer on one model in a fresh process and report its time and peak RSS as JSON.
 
-``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD [FORMAT]]``: TOOL is ``onnxq``,
+``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD [FORMAT [ACTIVATIONS]]]``: TOOL is ``onnxq``,
 ``ort`` (ONNX Runtime's quantize_static) or ``float`` (one plain inference pass, for reference);
 DATA is an .npz with one array per model input (samples on axis 0), or ``stream`` for
 ``benchmarks.stream.samples``. Both tools are fed one sample at a time. METHOD is minmax
-(default), percentile or entropy; FORMAT is qdq (default) or qoperator.
+(default), percentile or entropy; FORMAT is qdq (default) or qoperator; ACTIVATIONS is uint8
+(default) or int8 (symmetric).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _timed(function):
     return wrapper
 
 
-def _convert_onnxq(model: str, output: str, calibration: str, method: str, form: str) -> None:
+def _convert_onnxq(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:
     import importlib
 
     import onnxq
@@ -51,10 +52,11 @@ def _convert_onnxq(model: str, output: str, calibration: str, method: str, form:
     pipeline = importlib.import_module("onnxq.convert")  # the module; onnxq.convert is the function
     pipeline.calibrate = _timed(pipeline.calibrate)
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
-    onnxq.convert(model, output, data, onnxq.QuantConfig(method=method, device="cpu", format=form))
+    config = onnxq.QuantConfig(method=method, device="cpu", format=form, activations=activations)
+    onnxq.convert(model, output, data, config)
 
 
-def _float_pass(model: str, output: str, calibration: str, method: str, form: str) -> None:
+def _float_pass(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -64,7 +66,7 @@ def _float_pass(model: str, output: str, calibration: str, method: str, form: st
     CALIBRATION_SECONDS[0] = time.perf_counter() - start
 
 
-def _convert_ort(model: str, output: str, calibration: str, method: str, form: str) -> None:
+def _convert_ort(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:
     from onnxruntime.quantization import calibrate
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -96,7 +98,7 @@ def _convert_ort(model: str, output: str, calibration: str, method: str, form: s
         Reader(),
         quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
         per_channel=True,
-        activation_type=QuantType.QUInt8,
+        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=methods[method],
     )
@@ -116,11 +118,12 @@ def main() -> None:
     tool, model, output, calibration = sys.argv[1:5]
     method = sys.argv[5] if len(sys.argv) > 5 else "minmax"
     form = sys.argv[6] if len(sys.argv) > 6 else "qdq"
+    activations = sys.argv[7] if len(sys.argv) > 7 else "uint8"
     convert = {"onnxq": _convert_onnxq, "ort": _convert_ort, "float": _float_pass}[tool]
     start = time.perf_counter()
     error = None
     try:
-        convert(model, output, calibration, method, form)
+        convert(model, output, calibration, method, form, activations)
     except Exception as exc:  # reported, not raised: a failing tool is a benchmark result
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start

@@ -28,13 +28,15 @@ import onnxruntime as ort
 from benchmarks.calibration import bench_calibration
 from benchmarks.workloads import WORKLOADS, Workload
 
-# (tool, output format) -> name in the table
+# (tool, output format, activations) -> name in the tables
 TOOLS = {
-    ("onnxq", "qdq"): "onnxq QDQ",
-    ("ort", "qdq"): "ORT quantize_static QDQ",
-    ("onnxq", "qoperator"): "onnxq QOperator",
-    ("ort", "qoperator"): "ORT quantize_static QOperator",
+    ("onnxq", "qdq", "uint8"): "onnxq QDQ",
+    ("onnxq", "qoperator", "uint8"): "onnxq QOperator",
+    ("ort", "qdq", "uint8"): "ORT QDQ u8",
+    ("ort", "qdq", "int8"): "ORT QDQ s8",
+    ("ort", "qoperator", "uint8"): "ORT QOperator u8",
 }
+BATCHES = (1, 8)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -50,7 +52,7 @@ def _sqnr_db(reference: list[np.ndarray], approximation: list[np.ndarray]) -> fl
 
 
 def _latencies_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int) -> dict[str, list[float]]:
-    """Per-model run times at batch 1, interleaved so that machine noise hits all alike."""
+    """Per-model run times on ``feed``, interleaved so that machine noise hits all alike."""
     for session in sessions.values():
         session.run(None, feed)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -62,9 +64,9 @@ def _latencies_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: i
     return times
 
 
-def _convert(tool: str, form: str, model: Path, output: Path, calibration: Path) -> dict:
+def _convert(tool: str, form: str, activations: str, model: Path, output: Path, calibration: Path) -> dict:
     command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration),
-               "minmax", form]
+               "minmax", form, activations]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "error": proc.stderr.strip().splitlines()[-1]}
@@ -81,9 +83,10 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
     float_session = _session(model)
     float_outputs = [float_session.run(None, feed) for feed in evaluation]
     rows, sessions = [], {"float": float_session}
-    for (tool, form), label in TOOLS.items():
-        output = folder / f"{workload.name}.{tool}.{form}.int8.onnx"
-        row = {"model": workload.name, "tool": label, **_convert(tool, form, model, output, calibration_path)}
+    for (tool, form, activations), label in TOOLS.items():
+        output = folder / f"{workload.name}.{tool}.{form}.{activations}.int8.onnx"
+        row = {"model": workload.name, "tool": label,
+               **_convert(tool, form, activations, model, output, calibration_path)}
         if row["error"] is None:
             try:
                 session = _session(output)
@@ -96,18 +99,49 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
             row["task_metric"] = workload.task_metric(float_outputs, outputs)
             sessions[label] = session
         rows.append(row)
-    times = _latencies_ms(sessions, evaluation[0], latency_runs)
-    float_ms = statistics.median(times["float"])
-    for row in rows:
-        if row["tool"] in times:
-            row["latency_ms"] = statistics.median(times[row["tool"]])
-            row["latency_ratio"] = row["latency_ms"] / float_ms
-            row["float_latency_ms"] = float_ms
+    for batch in BATCHES:
+        feed = {name: np.concatenate([sample[name] for sample in evaluation[:batch]]) for name in evaluation[0]}
+        times = _latencies_ms(sessions, feed, latency_runs if batch == 1 else max(5, latency_runs // 3))
+        float_ms = statistics.median(times["float"])
+        for row in [{"tool": "float", "model": workload.name}] + rows:
+            if row["tool"] in times:
+                spread = np.percentile(times[row["tool"]], [10, 90])
+                row[f"b{batch}"] = (statistics.median(times[row["tool"]]), *spread, statistics.median(times[row["tool"]]) / float_ms)
+        rows_float = rows[0].setdefault("float_latency", {})
+        rows_float[batch] = (float_ms, *np.percentile(times["float"], [10, 90]))
     return rows
 
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def _latency(row: dict, batch: int) -> str:
+    value = row.get(f"b{batch}")
+    return "-" if value is None else f"{value[0]:.1f} ({value[1]:.1f}-{value[2]:.1f}) | {value[3]:.2f}"
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Plain-language lines: is onnxq's int8 faster than float here, and than ORT's fastest?"""
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        mine = next(r for r in rows if r["model"] == model and r["tool"] == "onnxq QDQ")
+        others = [r for r in rows if r["model"] == model and r["tool"].startswith("ORT") and "b1" in r]
+        parts = []
+        for batch in BATCHES:
+            if f"b{batch}" not in mine:
+                continue
+            ratio = mine[f"b{batch}"][3]
+            fastest = min((r[f"b{batch}"][0] for r in others), default=float("nan"))
+            parts.append(
+                f"batch {batch}: {'faster' if ratio < 1 else 'slower'} than float ({ratio:.2f}x), "
+                f"{mine[f'b{batch}'][0] / fastest:.2f}x the time of ORT's fastest int8 output"
+            )
+        best_ort = max((r["task_metric"] for r in others if r.get("task_metric") is not None), default=float("nan"))
+        metric = mine.get("task_metric")
+        fidelity = "-" if metric is None else f"task metric {metric:.3f} vs ORT's best {best_ort:.3f}"
+        lines.append(f"- **{model}**: " + "; ".join(parts) + f"; {fidelity}.")
+    return lines
 
 
 def render(rows: list[dict], settings: str) -> str:
@@ -116,22 +150,45 @@ def render(rows: list[dict], settings: str) -> str:
         "",
         f"Produced by `python -m benchmarks.run {settings}` on {datetime.date.today()}, "
         f"{platform.machine()} with {os.cpu_count()} cores, onnxruntime {ort.__version__}, CPU execution provider.",
-        "ORT is run as a new user would: per-channel int8 weights, uint8 activations, MinMax, the same",
-        "calibration samples, in QDQ and in QOperator format. SQNR is of the first output vs float on the",
-        "held-out inputs; latency is the median at batch 1, runs of float and all int8 models interleaved.",
+        "ORT is run as a new user would: per-channel int8 weights, MinMax, the same calibration samples, as QDQ",
+        "with uint8 (u8) and int8 (s8) activations and as QOperator. SQNR is of the first output vs float on",
+        "the held-out inputs; the task metric compares int8 with float outputs (1.0 = identical).",
         "",
-        "| model | tool | convert s | peak RSS MB | size ratio | SQNR dB | task metric | latency ms | latency int8/float | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "## Conversion and fidelity",
+        "",
+        "| model | tool | convert s | peak RSS MB | size ratio | SQNR dB | task metric | note |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         metric = WORKLOADS[row["model"]].metric_name
         lines.append(
             f"| {row['model']} | {row['tool']} | {_fmt(row['seconds'], '.1f')} | {_fmt(row['peak_rss_mb'], '.0f')} "
             f"| {_fmt(row.get('size_ratio'), '.3f')} | {_fmt(row.get('sqnr_db'), '.1f')} "
-            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {_fmt(row.get('latency_ms'), '.1f')} "
-            f"| {_fmt(row.get('latency_ratio'), '.2f')} "
-            f"| {row['error'] or ''} |"
+            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {row['error'] or ''} |"
         )
+    lines += [
+        "",
+        "## CPU latency",
+        "",
+        "Median ms (10th-90th percentile) over interleaved runs of float and every int8 model in one process,",
+        "and the ratio int8/float, at batch 1 and batch 8.",
+        "",
+        "| model | tool | batch 1 ms | b1 int8/float | batch 8 ms | b8 int8/float | task metric |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        float_latency = row.get("float_latency")
+        if float_latency:
+            b1, b8 = float_latency.get(1), float_latency.get(8)
+            lines.append(
+                f"| {row['model']} | float | {b1[0]:.1f} ({b1[1]:.1f}-{b1[2]:.1f}) | 1.00 "
+                f"| {'-' if b8 is None else f'{b8[0]:.1f} ({b8[1]:.1f}-{b8[2]:.1f})'} | 1.00 | 1.000 |"
+            )
+        lines.append(
+            f"| {row['model']} | {row['tool']} | {_latency(row, 1)} | {_latency(row, 8)} "
+            f"| {_fmt(row.get('task_metric'), '.3f')} |"
+        )
+    lines += ["", "What this says:", "", *_verdicts(rows)]
     return "\n".join(lines) + "\n"
 
 
