@@ -197,57 +197,65 @@ def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig, keep_fl
     return plan_quantization(graph, ranges, config, keep_float)
 
 
-def _trial(loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys=()) -> tuple[ir.Model, QuantPlan, dict]:
-    """The QDQ model of a fresh copy of the graph, its plan and its node signatures."""
+@dataclasses.dataclass(frozen=True)
+class _LayerChoices:
+    """Per-layer decisions measured on a trial QDQ model, by node signature: layers that need
+    7-bit weights on this CPU, and quantized nodes ONNX Runtime would not fuse."""
+
+    reduced: tuple[str, ...] = ()
+    unfused: tuple[str, ...] = ()
+
+    def to_payload(self, calibration_step: int) -> dict:
+        return {"calibration_step": calibration_step, "reduced": list(self.reduced), "unfused": list(self.unfused)}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> _LayerChoices:
+        return cls(tuple(payload["reduced"]), tuple(payload["unfused"]))
+
+
+def _measure_layers(
+    loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict | None
+) -> _LayerChoices:
+    """Rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
+    saturate this CPU's kernels (on ``feed``; skipped without one) and which would not fuse."""
     model = _prepare(loaded.proto)[0]
     keys = node_signatures(model.graph)
-    trial = dataclasses.replace(loaded, model=model)
-    plan = _plan(trial, state, config)
-    wanted = set(reduced_keys)
-    apply_qdq(model, plan, {node for node in plan.decisions if keys[node] in wanted})
-    return model, plan, keys
-
-
-def _saturating_layer_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict) -> list[str]:
-    """Signatures of the layers that need 7-bit weights on this CPU, measured on ``feed``."""
-    model, plan, keys = _trial(loaded, state, config)
-    return sorted(keys[node] for node in saturating_layers(model, plan, feed))
-
-
-def _unfused_keys(loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys: list[str]) -> list[str]:
-    """Signatures of the quantized compute nodes ONNX Runtime's CPU provider would not fuse."""
-    model, plan, keys = _trial(loaded, state, config, reduced_keys)
-    by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
-    return sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
+    plan = _plan(dataclasses.replace(loaded, model=model), state, config)
+    apply_qdq(model, plan)
+    reduced = []
+    if config.reduce_range == "auto" and feed is not None:
+        reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed))
+    unfused = []
+    if not config.quantize_unfused:
+        by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
+        unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
+    return _LayerChoices(tuple(reduced), tuple(unfused))
 
 
 def _build(
-    loaded: _Loaded, state: CalibrationState, config: QuantConfig, reduced_keys: list[str]
+    loaded: _Loaded, state: CalibrationState, config: QuantConfig, layers: _LayerChoices
 ) -> tuple[bytes, dict[str, OpCount], list[str]]:
-    """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers whose
-    signature is in ``reduced_keys`` (or every layer, for ``reduce_range="always"``) get 7-bit
-    weights; quantized nodes ONNX Runtime would not fuse stay float unless
-    ``config.quantize_unfused``."""
+    """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers in
+    ``layers.reduced`` (every layer, for ``reduce_range="always"``) get 7-bit weights; nodes in
+    ``layers.unfused`` stay float."""
     graph = loaded.model.graph
     keys = node_signatures(graph)
     notes = []
-    keep_float = frozenset()
-    if not config.quantize_unfused:
-        unfused = set(_unfused_keys(loaded, state, config, reduced_keys))
-        keep_float = frozenset(node for node in graph if keys[node] in unfused)
-        if keep_float:
-            ops = collections.Counter(node.op_type for node in keep_float)
-            notes.append(
-                f"kept float {len(keep_float)} node(s) that ONNX Runtime's CPU provider would not fuse into "
-                f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
-                "--quantize-unfused quantizes them anyway"
-            )
+    unfused = set(layers.unfused)
+    keep_float = frozenset(node for node in graph if keys[node] in unfused)
+    if keep_float:
+        ops = collections.Counter(node.op_type for node in keep_float)
+        notes.append(
+            f"kept float {len(keep_float)} node(s) that ONNX Runtime's CPU provider would not fuse into "
+            f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
+            "--quantize-unfused quantizes them anyway"
+        )
     plan = _plan(loaded, state, config, keep_float)
     op_counts = _op_counts(graph, plan)
     if config.reduce_range == "always":
         reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
     else:
-        wanted = set(reduced_keys)
+        wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
     notes += plan.notes + apply_qdq(loaded.model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
@@ -374,15 +382,13 @@ def convert(
     calibration_step = space.latest("calibration")
     if calibration_step is None:  # pragma: no cover - calibrate always records the final state
         raise WorkspaceError(f"workspace {workspace_path} lost its calibration state; start a new run")
-    reduced = space.latest("reduce_range") if resume else None
-    if reduced is not None and reduced.payload["calibration_step"] == calibration_step.index:
-        reduced_keys = reduced.payload["layers"]
-    elif config.reduce_range == "auto" and source is not None:
-        reduced_keys = _saturating_layer_keys(loaded, state, config, source.first.feed)
-        space.append("reduce_range", {"calibration_step": calibration_step.index, "layers": reduced_keys})
+    recorded = space.latest("layers") if resume else None
+    if recorded is not None and recorded.payload["calibration_step"] == calibration_step.index:
+        layers = _LayerChoices.from_payload(recorded.payload)
     else:
-        reduced_keys = []
-    data, op_counts, build_notes = _build(loaded, state, config, reduced_keys)
+        layers = _measure_layers(loaded, state, config, None if source is None else source.first.feed)
+        space.append("layers", layers.to_payload(calibration_step.index))
+    data, op_counts, build_notes = _build(loaded, state, config, layers)
     write_atomically(data, output_path)
     space.append(
         "quantized",
@@ -425,8 +431,9 @@ def recover(
     if step.kind == "quantized":
         step = space.step(step.payload["calibration_step"])
     state = CalibrationState.from_payload(step.payload, config.percentile)
-    reduced = space.latest("reduce_range")
-    data, op_counts, build_notes = _build(loaded, state, config, [] if reduced is None else reduced.payload["layers"])
+    recorded = space.latest("layers")
+    layers = _measure_layers(loaded, state, config, None) if recorded is None else _LayerChoices.from_payload(recorded.payload)
+    data, op_counts, build_notes = _build(loaded, state, config, layers)
     write_atomically(data, output_path)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(

@@ -11,7 +11,9 @@ Steps are append-only and numbered from 0. ``sha256`` is the hash of the payload
 canonically (sorted keys, no spaces); a step whose file is truncated or whose hash does not
 match is skipped, so the last good step is used. Every file is written atomically (temp file,
 fsync, rename). Kinds: ``calibration`` (observer state, keyed by topology signature, and how
-far calibration got) and ``quantized`` (which calibration step a written model came from).
+far calibration got), ``layers`` (per-layer choices measured after calibration: 7-bit weights,
+nodes kept float because ONNX Runtime would not fuse them) and ``quantized`` (which calibration
+step a written model came from).
 """
 
 from __future__ import annotations
