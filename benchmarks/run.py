@@ -118,7 +118,7 @@ def _fmt(value, spec: str) -> str:
 
 def _latency(row: dict, batch: int) -> str:
     value = row.get(f"b{batch}")
-    return "-" if value is None else f"{value[0]:.1f} ({value[1]:.1f}-{value[2]:.1f}) | {value[3]:.2f}"
+    return "- | -" if value is None else f"{value[0]:.1f} ({value[1]:.1f}-{value[2]:.1f}) | {value[3]:.2f}"
 
 
 def _verdicts(rows: list[dict]) -> list[str]:

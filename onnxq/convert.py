@@ -218,6 +218,8 @@ def _measure_layers(
 ) -> _LayerChoices:
     """Rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
     saturate this CPU's kernels (on ``feed``; skipped without one) and which would not fuse."""
+    if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
+        return _LayerChoices()  # nothing to measure
     model = _prepare(loaded.proto)[0]
     keys = node_signatures(model.graph)
     plan = _plan(dataclasses.replace(loaded, model=model), state, config)
