@@ -12,15 +12,9 @@ from pathlib import Path
 import onnx
 import onnx.shape_inference
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
-from onnxscript import rewriter
-from onnxscript.rewriter.rules.common import (
-    fuse_batchnorm_into_conv_rule,
-    fuse_batchnorm_into_conv_transpose_rule,
-    fuse_batchnorm_into_gemm_rule,
-)
 
 from onnxq._version import __version__
+from onnxq.cleanup import clean_up
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
@@ -67,28 +61,15 @@ class ConversionResult:
         return self.quantized_bytes / self.float_bytes
 
 
-_CLEANUP_RULES = (
-    fuse_batchnorm_into_conv_rule,
-    fuse_batchnorm_into_conv_transpose_rule,
-    fuse_batchnorm_into_gemm_rule,
-)
-
-
 def _prepare(proto: onnx.ModelProto) -> tuple[ir.Model, list[str]]:
-    """The graph that is calibrated and rewritten, so that ranges are measured on the graph that
-    will run: shapes and types inferred, constants lifted to initializers, BatchNormalization
-    folded into the Conv, ConvTranspose or Gemm before it (as runtimes do)."""
+    """The graph that is calibrated and rewritten: shapes and types inferred, then cleaned up
+    as runtimes would (``onnxq.cleanup``)."""
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # types then come from the calibration run instead
         pass
     model = ir.from_proto(proto)
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    common_passes.NameFixPass()(model)  # unique node names: fusion reports name nodes
-    batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph)
-    model = rewriter.rewrite(model, pattern_rewrite_rules=list(_CLEANUP_RULES))
-    folded = batch_norms - sum(node.op_type == "BatchNormalization" for node in model.graph)
-    return model, [f"{folded} BatchNormalization node(s) folded into the layer before"] if folded else []
+    return model, clean_up(model)
 
 
 def _may_be_float(value: ir.Value | None) -> bool:
