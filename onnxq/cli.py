@@ -25,6 +25,7 @@ from onnxq.config import QuantConfig
 from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
 from onnxq.images import ImageFolder, image_files
+from onnxq.inspect import Inspection, inspect_model
 from onnxq.observers import METHODS
 
 app = typer.Typer(
@@ -251,3 +252,52 @@ def recover(
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
     _report(result, quiet, as_json)
+
+
+def _inspection_tables(report: Inspection) -> list[Table]:
+    ops = Table(title="nodes by precision")
+    for column in ("op type", "int8", "float"):
+        ops.add_column(column, justify="left" if column == "op type" else "right")
+    for op, counts in report.op_counts().items():
+        ops.add_row(op, str(counts["int8"]), str(counts["float"]))
+    ops.add_section()
+    ops.add_row("QuantizeLinear / DequantizeLinear", str(report.quantize_nodes), str(report.dequantize_nodes))
+    sizes = Table(title="initializer bytes by dtype")
+    sizes.add_column("dtype")
+    sizes.add_column("MB", justify="right")
+    sizes.add_column("share", justify="right")
+    total = sum(report.bytes_by_dtype.values()) or 1
+    for dtype, size in report.bytes_by_dtype.items():
+        sizes.add_row(dtype, f"{size / 1e6:.3f}", f"{size / total:.1%}")
+    tables = [ops, sizes]
+    sparse = [w for w in report.weights if w.zero_fraction > 0]
+    if sparse:
+        sparsity = Table(title="weights with exact zeros")
+        for column in ("weight", "dtype", "zeros", "2:4"):
+            sparsity.add_column(column)
+        for weight in sorted(sparse, key=lambda w: -w.zero_fraction)[:20]:
+            sparsity.add_row(weight.name, weight.dtype, f"{weight.zero_fraction:.1%}", "yes" if weight.two_four_sparse else "")
+        tables.append(sparsity)
+    return tables
+
+
+@app.command()
+def inspect(
+    model: ModelArgument,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-node precision, sizes by dtype, weight sparsity and unfused quantized groups of MODEL."""
+    try:
+        report = inspect_model(model)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
+        _fail(exc)
+    if as_json:
+        payload = dataclasses.asdict(report) | {"op_counts": report.op_counts()}
+        sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
+        return
+    out = Console()
+    for table in _inspection_tables(report):
+        out.print(table)
+    if report.unfused:
+        out.print(f"{len(report.unfused)} quantized node(s) ONNX Runtime's CPU provider would not fuse "
+                  f"(they run dequantize -> float -> quantize): {', '.join(report.unfused[:10])}")

@@ -24,7 +24,8 @@ from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atom
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
-from onnxq.qoperator import QLINEAR, has_quantize_nodes, normalize_qdq, to_qoperator
+from onnxq.inspect import inspect_model
+from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
@@ -253,38 +254,20 @@ def _build(
     return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
 
 
-_BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
-
-
-def _form_counts(graph: ir.Graph) -> dict[str, OpCount]:
-    """Per-op counts of an already quantized graph: QLinear operators, and ops reading a
-    DequantizeLinear, count as int8 under their float op's name."""
-    quantized, total = collections.Counter(), collections.Counter()
-    for node in graph:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        op = _BASE_OP.get(node.op_type, node.op_type)
-        total[op] += 1
-        reads_integers = any(
-            v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
-            for v in node.inputs
-        )
-        quantized[op] += node.op_type in _BASE_OP or reads_integers
-    return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
-
-
 def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
     """An already quantized model (QDQ from another tool, a QAT export, or onnxq): completed
     (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
     notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
     notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
-    data = _check_output(loaded.float_proto, ir.to_proto(loaded.model))
+    proto = ir.to_proto(loaded.model)
+    data = _check_output(loaded.float_proto, proto)
     write_atomically(data, output_path)
+    counts = inspect_model(proto, fusion=False).op_counts()
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
         quantized_bytes=len(data),
-        op_counts=_form_counts(loaded.model.graph),
+        op_counts={op: OpCount(c["int8"], c["float"]) for op, c in counts.items()},
         notes=tuple(notes),
         calibration_samples=0,
         workspace=None,

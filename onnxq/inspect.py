@@ -1,0 +1,132 @@
+"""What a model holds, for ``onnxq inspect``: per-node precision, sizes by dtype, weight
+sparsity, and quantized groups ONNX Runtime would not fuse.
+
+It answers "why is my quantized model not smaller (or not faster)?": float weights left beside
+quantized ones show in the size breakdown, unfused groups in the fusion list.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from onnxq.fusion import COMPUTE_OPS, unfused_nodes
+from onnxq.model_io import load_model
+from onnxq.ops import RULES
+from onnxq.qoperator import QLINEAR
+
+_BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """One node: name, op type (the float op for QLinear operators), precision, output dtypes."""
+
+    name: str
+    op_type: str
+    precision: str  # "int8" or "float"
+    output_dtypes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """One initializer with at least two dimensions: dtype, bytes, share of exact zeros, 2:4."""
+
+    name: str
+    dtype: str
+    bytes: int
+    zero_fraction: float
+    two_four_sparse: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """Everything ``onnxq inspect`` reports about a model."""
+
+    nodes: tuple[NodeInfo, ...]
+    bytes_by_dtype: dict[str, int]
+    weights: tuple[WeightInfo, ...]
+    unfused: tuple[str, ...]
+    quantize_nodes: int
+    dequantize_nodes: int
+
+    def op_counts(self) -> dict[str, dict[str, int]]:
+        """``{op_type: {"int8": n, "float": m}}``."""
+        counts: dict[str, dict[str, int]] = {}
+        for node in self.nodes:
+            counts.setdefault(node.op_type, {"int8": 0, "float": 0})[node.precision] += 1
+        return dict(sorted(counts.items()))
+
+
+def _dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def _is_two_four(array: np.ndarray) -> bool:
+    """At least 2 exact zeros in every group of 4 consecutive values along the last axis."""
+    if array.shape[-1] % 4:
+        return False
+    groups = (array.reshape(-1, 4) == 0).sum(axis=1)
+    return bool((groups >= 2).all())
+
+
+def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> bool:
+    """A QLinear operator, or (QDQ form) an op that reads a DequantizeLinear and whose outputs
+    reach a QuantizeLinear, directly or through a Relu/Clip."""
+    if node.op_type in _BASE_OP:
+        return True
+    if node.op_type not in RULES and node.op_type not in COMPUTE_OPS:
+        return False  # no integer kernel: a dequantize -> float op -> quantize island
+    if not any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input):
+        return False
+    for output in node.output:
+        uses = consumers.get(output, [])
+        if len(uses) == 1 and uses[0].op_type in ("Relu", "Clip"):
+            uses = consumers.get(uses[0].output[0], [])
+        if not uses or any(use.op_type != "QuantizeLinear" for use in uses):
+            return False
+    return True
+
+
+def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
+    """Inspect a model given as a path or a ModelProto; ``fusion=False`` skips asking ONNX
+    Runtime which quantized groups it would fuse."""
+    proto = load_model(model)
+    graph = proto.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    types = {info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    nodes = []
+    for node in graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
+        dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
+        nodes.append(NodeInfo(node.name, _BASE_OP.get(node.op_type, node.op_type), precision, dtypes))
+    bytes_by_dtype: collections.Counter = collections.Counter()
+    weights = []
+    for init in graph.initializer:
+        array = onnx.numpy_helper.to_array(init)
+        bytes_by_dtype[array.dtype.name] += array.nbytes
+        if array.ndim >= 2:
+            zeros = float((array == 0).mean()) if array.size else 0.0
+            weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros, _is_two_four(array)))
+    quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
+    return Inspection(
+        nodes=tuple(nodes),
+        bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
+        weights=tuple(weights),
+        unfused=tuple(unfused_nodes(proto)) if quantized and fusion else (),
+        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in graph.node),
+        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in graph.node),
+    )
