@@ -24,8 +24,8 @@ from onnxq.plan import QuantPlan, is_constant
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
 
 
-class _Emitter:
-    """Creates uniquely named initializers and Q/DQ nodes in one graph."""
+class Emitter:
+    """Creates uniquely named values, initializers and Q/DQ nodes in one graph."""
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
@@ -80,7 +80,7 @@ class RewriteReport:
 
 
 def _quantize_weights_and_biases(
-    emitter: _Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
+    emitter: Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
 ) -> None:
     uses: dict[ir.Value, list[ir.Node]] = {}
     for node, decision in plan.decisions.items():
@@ -122,7 +122,7 @@ def _input_scale(plan: QuantPlan, node: ir.Node) -> np.ndarray:
     return plan.params[node.inputs[0]].scale
 
 
-def _quantize_activations(emitter: _Emitter, plan: QuantPlan) -> None:
+def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
     shared_params: dict[int, tuple[ir.Value, ir.Value]] = {}
     for value, params in plan.params.items():
         if id(params) not in shared_params:
@@ -160,7 +160,7 @@ def _quantize_activations(emitter: _Emitter, plan: QuantPlan) -> None:
 def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:
     """Rewrite ``model``'s main graph in place to the QDQ form ``plan`` describes; the weights of
     ``reduced_range`` nodes get 7 bits."""
-    emitter = _Emitter(model.graph)
+    emitter = Emitter(model.graph)
     notes: list[str] = []
     _quantize_weights_and_biases(emitter, plan, notes, set(reduced_range))
     _quantize_activations(emitter, plan)

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.qdq import Emitter
 from onnxq.quant_math import QuantParams, dequantize, quantize, quantize_bias
 
 MS_DOMAIN = "com.microsoft"
@@ -133,24 +134,10 @@ class _Rewriter:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.graph = model.graph
-        self._names = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
-        for node in self.graph:
-            self._names.update(v.name for v in node.outputs)
+        self.emitter = Emitter(model.graph)
+        self.unique = self.emitter.unique
+        self.initializer = self.emitter.initializer
         self.notes: list[str] = []
-
-    def unique(self, name: str) -> str:
-        candidate, index = name, 1
-        while candidate in self._names:
-            candidate, index = f"{name}_{index}", index + 1
-        self._names.add(candidate)
-        return candidate
-
-    def initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        name = self.unique(name)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
-        self.graph.register_initializer(value)
-        return value
 
     def fold_constant_identities(self) -> None:
         """Identity nodes of constants (PyTorch exports shared zero points so) become the constant."""
