@@ -21,30 +21,26 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
+from onnxq.plan import constant_array
+
 _BATCHNORM_RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _try_fold_add_into_conv_bias(graph: ir.Graph, add: ir.Node) -> bool:
     for conv_slot in (0, 1):
         conv_out, other = add.inputs[conv_slot], add.inputs[1 - conv_slot]
         conv = conv_out.producer() if conv_out is not None else None
-        offset = _constant(other)
+        offset = constant_array(other)
         if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or offset is None:
             continue
-        weight = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        weight = constant_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
         if weight is None or len(conv_out.uses()) != 1 or conv_out.is_graph_output():
             continue
         channels, rank = weight.shape[0], weight.ndim  # conv output rank equals weight rank
         shape = (1,) * (rank - offset.ndim) + offset.shape
         if offset.dtype != np.float32 or offset.ndim > rank or shape != (1, channels) + (1,) * (rank - 2):
             continue
-        old_bias = _constant(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        old_bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
         if len(conv.inputs) > 2 and conv.inputs[2] is not None and old_bias is None:
             continue
         bias = offset.reshape(channels) + (0 if old_bias is None else old_bias)

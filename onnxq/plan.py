@@ -56,8 +56,9 @@ def is_constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and not value.is_graph_input()
 
 
-def _constant_array(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The values of a constant (see ``is_constant``), else ``None``."""
+    return value.const_value.numpy() if is_constant(value) else None
 
 
 def value_range(value: ir.Value | None, ranges: dict[str, Range]) -> Range | None:
@@ -65,7 +66,7 @@ def value_range(value: ir.Value | None, ranges: dict[str, Range]) -> Range | Non
     if value is None:
         return None
     if is_constant(value):
-        array = _constant_array(value)
+        array = constant_array(value)
         if array.dtype != np.float32 or array.size == 0:
             return None
         return float(array.min()), float(array.max())
@@ -89,7 +90,7 @@ def _decide_compute(node: ir.Node, rule: OpRule, ranges: dict[str, Range], confi
     weight_slot = axis = bias_slot = None
     if rule.weight_input is not None and rule.weight_input < len(inputs):
         weight = inputs[rule.weight_input]
-        if is_constant(weight) and _constant_array(weight).dtype == np.float32:
+        if is_constant(weight) and constant_array(weight).dtype == np.float32:
             weight_slot = rule.weight_input
             rank = len(weight.const_value.shape)
             axis = weight_axis(node, rank) if config.per_channel else None
@@ -103,7 +104,7 @@ def _decide_compute(node: ir.Node, rule: OpRule, ranges: dict[str, Range], confi
     if weight_slot is not None and rule.bias_input is not None and rule.bias_input < len(inputs):
         bias = inputs[rule.bias_input]
         if is_constant(bias) and bias_is_foldable(node):
-            array = _constant_array(bias)
+            array = constant_array(bias)
             channels = _output_channels(node, tuple(weight.const_value.shape))
             if array.dtype == np.float32 and array.shape == (channels,):
                 bias_slot = rule.bias_input

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.plan import constant_array
 from onnxq.qdq import Emitter
 from onnxq.quant_math import QuantParams, dequantize, quantize, quantize_bias
 
@@ -60,16 +61,10 @@ class _Quantized:
     params: QuantParams
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
 def _params(node: ir.Node) -> QuantParams | None:
     """Constant params of a QuantizeLinear / DequantizeLinear node."""
-    scale = _constant(node.inputs[1])
-    zero_point = _constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    scale = constant_array(node.inputs[1])
+    zero_point = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
     if scale is None or (len(node.inputs) > 2 and node.inputs[2] is not None and zero_point is None):
         return None
     if zero_point is None:
@@ -124,9 +119,9 @@ def _absorbed_exactly(node: ir.Node, params: QuantParams) -> bool:
     zero_point, scale = int(params.zero_point), float(params.scale)
     if node.op_type == "Relu":
         return zero_point == qmin
-    bounds = [_constant(v) if v is not None else None for v in list(node.inputs[1:3]) + [None, None]][:2]
-    lower = -np.inf if bounds[0] is None else float(bounds[0])
-    upper = np.inf if bounds[1] is None else float(bounds[1])
+    lower, upper = (constant_array(v) for v in (list(node.inputs[1:3]) + [None, None])[:2])
+    lower = -np.inf if lower is None else float(lower)
+    upper = np.inf if upper is None else float(upper)
     return np.rint(lower / scale) + zero_point <= qmin and np.rint(upper / scale) + zero_point >= qmax
 
 
@@ -142,7 +137,7 @@ class _Rewriter:
     def fold_constant_identities(self) -> None:
         """Identity nodes of constants (PyTorch exports shared zero points so) become the constant."""
         for node in list(self.graph):
-            if node.op_type == "Identity" and _constant(node.inputs[0]) is not None and not node.outputs[0].is_graph_output():
+            if node.op_type == "Identity" and constant_array(node.inputs[0]) is not None and not node.outputs[0].is_graph_output():
                 node.outputs[0].replace_all_uses_with(node.inputs[0])
                 self._remove([node])
 
@@ -150,7 +145,7 @@ class _Rewriter:
         for node in list(self.graph):
             if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
                 continue
-            array, params = _constant(node.inputs[0]), _params(node)
+            array, params = constant_array(node.inputs[0]), _params(node)
             if array is None or params is None:
                 continue
             stored = self.initializer(f"{node.inputs[0].name}_quantized", quantize(array, params))
@@ -162,7 +157,7 @@ class _Rewriter:
         for node in list(self.graph):
             if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
                 continue
-            x, w, bias = _dequantized(node.inputs[0]), _dequantized(node.inputs[1]), _constant(node.inputs[2])
+            x, w, bias = _dequantized(node.inputs[0]), _dequantized(node.inputs[1]), constant_array(node.inputs[2])
             if x is None or w is None or bias is None or bias.ndim != 1 or x.params.scale.ndim:
                 continue
             fitted = quantize_bias(bias, x.params.scale, w.params.scale)
@@ -228,11 +223,11 @@ class _Rewriter:
             return None
         bias_value = node.inputs[slot]
         source = _dequantized(bias_value)
-        if source is not None and _constant(source.value) is not None:
-            bias = dequantize(_constant(source.value), source.params)
+        if source is not None and constant_array(source.value) is not None:
+            bias = dequantize(constant_array(source.value), source.params)
         else:
-            bias = _constant(bias_value)
-        if bias is None or bias.ndim != 1 or _constant(w.value) is None:
+            bias = constant_array(bias_value)
+        if bias is None or bias.ndim != 1 or constant_array(w.value) is None:
             return False
         w_scale = w.params.scale
         if source is not None and source.params.dtype == np.int32:
@@ -317,7 +312,7 @@ class _Rewriter:
             if mode is not None and mode.as_string() != "constant" or source.zero_point is None:
                 return False
             extra += [None] * (2 - len(extra))
-            if extra[1] is not None and (_constant(extra[1]) is None or float(_constant(extra[1])) != 0.0):
+            if extra[1] is not None and (constant_array(extra[1]) is None or float(constant_array(extra[1])) != 0.0):
                 return False
             extra[1] = source.zero_point
         outputs = [ir.Value(name=self.unique(f"{q.outputs[0].name}_int"), type=q.outputs[0].type,
