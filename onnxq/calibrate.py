@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from onnxq.config import QuantConfig
 from onnxq.data import BatchSource
-from onnxq.errors import CalibrationDataError, DeviceError, ModelError
+from onnxq.errors import CalibrationDataError, DeviceError, ModelError, first_line
 from onnxq.observers import MinMaxObserver, make_observer, observer_from_dict
 
 ProgressCallback = Callable[[int], None]
@@ -36,21 +36,16 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def create_session(model: onnx.ModelProto | bytes, what: str, providers: tuple[str, ...] = (CPU,)) -> ort.InferenceSession:
     """An ONNX Runtime session; a model it refuses is reported as ``ModelError``."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as one-line errors, not as log lines
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=list(providers))
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from exc
+        raise ModelError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
 
 
 @functools.cache
@@ -272,7 +267,7 @@ def calibrate(
                 values = dict(zip(outputs, session.run(outputs, batch.feed)))
             except Exception as exc:
                 raise ModelError(
-                    f"the float model fails on the calibration data: {_first_line(exc)}; check that the "
+                    f"the float model fails on the calibration data: {first_line(exc)}; check that the "
                     "data matches what the model was exported for"
                 ) from exc
             for name in names:

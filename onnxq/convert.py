@@ -20,7 +20,7 @@ from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
 from onnxq.errors import CalibrationDataError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
-from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atomically
+from onnxq.model_io import check_writable, fit_opset, load_model, write_atomically
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
@@ -28,6 +28,7 @@ from onnxq.inspect import inspect_model
 from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
+from onnxq.shapes import correct_declared_shapes
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.workspace import Workspace
 
@@ -160,16 +161,17 @@ def default_workspace(output: str | os.PathLike) -> Path:
 @dataclasses.dataclass(frozen=True)
 class _Loaded:
     float_proto: onnx.ModelProto
-    proto: onnx.ModelProto  # upgraded to opset >= 13
+    proto: onnx.ModelProto  # declared shapes corrected, opset fitted to 13..ONNX Runtime's newest
     model: ir.Model
     notes: tuple[str, ...]
 
 
 def _load(model: ModelInput) -> _Loaded:
     float_proto = load_model(model)
-    proto, upgrade_note = upgrade_opset(float_proto)
+    proto, shape_notes = correct_declared_shapes(float_proto)
+    proto, upgrade_note = fit_opset(proto)
     prepared, notes = _prepare(proto)
-    return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
+    return _Loaded(float_proto, proto, prepared, tuple(shape_notes + ([upgrade_note] if upgrade_note else []) + notes))
 
 
 def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig, keep_float=frozenset()) -> QuantPlan:
@@ -355,16 +357,16 @@ def convert(
         layers = _measure_layers(loaded, state, config, None if source is None else source.first.feed)
         space.append("layers", layers.to_payload(calibration_step.index))
     data, op_counts, build_notes = _build(loaded, state, config, layers)
+    fidelity = None
+    if eval_source is not None:  # before writing: evaluation data that fails leaves no output
+        fidelity = compare_models(
+            create_session(loaded.proto, "the float model"), create_session(data, "the quantized model"), eval_source()
+        )
     write_atomically(data, output_path)
     space.append(
         "quantized",
         {"calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(data).hexdigest()},
     )
-    fidelity = None
-    if eval_source is not None:
-        fidelity = compare_models(
-            create_session(loaded.proto, "the float model"), create_session(data, "the quantized model"), eval_source()
-        )
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),

@@ -32,3 +32,9 @@ class WorkspaceError(OnnxqError):
 
 class DeviceError(OnnxqError):
     """The requested execution device cannot be used."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxq.data import Batch
+from onnxq.errors import CalibrationDataError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,13 @@ def compare_models(
     accumulators = {name: _Accumulator() for name in names}
     samples = labelled = float_correct = quantized_correct = 0
     for batch in batches:
-        reference = float_session.run(names, batch.feed)
-        quantized = quantized_session.run(names, batch.feed)
+        try:
+            reference = float_session.run(names, batch.feed)
+            quantized = quantized_session.run(names, batch.feed)
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"the models fail on the evaluation data ({first_line(exc)}); check that it matches the model's inputs"
+            ) from exc
         for name, f, q in zip(names, reference, quantized):
             accumulators[name].update(f, q)
         samples += batch.samples
