@@ -13,6 +13,7 @@ import onnx
 import onnx.external_data_helper
 import onnx.version_converter
 import onnxruntime as ort
+from google.protobuf.message import Message
 
 from onnxq.errors import ModelError, OutputError, first_line
 
@@ -57,8 +58,35 @@ def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
             raise ModelError(f"{what}, which is not a file in {folder}; copy the model's data files with it")
 
 
-def check_interface(proto: onnx.ModelProto, where: str) -> None:
-    """Every graph input is a tensor of a known element type; declared dims are not negative."""
+def _non_utf8_field(message: Message) -> str | None:
+    """The name of a text field of ``message`` (or of a message inside it) that holds bytes that
+    are not UTF-8, which protobuf parses without complaint and serializers then refuse."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        for item in value if repeated else [value]:
+            if field.type == field.TYPE_MESSAGE:
+                found = _non_utf8_field(item)
+                if found:
+                    return f"{field.name}.{found}"
+            elif isinstance(item, bytes):
+                return field.name
+    return None
+
+
+def check_well_formed(proto: onnx.ModelProto, where: str) -> None:
+    """What ``onnx.checker`` lets through but later stages cannot handle: text that is not
+    UTF-8, tensors of unknown data types, graph inputs that are not typed tensors, negative dims."""
+    field = _non_utf8_field(proto)
+    if field:
+        raise ModelError(f"{where}: the text field {field} is not valid UTF-8; the file is damaged, re-export it")
+    for tensor in _tensors(proto.graph):
+        if tensor.data_type not in onnx.helper.get_all_tensor_dtypes():
+            raise ModelError(
+                f"{where}: tensor {tensor.name!r} has data type {tensor.data_type}, which ONNX does not define; "
+                "the file is damaged, re-export it"
+            )
     graph = proto.graph
     initializers = {init.name for init in graph.initializer}
     for value in graph.input:
@@ -70,12 +98,10 @@ def check_interface(proto: onnx.ModelProto, where: str) -> None:
                 f"{where}: input {value.name!r} is a {kind}, not a tensor; onnxq calibrates tensor inputs only"
             )
         elem_type = value.type.tensor_type.elem_type
-        try:
-            onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-        except Exception:  # UNDEFINED or a number onnx does not know
+        if elem_type not in onnx.helper.get_all_tensor_dtypes():
             raise ModelError(
                 f"{where}: input {value.name!r} has element type {elem_type}, which is not a data type; re-export it"
-            ) from None
+            )
     for value in [*graph.input, *graph.output, *graph.value_info]:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ()
         for axis, dim in enumerate(dims):
@@ -117,7 +143,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(proto)
     except Exception as exc:  # ValidationError, or a C++ error on a malformed proto
         raise ModelError(f"{where} is not a valid ONNX model: {first_line(exc)}; re-export it") from exc
-    check_interface(proto, where)
+    check_well_formed(proto, where)
     return proto
 
 
