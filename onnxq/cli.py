@@ -25,7 +25,7 @@ from onnxq.config import QuantConfig
 from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
 from onnxq.images import ImageFolder, image_files
-from onnxq.inspect import Inspection, inspect_model
+from onnxq.inspect import Comparison, Inspection, inspect_model, inspect_pair
 from onnxq.observers import METHODS
 
 app = typer.Typer(
@@ -281,23 +281,62 @@ def _inspection_tables(report: Inspection) -> list[Table]:
     return tables
 
 
+def _inspection_payload(report: Inspection) -> dict:
+    return dataclasses.asdict(report) | {"op_counts": report.op_counts(), "weight_zero_fraction": report.weight_zero_fraction}
+
+
+def _comparison_tables(comparison: Comparison) -> list[Table]:
+    before, after = comparison.before, comparison.after
+    sizes = Table(title="initializer bytes by precision, before and after")
+    for column in ("dtype", "float model MB", "quantized model MB"):
+        sizes.add_column(column, justify="left" if column == "dtype" else "right")
+    for dtype, (old, new) in comparison.bytes_by_dtype().items():
+        sizes.add_row(dtype, f"{old / 1e6:.3f}", f"{new / 1e6:.3f}")
+    sizes.add_section()
+    sizes.add_row("all initializers", f"{sum(before.bytes_by_dtype.values()) / 1e6:.3f}",
+                  f"{sum(after.bytes_by_dtype.values()) / 1e6:.3f}")
+    sizes.add_row("file", f"{before.model_bytes / 1e6:.3f}",
+                  f"{after.model_bytes / 1e6:.3f} ({after.model_bytes / max(before.model_bytes, 1):.2f}x)")
+    sparsity = Table(title="weight sparsity, before and after")
+    for column in ("", "float model", "quantized model"):
+        sparsity.add_column(column, justify="left" if not column else "right")
+    sparsity.add_row("exact zeros", f"{before.weight_zero_fraction:.2%}", f"{after.weight_zero_fraction:.2%}")
+    sparsity.add_row("2:4 sparse weights", *(f"{sum(w.two_four_sparse for w in r.weights)} of {len(r.weights)}"
+                                             for r in (before, after)))
+    return [sizes, sparsity, _inspection_tables(after)[0]]
+
+
 @app.command()
 def inspect(
     model: ModelArgument,
+    quantized: Annotated[Optional[Path], typer.Argument(
+        help="The quantized form of MODEL: print both, sizes by precision and sparsity before and after.",
+        show_default=False)] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per-node precision, sizes by dtype, weight sparsity and unfused quantized groups of MODEL."""
+    """Per-node precision, sizes by dtype, weight sparsity and unfused quantized groups of MODEL;
+    with QUANTIZED, MODEL and QUANTIZED side by side."""
     try:
-        report = inspect_model(model)
+        report = inspect_model(model) if quantized is None else inspect_pair(model, quantized)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
-    if as_json:
-        payload = dataclasses.asdict(report) | {"op_counts": report.op_counts()}
-        sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
-        return
+    if isinstance(report, Comparison):
+        if as_json:
+            payload = {
+                "before": _inspection_payload(report.before), "after": _inspection_payload(report.after),
+                "bytes_by_dtype": {d: {"before": b, "after": a} for d, (b, a) in report.bytes_by_dtype().items()},
+            }
+            sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
+            return
+        tables, unfused = _comparison_tables(report), report.after.unfused
+    else:
+        if as_json:
+            sys.stdout.write(json.dumps(_json_safe(_inspection_payload(report)), indent=2) + "\n")
+            return
+        tables, unfused = _inspection_tables(report), report.unfused
     out = Console()
-    for table in _inspection_tables(report):
+    for table in tables:
         out.print(table)
-    if report.unfused:
-        out.print(f"{len(report.unfused)} quantized node(s) ONNX Runtime's CPU provider would not fuse "
-                  f"(they run dequantize -> float -> quantize): {', '.join(report.unfused[:10])}")
+    if unfused:
+        out.print(f"{len(unfused)} quantized node(s) ONNX Runtime's CPU provider would not fuse "
+                  f"(they run dequantize -> float -> quantize): {', '.join(unfused[:10])}")

@@ -36,13 +36,16 @@ class NodeInfo:
 
 @dataclasses.dataclass(frozen=True)
 class WeightInfo:
-    """One initializer with at least two dimensions: dtype, bytes, share of exact zeros, 2:4."""
+    """One initializer with at least two dimensions: dtype, bytes, exact zeros (count and share)
+    among its elements, 2:4 pattern."""
 
     name: str
     dtype: str
     bytes: int
     zero_fraction: float
     two_four_sparse: bool
+    elements: int
+    zeros: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,13 @@ class Inspection:
     unfused: tuple[str, ...]
     quantize_nodes: int
     dequantize_nodes: int
+    model_bytes: int  # the file (or serialized ModelProto)
+
+    @property
+    def weight_zero_fraction(self) -> float:
+        """Share of exact zeros over the elements of every weight (initializers of 2+ dims)."""
+        elements = sum(w.elements for w in self.weights)
+        return sum(w.zeros for w in self.weights) / elements if elements else 0.0
 
     def op_counts(self) -> dict[str, dict[str, int]]:
         """``{op_type: {"int8": n, "float": m}}``."""
@@ -119,8 +129,9 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
         array = onnx.numpy_helper.to_array(init)
         bytes_by_dtype[array.dtype.name] += array.nbytes
         if array.ndim >= 2:
-            zeros = float((array == 0).mean()) if array.size else 0.0
-            weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros, _is_two_four(array)))
+            zeros = int((array == 0).sum())
+            weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros / array.size if array.size else 0.0,
+                                      _is_two_four(array), array.size, zeros))
     quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
     return Inspection(
         nodes=tuple(nodes),
@@ -129,4 +140,27 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
         unfused=tuple(unfused_nodes(proto)) if quantized and fusion else (),
         quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in graph.node),
         dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in graph.node),
+        model_bytes=proto.ByteSize() if isinstance(model, onnx.ModelProto) else os.path.getsize(model),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A float model and its quantized form inspected side by side (``onnxq inspect FLOAT QUANT``)."""
+
+    before: Inspection
+    after: Inspection
+
+    def bytes_by_dtype(self) -> dict[str, tuple[int, int]]:
+        """``{dtype: (bytes before, bytes after)}`` over the dtypes of either model, largest first."""
+        dtypes = {*self.before.bytes_by_dtype, *self.after.bytes_by_dtype}
+        rows = {d: (self.before.bytes_by_dtype.get(d, 0), self.after.bytes_by_dtype.get(d, 0)) for d in dtypes}
+        return dict(sorted(rows.items(), key=lambda item: -max(item[1])))
+
+
+def inspect_pair(
+    float_model: str | os.PathLike | onnx.ModelProto, quantized_model: str | os.PathLike | onnx.ModelProto
+) -> Comparison:
+    """Inspect a float model and its quantized form: sizes by precision and weight sparsity,
+    before and after."""
+    return Comparison(inspect_model(float_model, fusion=False), inspect_model(quantized_model))

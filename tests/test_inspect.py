@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx.helper as oh
+import onnx.numpy_helper as onh
+import pytest
 
 import onnxq
 from onnxq.inspect import inspect_model
@@ -61,3 +64,58 @@ def test_cli_json_and_errors(tmp_path):
     assert payload["op_counts"]["Conv"] == {"int8": 0, "float": 4}
     missing = run_cli("inspect", tmp_path / "none.onnx")
     assert missing.returncode == 2 and missing.stderr.startswith("error: model file not found")
+
+
+def _sparse_weights() -> dict[str, np.ndarray]:
+    """A Conv weight with ~30% exact zeros and a MatMul weight in the 2:4 pattern; every other
+    value has magnitude in [0.5, 1], so no value rounds to zero in int8."""
+    rng = np.random.default_rng(7)
+
+    def magnitudes(shape):
+        return (rng.uniform(0.5, 1.0, shape) * rng.choice([-1, 1], shape)).astype(np.float32)
+
+    conv = magnitudes((8, 4, 3, 3))
+    conv[rng.random(conv.shape) < 0.3] = 0
+    matmul = magnitudes((8 * 6 * 6, 8))
+    matmul.reshape(-1, 4)[:, 1::2] = 0  # two zeros in every group of four along the last axis
+    return {"conv_w": conv, "conv_b": rng.normal(0, 0.1, 8).astype(np.float32), "fc": matmul}
+
+
+def test_inspect_float_and_quantized_side_by_side(tmp_path):
+    weights = _sparse_weights()
+    model = make_model(
+        [oh.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"]), oh.make_node("Relu", ["c"], ["r"]),
+         oh.make_node("Flatten", ["r"], ["f"]), oh.make_node("MatMul", ["f", "fc"], ["y"])],
+        [("x", [1, 4, 8, 8])], [("y", [1, 8])], list(weights.items()),
+    )
+    float_path, quant_path = tmp_path / "float.onnx", tmp_path / "quant.onnx"
+    float_path.write_bytes(model.SerializeToString())
+    calibration = {"x": np.random.default_rng(8).normal(size=(8, 1, 4, 8, 8)).astype(np.float32)}
+    onnxq.convert(float_path, quant_path, calibration)
+
+    result = run_cli("inspect", float_path, quant_path, "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+
+    # sizes: every initializer's numpy bytes, per dtype, computed here from each file
+    for side, path in (("before", float_path), ("after", quant_path)):
+        expected: dict[str, int] = {}
+        for init in onnx.load(path).graph.initializer:
+            array = onh.to_array(init)
+            expected[array.dtype.name] = expected.get(array.dtype.name, 0) + array.nbytes
+        assert payload[side]["bytes_by_dtype"] == expected
+        assert payload[side]["model_bytes"] == path.stat().st_size
+        assert {d: row[side] for d, row in payload["bytes_by_dtype"].items() if row[side]} == expected
+    assert payload["before"]["bytes_by_dtype"] == {"float32": sum(w.nbytes for w in weights.values())}
+    assert payload["after"]["bytes_by_dtype"]["int8"] >= weights["conv_w"].size + weights["fc"].size
+
+    # sparsity: exact zeros of the weights as built, the same before and after quantization
+    matrices = [weights["conv_w"], weights["fc"]]
+    zero_share = sum(int((w == 0).sum()) for w in matrices) / sum(w.size for w in matrices)
+    for side in ("before", "after"):
+        assert payload[side]["weight_zero_fraction"] == pytest.approx(zero_share, abs=1e-12)
+        assert sum(w["two_four_sparse"] for w in payload[side]["weights"]) == 1
+    assert {w["dtype"] for w in payload["after"]["weights"]} == {"int8"}
+
+    text = run_cli("inspect", float_path, quant_path)
+    assert text.returncode == 0 and "before and after" in text.stdout and f"{zero_share:.2%}" in text.stdout
