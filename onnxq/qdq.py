@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.errors import ModelError
 from onnxq.plan import QuantPlan, is_constant
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
 
@@ -79,6 +80,17 @@ class RewriteReport:
     notes: list[str]
 
 
+def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
+    """The values of a constant that is to be quantized; NaN or Inf has no integer form."""
+    array = value.const_value.numpy()
+    if not np.isfinite(array).all():
+        raise ModelError(
+            f"{value.name!r}, a constant input of {node.op_type} {node.name!r}, holds NaN or Inf, which has no "
+            "integer form; fix the model's weights"
+        )
+    return array
+
+
 def _quantize_weights_and_biases(
     emitter: Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
 ) -> None:
@@ -89,12 +101,12 @@ def _quantize_weights_and_biases(
     for weight, nodes in uses.items():
         axes = {plan.decisions[node].weight_axis for node in nodes}
         axis = axes.pop() if len(axes) == 1 else None  # consumers disagree: one scale for all
-        array = weight.const_value.numpy()
+        array = _finite(weight, nodes[0])
         qmax = REDUCED_WEIGHT_QMAX if reduced_range.intersection(nodes) else WEIGHT_QMAX
         scale = weight_scale(array, axis, qmax)
         biased = [(n, plan.decisions[n].bias_slot) for n in nodes if plan.decisions[n].bias_slot is not None]
         for node, slot in biased:  # widen the scale first, so that every bias fits
-            fitted = quantize_bias(node.inputs[slot].const_value.numpy(), _input_scale(plan, node), scale)
+            fitted = quantize_bias(_finite(node.inputs[slot], node), _input_scale(plan, node), scale)
             if fitted.widened_channels:
                 notes.append(
                     f"{node.op_type} {node.name!r}: weight scale widened on "

@@ -19,10 +19,10 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import onnxq
-from onnxq.errors import ModelError
+from onnxq.errors import ModelError, OnnxqError
 from onnxq.model_io import load_model
 from tests.graphs import make_model, run
 from tests.test_cli_errors import assert_clean_failure
@@ -102,6 +102,12 @@ def _sequence_input(model: onnx.ModelProto) -> None:
 def _duplicate_output(model: onnx.ModelProto) -> None:
     model.graph.node[1].output[0] = "h"
     model.graph.output[0].name = "h"
+
+
+def _nan_weight(model: onnx.ModelProto, value: float = np.nan) -> None:
+    weight = WEIGHT.copy()
+    weight[1, 2] = value
+    model.graph.initializer[0].CopyFrom(onh.from_array(weight, "w"))
 
 
 def _custom_domain(model: onnx.ModelProto) -> None:
@@ -220,6 +226,7 @@ CASES = {
     "external-data-symlink-out-of-folder": Case(_external("link.bin", link=True), ("outside the model's folder",)),
     "external-data-missing-file": Case(_external("missing.bin"), ("'missing.bin'", "not a file")),
     "external-data-length-past-end-of-file": Case(_external("weights.bin", length=10**9), ("external data", "length")),
+    "nan-in-a-weight": Case(_model_file(_nan_weight), ("'w'", "NaN or Inf")),
     "inf-from-a-loader": Case(_loader_with_inf, ("item 1", "NaN or Inf")),
     "integer-calibration-data": Case(_data_file(x=np.ones((4, 1, 4), np.int64)), ("int64", "astype")),
     "pickled-object-array": Case(_pickled, ("cannot read", "x.npy")),
@@ -274,6 +281,18 @@ def test_external_data_inside_the_model_folder_still_loads(tmp_path):
     np.testing.assert_array_equal(onh.to_array(proto.graph.initializer[0]), WEIGHT)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_weight_is_never_clipped_to_a_finite_int8(tmp_path, value):
+    """Its layer's outputs are infinite, so they have no range: the layer stays float, weight intact
+    (a NaN weight is refused instead: see the nan-in-a-weight case)."""
+    model = _model()
+    _nan_weight(model, value)
+    result = onnxq.convert(model, tmp_path / "out.onnx", {"x": CALIBRATION})
+    assert result.op_counts["MatMul"].quantized == 0
+    stored = {init.name: onh.to_array(init) for init in onnx.load(tmp_path / "out.onnx").graph.initializer}
+    assert stored["w"][1, 2] == value
+
+
 def test_duplicate_node_names_are_not_an_error(tmp_path):
     model = _model()
     model.graph.node[1].name = "mm"
@@ -289,19 +308,47 @@ def fuzz_folder(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
-@given(
-    mutations=st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=6),
-    keep=st.one_of(st.none(), st.integers(0, len(GOOD))),
+mutated_bytes = st.builds(
+    lambda mutations, keep: bytes(_mutate(mutations)[:keep]),
+    st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+    st.one_of(st.none(), st.integers(0, len(GOOD))),
 )
-def test_mutated_model_bytes_load_or_raise_model_error(fuzz_folder, mutations, keep):
+
+
+def _mutate(mutations) -> bytearray:
     data = bytearray(GOOD)
     for position, value in mutations:
         data[position] = value
+    return data
+
+
+@given(data=mutated_bytes)
+def test_mutated_model_bytes_load_or_raise_model_error(fuzz_folder, data):
     path = fuzz_folder / "mutated.onnx"
-    path.write_bytes(bytes(data[:keep]))
+    path.write_bytes(data)
     try:
         proto = load_model(path)
     except ModelError as exc:
         assert "\n" not in str(exc)
         return
     assert proto.graph.node  # loaded: a model with a graph
+
+
+one_byte_changed = st.builds(
+    lambda position, value: GOOD[:position] + bytes([value]) + GOOD[position + 1:],
+    st.integers(0, len(GOOD) - 1), st.integers(0, 255),
+)
+
+
+@settings(max_examples=20)  # one changed byte: about half of these still load, and are converted
+@given(data=one_byte_changed)
+def test_mutated_models_that_load_convert_or_raise_onnxq_error(fuzz_folder, data):
+    path = fuzz_folder / "mutated.onnx"
+    path.write_bytes(data)
+    output = fuzz_folder / "out.onnx"
+    try:
+        onnxq.convert(path, output, {"x": CALIBRATION}, onnxq.QuantConfig(device="cpu"))
+    except OnnxqError as exc:
+        assert "\n" not in str(exc)
+        return
+    run(str(output), {"x": CALIBRATION[0]})  # what was written loads and runs
