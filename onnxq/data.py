@@ -205,7 +205,12 @@ def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_siz
     stacked, counts, fixed_batches = set(), {}, set()
     for spec in inputs:
         array = arrays[spec.name]
-        if array.dtype != spec.dtype:
+        if spec.dtype == np.dtype(object) and array.dtype.kind not in "USO":
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} is {array.dtype} but the model expects strings; "
+                "give an array of str (numpy dtype <U)"
+            )
+        if spec.dtype != np.dtype(object) and array.dtype != spec.dtype:
             raise CalibrationDataError(
                 f"{origin}: input {spec.name!r} is {array.dtype} but the model expects "
                 f"{spec.dtype}; convert it with .astype(numpy.{spec.dtype})"

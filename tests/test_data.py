@@ -126,3 +126,17 @@ def test_data_problems_in_later_chunks_are_found_while_streaming():
     assert next(stream).samples == 2
     with pytest.raises(CalibrationDataError, match="item 1"):
         next(stream)
+
+
+TEXT = InputSpec("text", np.dtype(object), (None, 1))  # an ONNX string input
+
+
+def test_string_input_takes_arrays_of_str():
+    words = np.array([["a"], ["bb"], ["ccc"]])
+    batches = _batches({"text": words}, [TEXT], batch_size=2)
+    assert [b.feed["text"].tolist() for b in batches] == [[["a"], ["bb"]], [["ccc"]]]
+
+
+def test_string_input_given_numbers_says_it_expects_strings():
+    with pytest.raises(CalibrationDataError, match="'text' is float32 but the model expects strings"):
+        _batches({"text": np.ones((3, 1), np.float32)}, [TEXT])
