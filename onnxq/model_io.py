@@ -136,7 +136,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:  # a bad offset or length, an unreadable file
-            raise ModelError(f"cannot read the external data of {path}: {exc}; re-export the model") from exc
+            raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}; re-export the model") from exc
     if not proto.HasField("graph") or not proto.graph.node:
         raise ModelError(f"{where} has no graph nodes; pass a .onnx model file")
     try:
