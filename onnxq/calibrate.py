@@ -227,7 +227,8 @@ def calibrate(
     """
     providers, device_note = calibration_providers(config.device)
     names_of = {key: name for name, key in tensors.items()}
-    inputs = {value.name for value in proto.graph.input}
+    # the fed inputs: an initializer listed as a graph input is a default the data need not give
+    inputs = {value.name for value in proto.graph.input} - {init.name for init in proto.graph.initializer}
     reduce_in_graph = {}
     if config.method == "minmax":
         reduce_in_graph = {name: rank for name, rank in float_tensors.items() if name not in inputs}

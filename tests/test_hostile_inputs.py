@@ -293,6 +293,15 @@ def test_infinite_weight_is_never_clipped_to_a_finite_int8(tmp_path, value):
     assert stored["w"][1, 2] == value
 
 
+def test_initializer_that_is_also_a_graph_input_is_a_default_the_data_need_not_give(tmp_path):
+    model = _model()
+    model.graph.input.append(oh.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 4]))
+    onnxq.convert(model, tmp_path / "out.onnx", {"x": CALIBRATION})
+    assert [i.name for i in onnx.load(tmp_path / "out.onnx").graph.input] == ["x", "w"]
+    x = CALIBRATION[0]
+    np.testing.assert_allclose(run(str(tmp_path / "out.onnx"), {"x": x})[0], np.maximum(x @ WEIGHT, 0), atol=0.05)
+
+
 def test_duplicate_node_names_are_not_an_error(tmp_path):
     model = _model()
     model.graph.node[1].name = "mm"
