@@ -80,6 +80,13 @@ class RewriteReport:
     notes: list[str]
 
 
+def _replace_uses(value: ir.Value, replacement: ir.Value) -> None:
+    """Nodes read ``replacement`` instead of the constant ``value``; a graph output that is
+    ``value`` itself (a model may return a weight) keeps returning it."""
+    for node, slot in list(value.uses()):
+        node.replace_input_with(slot, replacement)
+
+
 def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
     """The values of a constant that is to be quantized; NaN or Inf has no integer form."""
     array = value.const_value.numpy()
@@ -116,7 +123,7 @@ def _quantize_weights_and_biases(
         params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
         quantized = emitter.initializer(f"{weight.name}_quantized", quantize(array, params))
         dequantized = emitter.dequantize(quantized, *emitter.params(weight.name, params), weight, params.axis)
-        weight.replace_all_uses_with(dequantized)
+        _replace_uses(weight, dequantized)
         emitter.remove_if_unused(weight)
         for node, slot in biased:
             bias = node.inputs[slot]
@@ -142,7 +149,7 @@ def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
         scale, zero_point = shared_params[id(params)]
         if is_constant(value):
             stored = emitter.initializer(f"{value.name}_quantized", quantize(value.const_value.numpy(), params))
-            value.replace_all_uses_with(emitter.dequantize(stored, scale, zero_point, value))
+            _replace_uses(value, emitter.dequantize(stored, scale, zero_point, value))
             emitter.remove_if_unused(value)
             continue
         quantized = ir.Value(

@@ -302,6 +302,18 @@ def test_initializer_that_is_also_a_graph_input_is_a_default_the_data_need_not_g
     np.testing.assert_allclose(run(str(tmp_path / "out.onnx"), {"x": x})[0], np.maximum(x @ WEIGHT, 0), atol=0.05)
 
 
+def test_weight_that_is_also_a_graph_output_is_returned_as_it_is(tmp_path):
+    model = _model()
+    model.graph.output.append(oh.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 4]))
+    onnxq.convert(model, tmp_path / "out.onnx", {"x": CALIBRATION})
+    quantized = onnx.load(tmp_path / "out.onnx")
+    matmul = next(node for node in quantized.graph.node if node.op_type == "MatMul")
+    assert "w" not in matmul.input  # the MatMul reads the int8 weight, dequantized
+    y, w = run(quantized, {"x": CALIBRATION[0]})
+    np.testing.assert_array_equal(w, WEIGHT)
+    np.testing.assert_allclose(y, np.maximum(CALIBRATION[0] @ WEIGHT, 0), atol=0.05)
+
+
 def test_duplicate_node_names_are_not_an_error(tmp_path):
     model = _model()
     model.graph.node[1].name = "mm"
