@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx.helper
 
-from onnxq.errors import CalibrationDataError
+from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.images import ImageFolder, image_files
 
 LABEL_KEY = "label"
@@ -117,6 +117,26 @@ def _call_loader(spec: str) -> Any:
         ) from exc
 
 
+def _guarded(items: Iterable) -> Iterator:
+    """The items of a user's iterable; an exception it raises midway (a loader's generator
+    failing) becomes a ``CalibrationDataError`` saying after how many items."""
+    iterator = iter(items)
+    count = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except OnnxqError:
+            raise
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"the data source raised {type(exc).__name__} after {count} item(s): {first_line(exc)}; fix the loader"
+            ) from exc
+        count += 1
+        yield item
+
+
 def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, Mapping]]:
     """Yield ``(origin, chunk)`` pairs; ``origin`` names where a chunk came from in errors."""
     if isinstance(source, Mapping):
@@ -167,7 +187,7 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
             f"calibration data must be an iterable of {{input_name: array}} dicts, not "
             f"{type(source).__name__}"
         )
-    for index, chunk in enumerate(source):
+    for index, chunk in enumerate(_guarded(source)):
         if not isinstance(chunk, Mapping):
             raise CalibrationDataError(
                 f"calibration item {index} is a {type(chunk).__name__}, not a dict of "

@@ -165,6 +165,19 @@ def _loader_with_inf(folder: Path) -> list:
     return [path, "--calibration-data", f"{loader}:samples"]
 
 
+def _loader_that_fails_midway(folder: Path) -> list:
+    path = folder / "model.onnx"
+    path.write_bytes(_model().SerializeToString())
+    loader = folder / "loader.py"
+    loader.write_text(
+        "import numpy as np\n"
+        "def samples():\n"
+        "    yield {'x': np.ones((1, 4), np.float32)}\n"
+        "    raise OSError('disk went away')\n"
+    )
+    return [path, "--calibration-data", f"{loader}:samples"]
+
+
 def _pickled(folder: Path) -> list:
     path = folder / "model.onnx"
     path.write_bytes(_model().SerializeToString())
@@ -228,6 +241,7 @@ CASES = {
     "external-data-length-past-end-of-file": Case(_external("weights.bin", length=10**9), ("external data", "length")),
     "nan-in-a-weight": Case(_model_file(_nan_weight), ("'w'", "NaN or Inf")),
     "inf-from-a-loader": Case(_loader_with_inf, ("item 1", "NaN or Inf")),
+    "loader-that-fails-midway": Case(_loader_that_fails_midway, ("OSError after 1 item(s)", "disk went away")),
     "integer-calibration-data": Case(_data_file(x=np.ones((4, 1, 4), np.int64)), ("int64", "astype")),
     "pickled-object-array": Case(_pickled, ("cannot read", "x.npy")),
     "npz-that-is-not-a-zip": Case(_garbage_npz, ("cannot read", "calib.npz")),
