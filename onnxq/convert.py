@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.shape_inference
 import onnx_ir as ir
@@ -18,7 +22,7 @@ from onnxq.cleanup import clean_up
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
-from onnxq.errors import CalibrationDataError, WorkspaceError
+from onnxq.errors import CalibrationDataError, ConfigError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
 from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atomically
 from onnxq.ops import rule_for
@@ -26,12 +30,16 @@ from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
 from onnxq.inspect import inspect_model
 from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
+from onnxq.fp16 import to_fp16_islands
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
+from onnxq.rules import resolve_rules, save_rules
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
+from onnxq.tuning import FallbackOptions, FallbackReport, KeptNode, passes, relative_error, resolve_metric, search_fallback
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto
+TuningProgress = Callable[[str, int, int], None]  # phase, done, total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +64,7 @@ class ConversionResult:
     workspace: Path | None
     calibration_step: int | None
     fidelity: Fidelity | None = None
+    fallback: FallbackReport | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -161,8 +170,16 @@ def default_workspace(output: str | os.PathLike) -> Path:
 class _Loaded:
     float_proto: onnx.ModelProto
     proto: onnx.ModelProto  # upgraded to opset >= 13
-    model: ir.Model
+    model: ir.Model  # cleaned up; read only (see ``fresh``)
     notes: tuple[str, ...]
+
+    @functools.cached_property
+    def cleaned(self) -> onnx.ModelProto:
+        return ir.to_proto(self.model)
+
+    def fresh(self) -> ir.Model:
+        """A new copy of the cleaned-up graph to rewrite."""
+        return ir.from_proto(self.cleaned)
 
 
 def _load(model: ModelInput) -> _Loaded:
@@ -172,39 +189,93 @@ def _load(model: ModelInput) -> _Loaded:
     return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
 
 
-def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig, keep_float=frozenset()) -> QuantPlan:
-    graph = loaded.model.graph
+def load_prepared(model: ModelInput) -> tuple[ir.Model, list[str]]:
+    """A float model loaded, upgraded to opset 13 when older, and cleaned up as ``convert``
+    does before calibrating; with notes on what was changed."""
+    loaded = _load(model)
+    return loaded.model, list(loaded.notes)
+
+
+SENTINEL_MAGNITUDE = 1e4  # activations this large are checked for sentinel (mask) values
+_SURE_SENTINEL = 1e8  # ... and this large are taken as sentinels without looking at the values
+
+
+def _is_sentinel_range(low: float, high: float, threshold: float) -> bool:
+    return not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) >= threshold
+
+
+def _sentinel_tensors(loaded: _Loaded, state: CalibrationState, feed: dict | None) -> list[str]:
+    """Keys of the tensors whose range is dominated by sentinel values (masks of -1e9, the
+    float minimum, -inf...): non-finite, or reaching ``SENTINEL_MAGNITUDE`` while the rest of the
+    tensor's values (on ``feed``) stay 100x smaller; without ``feed``, reaching ``_SURE_SENTINEL``."""
+    suspects = {key: r for key, r in state.ranges().items() if _is_sentinel_range(*r, SENTINEL_MAGNITUDE)}
+    if not suspects:
+        return []
+    names = {key: name for name, key in tensor_keys(loaded.model.graph).items() if key in suspects}
+    if feed is None:
+        return sorted(k for k, r in suspects.items() if _is_sentinel_range(*r, _SURE_SENTINEL))
+    proto = onnx.ModelProto()
+    proto.CopyFrom(loaded.cleaned)
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names.values() if n not in existing)
+    session = create_session(proto, "the float model")
+    wanted = list(names.values())
+    sentinel = []
+    for key, values in zip(names, session.run(wanted, feed)):
+        values = np.asarray(values, dtype=np.float64)
+        big = ~np.isfinite(values) | (np.abs(values) >= SENTINEL_MAGNITUDE)
+        if not big.any():
+            if _is_sentinel_range(*suspects[key], _SURE_SENTINEL):
+                sentinel.append(key)
+            continue
+        finite_big = np.abs(values[big & np.isfinite(values)])
+        rest = np.abs(values[~big])
+        extreme = finite_big.max() if finite_big.size else math.inf
+        if not np.isfinite(values).all() or rest.size == 0 or rest.max() * 100 <= extreme:
+            sentinel.append(key)
+    return sorted(sentinel)
+
+
+def _plan(
+    graph: ir.Graph, state: CalibrationState, config: QuantConfig, sentinel=(), keep_float=frozenset()
+) -> QuantPlan:
     by_key = state.ranges()
-    ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key}
+    excluded = set(sentinel)
+    ranges = {name: by_key[key] for name, key in tensor_keys(graph).items() if key in by_key and key not in excluded}
     return plan_quantization(graph, ranges, config, keep_float)
 
 
 @dataclasses.dataclass(frozen=True)
 class _LayerChoices:
-    """Per-layer decisions measured on a trial QDQ model, by node signature: layers that need
-    7-bit weights on this CPU, and quantized nodes ONNX Runtime would not fuse."""
+    """Per-layer decisions measured after calibration, by topology key: layers that need 7-bit
+    weights on this CPU, quantized nodes ONNX Runtime would not fuse, and tensors whose range
+    is dominated by sentinel values."""
 
     reduced: tuple[str, ...] = ()
     unfused: tuple[str, ...] = ()
+    sentinel: tuple[str, ...] = ()
 
     def to_payload(self, calibration_step: int) -> dict:
-        return {"calibration_step": calibration_step, "reduced": list(self.reduced), "unfused": list(self.unfused)}
+        return {"calibration_step": calibration_step, "reduced": list(self.reduced), "unfused": list(self.unfused),
+                "sentinel": list(self.sentinel)}
 
     @classmethod
     def from_payload(cls, payload: dict) -> _LayerChoices:
-        return cls(tuple(payload["reduced"]), tuple(payload["unfused"]))
+        return cls(tuple(payload["reduced"]), tuple(payload["unfused"]), tuple(payload.get("sentinel", ())))
 
 
 def _measure_layers(
     loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict | None
 ) -> _LayerChoices:
-    """Rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
-    saturate this CPU's kernels (on ``feed``; skipped without one) and which would not fuse."""
+    """Find sentinel-dominated tensors (on ``feed`` when given); then rewrite a fresh copy of the
+    graph to QDQ (8-bit weights) and measure on it which layers saturate this CPU's kernels (on
+    ``feed``; skipped without one) and which would not fuse."""
+    sentinel = tuple(_sentinel_tensors(loaded, state, feed))
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return _LayerChoices()  # nothing to measure
-    model = _prepare(loaded.proto)[0]
+        return _LayerChoices(sentinel=sentinel)
+    model = loaded.fresh()
     keys = node_signatures(model.graph)
-    plan = _plan(dataclasses.replace(loaded, model=model), state, config)
+    plan = _plan(model.graph, state, config, sentinel)
     apply_qdq(model, plan)
     reduced = []
     if config.reduce_range == "auto" and feed is not None:
@@ -213,35 +284,73 @@ def _measure_layers(
     if not config.quantize_unfused:
         by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
         unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
-    return _LayerChoices(tuple(reduced), tuple(unfused))
+    return _LayerChoices(tuple(reduced), tuple(unfused), sentinel)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """One quantized model: its bytes, per-op counts, notes, the keys of the nodes it quantized
+    that a fallback could keep float, and the nodes it kept float on purpose (key: why)."""
+
+    data: bytes
+    op_counts: dict[str, OpCount]
+    notes: list[str]
+    candidates: tuple[str, ...]
+    kept_float: dict[str, str]
 
 
 def _build(
-    loaded: _Loaded, state: CalibrationState, config: QuantConfig, layers: _LayerChoices
-) -> tuple[bytes, dict[str, OpCount], list[str]]:
-    """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers in
-    ``layers.reduced`` (every layer, for ``reduce_range="always"``) get 7-bit weights; nodes in
-    ``layers.unfused`` stay float."""
-    graph = loaded.model.graph
+    loaded: _Loaded,
+    state: CalibrationState,
+    config: QuantConfig,
+    layers: _LayerChoices,
+    keep_float: dict[str, str] | None = None,
+    fallback_dtype: str = "fp32",
+) -> _Built:
+    """A quantized model from calibrated state, on a fresh copy of the graph: plan, rewrite,
+    check. Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
+    ``layers.unfused``; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
+    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
+    model = loaded.fresh()
+    graph = model.graph
     keys = node_signatures(graph)
+    keep_float = dict(keep_float or {})
     notes = []
     unfused = set(layers.unfused)
-    keep_float = frozenset(node for node in graph if keys[node] in unfused)
-    if keep_float:
-        ops = collections.Counter(node.op_type for node in keep_float)
+    unfused_nodes_ = [node for node in graph if keys[node] in unfused and keys[node] not in keep_float]
+    keep_float.update((keys[node], "not fused by ONNX Runtime") for node in unfused_nodes_)
+    if unfused_nodes_:
+        ops = collections.Counter(node.op_type for node in unfused_nodes_)
         notes.append(
-            f"kept float {len(keep_float)} node(s) that ONNX Runtime's CPU provider would not fuse into "
+            f"kept float {len(unfused_nodes_)} node(s) that ONNX Runtime's CPU provider would not fuse into "
             f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
             "--quantize-unfused quantizes them anyway"
         )
-    plan = _plan(loaded, state, config, keep_float)
+    kept = frozenset(node for node in graph if keys[node] in keep_float)
+    plan = _plan(graph, state, config, layers.sentinel, kept)
+    if layers.sentinel:
+        names = sorted(name for name, key in tensor_keys(graph).items() if key in set(layers.sentinel))
+        notes.append(
+            f"kept float {len(names)} tensor(s) whose range is dominated by sentinel values (attention masks "
+            f"such as -1e9, the float minimum or -inf), and the nodes that read or write them: {', '.join(names[:6])}"
+            + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        )
     op_counts = _op_counts(graph, plan)
+    candidates = tuple(keys[n] for n, d in plan.decisions.items() if d.rule.kind in ("compute", "concat"))
     if config.reduce_range == "always":
         reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
     else:
         wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
-    notes += plan.notes + apply_qdq(loaded.model, plan, reduced).notes
+    islands = set()
+    if fallback_dtype == "fp16":
+        sentinel_names = {name for name, key in tensor_keys(graph).items() if key in set(layers.sentinel)}
+        islands = {
+            node for node in graph
+            if rule_for(node) is not None and node not in plan.decisions
+            and not any(v is not None and v.name in sentinel_names for v in (*node.inputs, *node.outputs))
+        }
+    notes += plan.notes + apply_qdq(model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
         names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
         more = f" and {len(reduced) - 8} more" if len(reduced) > 8 else ""
@@ -249,9 +358,12 @@ def _build(
             f"7-bit weights on {len(reduced)} layer(s) whose 8-bit form this CPU's integer kernels "
             f"would saturate (no VNNI): {names}{more}"
         )
+    if islands:
+        notes += to_fp16_islands(model, islands)
     if config.format == "qoperator":
-        notes += to_qoperator(loaded.model)
-    return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
+        notes += to_qoperator(model)
+    data = _check_output(loaded.float_proto, ir.to_proto(model))
+    return _Built(data, op_counts, notes, candidates, keep_float)
 
 
 def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
@@ -275,6 +387,125 @@ def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, co
     )
 
 
+def _run_all(session, batches: list[Batch]) -> dict[str, np.ndarray]:
+    """Every output of ``session`` over ``batches``, concatenated along the sample axis."""
+    names = [output.name for output in session.get_outputs()]
+    runs = [session.run(names, batch.feed) for batch in batches]
+    try:
+        return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+    except ValueError as exc:
+        raise CalibrationDataError(
+            f"the model's outputs differ in shape across evaluation batches ({exc}); "
+            "give evaluation samples of one shape"
+        ) from exc
+
+
+def _tune(
+    loaded: _Loaded,
+    state: CalibrationState,
+    config: QuantConfig,
+    layers: _LayerChoices,
+    base: dict[str, str],
+    options: FallbackOptions,
+    batches: list[Batch],
+    space: Workspace,
+    calibration_index: int,
+    progress: TuningProgress | None,
+) -> tuple[_Built, FallbackReport]:
+    """Accuracy-driven fallback (``onnxq.tuning``): rank the quantized nodes by sensitivity,
+    then search the smallest set to keep float. Sensitivity and every trial are workspace steps,
+    and a resumed run reuses them."""
+    float_session = create_session(loaded.proto, "the float model")
+    reference = _run_all(float_session, batches)
+    labels = None
+    if all(batch.labels is not None for batch in batches):
+        labels = np.concatenate([batch.labels.reshape(-1) for batch in batches])
+    metric_name, metric = resolve_metric(options.metric, labels is not None)
+    float_score = float(metric(reference, reference, labels))
+    subset, samples = [], 0
+    for batch in batches:
+        if samples >= options.sensitivity_samples:
+            break
+        subset.append(batch)
+        samples += batch.samples
+    eval_id = hashlib.sha256("".join(_batch_fingerprint(b) for b in batches).encode()).hexdigest()
+    subset_reference = _run_all(float_session, subset)
+
+    def build(keys: frozenset[str]) -> _Built:
+        return _build(loaded, state, config, layers, {k: base.get(k, "accuracy fallback") for k in keys}, options.dtype)
+
+    # 1. sensitivity: output error with each quantized node alone kept float
+    plain = build(frozenset(base))
+    recorded = [
+        step for step in space.steps()
+        if step.kind == "sensitivity" and step.payload["calibration_step"] == calibration_index
+        and step.payload["eval"] == eval_id and step.payload["base"] == sorted(base)
+        and step.payload["samples"] == samples
+    ]
+    if recorded:
+        baseline, errors = recorded[-1].payload["baseline"], recorded[-1].payload["errors"]
+    else:
+        baseline = relative_error(_run_all(create_session(plain.data, "a trial model"), subset), subset_reference)
+        errors = {}
+        for done, key in enumerate(plain.candidates):
+            trial = build(frozenset(base) | {key})
+            errors[key] = relative_error(_run_all(create_session(trial.data, "a trial model"), subset), subset_reference)
+            if progress is not None:
+                progress("sensitivity", done + 1, len(plain.candidates))
+        space.append("sensitivity", {"calibration_step": calibration_index, "eval": eval_id, "base": sorted(base),
+                                     "samples": samples, "baseline": baseline, "errors": errors})
+    gains = {key: baseline - errors[key] for key in plain.candidates if key in errors}
+    ranked = sorted(gains, key=lambda key: -gains[key])
+
+    # 2. the search, on the whole evaluation set
+    scores: dict[frozenset[str], float] = {}
+    for step in space.steps():
+        if step.kind == "trial" and step.payload["calibration_step"] == calibration_index and step.payload["eval"] == eval_id \
+                and step.payload["metric"] == metric_name and step.payload["fallback_dtype"] == options.dtype:
+            scores[frozenset(step.payload["keep_float"])] = step.payload["score"]
+
+    def accept(value: float) -> bool:
+        return passes(value, float_score, options.max_drop)
+
+    def score(keys: frozenset[str]) -> float:
+        if keys not in scores:
+            built = plain if keys == frozenset(base) else build(keys)
+            value = float(metric(_run_all(create_session(built.data, "a trial model"), batches), reference, labels))
+            space.append("trial", {
+                "calibration_step": calibration_index, "eval": eval_id, "metric": metric_name,
+                "fallback_dtype": options.dtype, "keep_float": sorted(keys), "reasons": built.kept_float,
+                "score": value, "float_score": float_score, "passes": accept(value),
+            })
+            scores[keys] = value
+        if progress is not None:
+            progress("fallback search", len(scores), options.max_trials)
+        return scores[keys]
+
+    result = search_fallback(ranked, frozenset(base), score, accept, options.max_trials)
+    final = plain if result.keep_float == frozenset(base) else build(result.keep_float)
+    graph_keys = {key: node for node, key in node_signatures(loaded.model.graph).items()}
+    kept = tuple(
+        KeptNode(graph_keys[key].name or key, graph_keys[key].op_type, reason, gains.get(key))
+        for key, reason in sorted(final.kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
+        if key in graph_keys
+    )
+    report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)], result.score,
+                            result.met, len(scores), kept)
+    return final, report
+
+
+def _fallback_notes(report: FallbackReport) -> list[str]:
+    chosen = [k for k in report.kept if k.reason == "accuracy fallback"]
+    listed = ", ".join(f"{k.name} ({k.op})" for k in chosen[:8]) + (f" and {len(chosen) - 8} more" if len(chosen) > 8 else "")
+    verdict = "met" if report.met else "NOT met (every candidate was tried; the closest model was written)"
+    return [
+        f"accuracy-driven fallback, metric {report.metric}: float {report.float_score:.4f}, plain int8 "
+        f"{report.int8_score:.4f}, final {report.final_score:.4f}; target (drop <= {report.max_drop:g}) {verdict}; "
+        f"{report.trials} model(s) evaluated",
+        f"kept float for accuracy: {len(chosen)} node(s){': ' + listed if chosen else ''}",
+    ]
+
+
 def convert(
     model: ModelInput,
     output: str | os.PathLike,
@@ -282,9 +513,11 @@ def convert(
     config: QuantConfig | None = None,
     *,
     eval_data: DataSource | None = None,
+    fallback: FallbackOptions | None = None,
     workspace: str | os.PathLike | None = None,
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    tuning_progress: TuningProgress | None = None,
 ) -> ConversionResult:
     """Quantize ``model`` to int8 (QDQ or QOperator form, per ``config.format``), calibrated on
     ``calibration_data``; write ``output``. A model that is already quantized is converted
@@ -294,13 +527,21 @@ def convert(
     continues a run that was killed, and gives the same model as an uninterrupted run
     (``calibration_data`` may then be ``None`` if calibration had finished). ``eval_data``
     (same formats) measures fidelity after conversion, with top-1 accuracy when it has a
-    ``label`` array. Bad input raises an ``OnnxqError`` subclass, and nothing is written then.
+    ``label`` array. ``fallback`` keeps nodes float by rules and, with ``max_drop`` and
+    ``eval_data``, by measured sensitivity until the metric is met. Bad input raises an
+    ``OnnxqError`` subclass, and nothing is written then.
     """
     config = config or QuantConfig()
+    fallback = fallback or FallbackOptions()
+    if fallback.max_drop is not None and eval_data is None:
+        raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
     loaded = _load(model)
     output_path = check_writable(output)
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, model, output_path, config)
+    node_keys = node_signatures(loaded.model.graph)
+    ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, node_keys)
+    base = {node_keys[node]: reason for node, reason in ruled.items()}
     inputs = model_inputs(loaded.proto)
     source = None
     if calibration_data is not None:
@@ -313,7 +554,7 @@ def convert(
     manifest = _manifest(graph, config, None if source is None else source.first)
     workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
     state = None
-    notes = list(loaded.notes)
+    notes = list(loaded.notes) + rule_notes
     if resume and not (workspace_path / "manifest.json").is_file():
         notes.append(f"nothing to resume in {workspace_path}: started a new run")
         resume = False
@@ -335,7 +576,7 @@ def convert(
             v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
         }
         state, calibration_notes = calibrate(
-            ir.to_proto(loaded.model),
+            loaded.cleaned,
             {v.name: keys[v.name] for v in candidates},
             float_ranks,
             source,
@@ -354,27 +595,40 @@ def convert(
     else:
         layers = _measure_layers(loaded, state, config, None if source is None else source.first.feed)
         space.append("layers", layers.to_payload(calibration_step.index))
-    data, op_counts, build_notes = _build(loaded, state, config, layers)
-    write_atomically(data, output_path)
-    space.append(
-        "quantized",
-        {"calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(data).hexdigest()},
-    )
+    report = None
+    if fallback.max_drop is not None:
+        built, report = _tune(loaded, state, config, layers, base, fallback, list(eval_source()), space,
+                              calibration_step.index, tuning_progress)
+        notes += _fallback_notes(report)
+    else:
+        built = _build(loaded, state, config, layers, base, fallback.dtype)
+    if base:
+        notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
+    write_atomically(built.data, output_path)
+    space.append("quantized", {
+        "calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(built.data).hexdigest(),
+        "keep_float": built.kept_float, "fallback_dtype": fallback.dtype,
+    })
+    if fallback.save_rules is not None:
+        by_key = {key: node for node, key in node_keys.items()}
+        save_rules(fallback.save_rules, {by_key[k]: r for k, r in built.kept_float.items() if k in by_key}, node_keys)
     fidelity = None
     if eval_source is not None:
         fidelity = compare_models(
-            create_session(loaded.proto, "the float model"), create_session(data, "the quantized model"), eval_source()
+            create_session(loaded.proto, "the float model"), create_session(built.data, "the quantized model"),
+            eval_source(),
         )
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
-        op_counts=op_counts,
-        notes=tuple(notes + build_notes),
+        quantized_bytes=len(built.data),
+        op_counts=built.op_counts,
+        notes=tuple(notes + built.notes),
         calibration_samples=state.samples_seen,
         workspace=workspace_path,
         calibration_step=calibration_step.index,
         fidelity=fidelity,
+        fallback=report,
     )
 
 
@@ -384,30 +638,42 @@ def recover(
     output: str | os.PathLike,
     index: int | None = None,
 ) -> ConversionResult:
-    """Rebuild the quantized model of recorded step ``index`` (default: the last calibration
-    step) from the float model and the workspace alone, without calibrating."""
+    """Rebuild a recorded model from the float model and the workspace alone, without
+    calibrating: by default the last one written (else the last calibration step); with
+    ``index``, that step (a calibration step, a fallback trial, or a written model)."""
     loaded = _load(model)
     output_path = check_writable(output)
     space = Workspace.open(workspace)
     config = QuantConfig(**space.manifest["config"])
     space.check_matches(_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
-    step = space.latest("calibration") if index is None else space.step(index)
+    if index is not None:
+        step = space.step(index)
+    else:
+        step = space.latest("quantized") or space.latest("calibration")
     if step is None:
         raise WorkspaceError(f"workspace {workspace} has no intact calibration step to recover from")
-    if step.kind == "quantized":
+    keep_float, fallback_dtype = {}, "fp32"
+    if step.kind in ("quantized", "trial"):
+        keep_float = step.payload.get("reasons", step.payload.get("keep_float", {}))
+        if isinstance(keep_float, list):
+            keep_float = {key: "recorded" for key in keep_float}
+        fallback_dtype = step.payload.get("fallback_dtype", "fp32")
         step = space.step(step.payload["calibration_step"])
+    if step.kind != "calibration":
+        raise WorkspaceError(f"step {step.index} of {workspace} is a {step.kind} step; give a calibration, "
+                             "trial or quantized step")
     state = CalibrationState.from_payload(step.payload, config.percentile)
     recorded = space.latest("layers")
     layers = _measure_layers(loaded, state, config, None) if recorded is None else _LayerChoices.from_payload(recorded.payload)
-    data, op_counts, build_notes = _build(loaded, state, config, layers)
-    write_atomically(data, output_path)
+    built = _build(loaded, state, config, layers, keep_float, fallback_dtype)
+    write_atomically(built.data, output_path)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
-        op_counts=op_counts,
-        notes=tuple(list(loaded.notes) + partial + build_notes),
+        quantized_bytes=len(built.data),
+        op_counts=built.op_counts,
+        notes=tuple(list(loaded.notes) + partial + built.notes),
         calibration_samples=state.samples_seen,
         workspace=Path(workspace),
         calibration_step=step.index,

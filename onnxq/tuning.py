@@ -1,0 +1,199 @@
+"""Accuracy-driven mixed precision: metrics, per-node sensitivity, and the fallback search.
+
+1. A metric scores a model's outputs against the float model's on the evaluation data (higher is
+   better); the float model's own score is the reference, and a model passes when its score is
+   at least ``reference - max_drop * |reference|``.
+2. Sensitivity of a quantizable node: the model-output error (noise power over signal power,
+   averaged over outputs) with only that node kept float, subtracted from the error of the
+   plain int8 model; measured on a few evaluation samples.
+3. The search keeps the most sensitive nodes float: it doubles a prefix of the ranking until the
+   metric passes, bisects down to the shortest passing prefix, then tries to re-quantize each
+   node of it, least sensitive first, keeping every one the metric allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from onnxq.data import load_callable
+from onnxq.errors import ConfigError
+
+Outputs = dict[str, np.ndarray]
+Metric = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
+METRICS = ("auto", "sqnr", "cosine", "top1")
+
+
+def relative_error(outputs: Outputs, reference: Outputs) -> float:
+    """Noise power over signal power, averaged over the outputs (0 for identical outputs)."""
+    errors = []
+    for name, ref in reference.items():
+        f = ref.astype(np.float64).ravel()
+        q = outputs[name].astype(np.float64).ravel()
+        errors.append(float(np.sum((f - q) ** 2)) / max(float(f @ f), 1e-30))
+    return float(np.mean(errors))
+
+
+def sqnr_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """``1 - noise/signal``: 1 for the float model; a drop of 0.01 is an SQNR of 20 dB."""
+    return 1.0 - relative_error(outputs, reference)
+
+
+def cosine_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Per-sample cosine similarity to the float outputs, averaged over samples and outputs."""
+    scores = []
+    for name, ref in reference.items():
+        f = ref.astype(np.float64).reshape(len(ref), -1)
+        q = outputs[name].astype(np.float64).reshape(len(ref), -1)
+        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
+        dots = np.einsum("ij,ij->i", f, q)
+        scores.append(np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0).mean())
+    return float(np.mean(scores))
+
+
+def top1_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Top-1 accuracy of the first output against ``labels``; without labels, agreement of its
+    arg-max (over the last axis) with the float model's."""
+    name = next(iter(reference))
+    predicted = outputs[name].argmax(axis=-1).reshape(-1)
+    if labels is not None and labels.size == predicted.size:
+        return float((predicted == labels.reshape(-1)).mean())
+    return float((predicted == reference[name].argmax(axis=-1).reshape(-1)).mean())
+
+
+_BUILTIN = {"sqnr": sqnr_score, "cosine": cosine_score, "top1": top1_score}
+
+
+def resolve_metric(metric: str | Metric, has_labels: bool) -> tuple[str, Metric]:
+    """A metric's name and function: ``auto`` (top1 with labels, else sqnr), a builtin name, a
+    loader spec ``file.py:func`` / ``pkg.mod:func``, or a callable
+    ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
+    if callable(metric):
+        return getattr(metric, "__name__", "custom"), metric
+    if metric == "auto":
+        metric = "top1" if has_labels else "sqnr"
+    if metric in _BUILTIN:
+        return metric, _BUILTIN[metric]
+    if ":" in metric:
+        return metric, load_callable(metric, "metric", ConfigError)
+    raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or file.py:func")
+
+
+def passes(score: float, reference: float, max_drop: float) -> bool:
+    """Whether ``score`` is within ``max_drop`` (relative) of the float model's ``reference``."""
+    return score >= reference - max_drop * abs(reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """The chosen fallback set (node keys), its score, and whether it met the target."""
+
+    keep_float: frozenset[str]
+    score: float
+    met: bool
+    trials: int
+
+
+def search_fallback(
+    ranked: Sequence[str],
+    base: frozenset[str],
+    score: Callable[[frozenset[str]], float],
+    accept: Callable[[float], bool],
+    max_trials: int,
+) -> SearchResult:
+    """The smallest set of nodes from ``ranked`` (most sensitive first) that, kept float beside
+    ``base``, makes ``accept(score(...))`` true; see the module docstring for the steps."""
+    trials = 0
+
+    def ok(extra: Sequence[str]) -> tuple[bool, float]:
+        nonlocal trials
+        trials += 1
+        value = score(base | frozenset(extra))
+        return accept(value), value
+
+    good, value = ok(())
+    if good or not ranked:
+        return SearchResult(base, value, good, trials)
+    low, high = 0, 1
+    while True:
+        high = min(high, len(ranked))
+        good, value = ok(ranked[:high])
+        if good or high == len(ranked):
+            break
+        low, high = high, high * 2
+    if not good:
+        return SearchResult(base | frozenset(ranked), value, False, trials)
+    best_value = value
+    while high - low > 1 and trials < max_trials:
+        middle = (low + high) // 2
+        good, value = ok(ranked[:middle])
+        if good:
+            high, best_value = middle, value
+        else:
+            low = middle
+    chosen = list(ranked[:high])
+    for key in reversed(ranked[:high]):
+        if trials >= max_trials or len(chosen) == 1:
+            break
+        trial = [k for k in chosen if k != key]
+        good, value = ok(trial)
+        if good:
+            chosen, best_value = trial, value
+    return SearchResult(base | frozenset(chosen), best_value, True, trials)
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackOptions:
+    """Mixed-precision choices that do not change calibration.
+
+    ``keep_float``: rules (``onnxq.rules``) for nodes that stay float. ``max_drop``: with
+    evaluation data, keep the most sensitive nodes float until the metric is within this
+    relative drop of the float model's (``None``: no search). ``metric``: ``auto``, ``sqnr``,
+    ``cosine``, ``top1``, ``file.py:func`` or a callable (see ``resolve_metric``).
+    ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity_samples``: evaluation
+    samples the per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
+    the search. ``save_rules``: write the final keep-float set as a rules file there.
+    """
+
+    keep_float: tuple = ()
+    max_drop: float | None = None
+    metric: str | Metric = "auto"
+    dtype: str = "fp32"
+    sensitivity_samples: int = 8
+    max_trials: int = 48
+    save_rules: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"fallback dtype must be fp32 or fp16, not {self.dtype!r}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
+        if self.sensitivity_samples < 1 or self.max_trials < 1:
+            raise ConfigError("sensitivity samples and max trials must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptNode:
+    """A node left float: its name, op, why, and its measured sensitivity (when measured)."""
+
+    name: str
+    op: str
+    reason: str
+    sensitivity: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackReport:
+    """The outcome of the accuracy-driven search: metric, float and int8 scores, the final
+    score, whether it met ``max_drop``, how many trials, and the nodes kept float."""
+
+    metric: str
+    max_drop: float
+    float_score: float
+    int8_score: float
+    final_score: float
+    met: bool
+    trials: int
+    kept: tuple[KeptNode, ...]
