@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx.shape_inference
 import onnx_ir as ir
 
 from onnxq.calibrate import create_session
@@ -111,7 +112,7 @@ def compare(
     float_ir, _ = load_prepared(float_model)
     float_proto = ir.to_proto(float_ir)
     quant_proto = load_model(quantized_model)
-    stripped = ir.from_proto(quant_proto)
+    stripped = ir.from_proto(onnx.shape_inference.infer_shapes(quant_proto, strict_mode=False, data_prop=True))
     pairs = _strip_qdq(stripped)
     quant_keys = tensor_keys(stripped.graph)
     float_by_key = {key: name for name, key in tensor_keys(float_ir.graph).items()}

@@ -289,14 +289,40 @@ def _measure_layers(
 
 @dataclasses.dataclass(frozen=True)
 class _Built:
-    """One quantized model: its bytes, per-op counts, notes, the keys of the nodes it quantized
-    that a fallback could keep float, and the nodes it kept float on purpose (key: why)."""
+    """One quantized model: its bytes, per-op counts, notes, its fallback units (see
+    ``_fallback_units``) and the nodes it kept float on purpose (key: why)."""
 
     data: bytes
     op_counts: dict[str, OpCount]
     notes: list[str]
-    candidates: tuple[str, ...]
+    units: tuple[tuple[str, ...], ...]
     kept_float: dict[str, str]
+
+
+def _fallback_units(graph: ir.Graph, plan: QuantPlan, keys: dict[ir.Node, str]) -> tuple[tuple[str, ...], ...]:
+    """The node sets a fallback keeps float together, one per quantized tensor source: a tensor
+    is float only when its producer and every quantized reader are, so a unit is a quantized
+    compute node (or a graph input) with the compute nodes reading its output, through the
+    data-movement ops that share its scale."""
+    candidates = {n for n, d in plan.decisions.items() if d.rule.kind in ("compute", "concat")}
+
+    def readers(values) -> set[ir.Node]:
+        found, stack = set(), list(values)
+        while stack:
+            for use in stack.pop().uses():
+                if use.node in candidates:
+                    found.add(use.node)
+                elif use.node in plan.decisions:
+                    stack.extend(use.node.outputs)
+        return found
+
+    units: dict[tuple[str, ...], None] = {}
+    sources = [({}, [value]) for value in graph.inputs] + [({node}, node.outputs) for node in graph if node in candidates]
+    for own, values in sources:
+        unit = tuple(sorted(keys[n] for n in set(own) | readers(values)))
+        if unit:
+            units[unit] = None
+    return tuple(units)
 
 
 def _build(
@@ -336,7 +362,7 @@ def _build(
             + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         )
     op_counts = _op_counts(graph, plan)
-    candidates = tuple(keys[n] for n, d in plan.decisions.items() if d.rule.kind in ("compute", "concat"))
+    units = _fallback_units(graph, plan, keys)
     if config.reduce_range == "always":
         reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
     else:
@@ -363,7 +389,7 @@ def _build(
     if config.format == "qoperator":
         notes += to_qoperator(model)
     data = _check_output(loaded.float_proto, ir.to_proto(model))
-    return _Built(data, op_counts, notes, candidates, keep_float)
+    return _Built(data, op_counts, notes, units, keep_float)
 
 
 def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
@@ -434,30 +460,7 @@ def _tune(
     def build(keys: frozenset[str]) -> _Built:
         return _build(loaded, state, config, layers, {k: base.get(k, "accuracy fallback") for k in keys}, options.dtype)
 
-    # 1. sensitivity: output error with each quantized node alone kept float
     plain = build(frozenset(base))
-    recorded = [
-        step for step in space.steps()
-        if step.kind == "sensitivity" and step.payload["calibration_step"] == calibration_index
-        and step.payload["eval"] == eval_id and step.payload["base"] == sorted(base)
-        and step.payload["samples"] == samples
-    ]
-    if recorded:
-        baseline, errors = recorded[-1].payload["baseline"], recorded[-1].payload["errors"]
-    else:
-        baseline = relative_error(_run_all(create_session(plain.data, "a trial model"), subset), subset_reference)
-        errors = {}
-        for done, key in enumerate(plain.candidates):
-            trial = build(frozenset(base) | {key})
-            errors[key] = relative_error(_run_all(create_session(trial.data, "a trial model"), subset), subset_reference)
-            if progress is not None:
-                progress("sensitivity", done + 1, len(plain.candidates))
-        space.append("sensitivity", {"calibration_step": calibration_index, "eval": eval_id, "base": sorted(base),
-                                     "samples": samples, "baseline": baseline, "errors": errors})
-    gains = {key: baseline - errors[key] for key in plain.candidates if key in errors}
-    ranked = sorted(gains, key=lambda key: -gains[key])
-
-    # 2. the search, on the whole evaluation set
     scores: dict[frozenset[str], float] = {}
     for step in space.steps():
         if step.kind == "trial" and step.payload["calibration_step"] == calibration_index and step.payload["eval"] == eval_id \
@@ -481,17 +484,54 @@ def _tune(
             progress("fallback search", len(scores), options.max_trials)
         return scores[keys]
 
-    result = search_fallback(ranked, frozenset(base), score, accept, options.max_trials)
+    gains: dict[str, float] = {}
+    if accept(score(frozenset(base))):
+        report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)],
+                                scores[frozenset(base)], True, len(scores), _kept_nodes(loaded, plain, gains))
+        return plain, report
+    # 1. sensitivity: output error with each quantized node alone kept float
+    recorded = [
+        step for step in space.steps()
+        if step.kind == "sensitivity" and step.payload["calibration_step"] == calibration_index
+        and step.payload["eval"] == eval_id and step.payload["base"] == sorted(base)
+        and step.payload["samples"] == samples
+    ]
+    if recorded:
+        baseline, errors = recorded[-1].payload["baseline"], recorded[-1].payload["errors"]
+    else:
+        baseline = relative_error(_run_all(create_session(plain.data, "a trial model"), subset), subset_reference)
+        errors = {}
+        for done, unit in enumerate(plain.units):
+            trial = build(frozenset(base) | frozenset(unit))
+            errors["|".join(unit)] = relative_error(
+                _run_all(create_session(trial.data, "a trial model"), subset), subset_reference
+            )
+            if progress is not None:
+                progress("sensitivity", done + 1, len(plain.units))
+        space.append("sensitivity", {"calibration_step": calibration_index, "eval": eval_id, "base": sorted(base),
+                                     "samples": samples, "baseline": baseline, "errors": errors})
+    unit_gains = {unit: baseline - errors["|".join(unit)] for unit in plain.units if "|".join(unit) in errors}
+    ranked = sorted(unit_gains, key=lambda unit: -unit_gains[unit])
+    for unit, gain in unit_gains.items():  # a node is as sensitive as its most sensitive unit
+        for key in unit:
+            gains[key] = max(gain, gains.get(key, -math.inf))
+
+    # 2. the search, on the whole evaluation set
+    result = search_fallback([frozenset(u) for u in ranked], frozenset(base), gains, score, accept, options.max_trials)
     final = plain if result.keep_float == frozenset(base) else build(result.keep_float)
-    graph_keys = {key: node for node, key in node_signatures(loaded.model.graph).items()}
-    kept = tuple(
-        KeptNode(graph_keys[key].name or key, graph_keys[key].op_type, reason, gains.get(key))
-        for key, reason in sorted(final.kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
-        if key in graph_keys
-    )
     report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)], result.score,
-                            result.met, len(scores), kept)
+                            result.met, len(scores), _kept_nodes(loaded, final, gains))
     return final, report
+
+
+def _kept_nodes(loaded: _Loaded, built: _Built, gains: dict[str, float]) -> tuple[KeptNode, ...]:
+    """The nodes ``built`` kept float, most sensitive first, with names from the float model."""
+    by_key = {key: node for node, key in node_signatures(loaded.model.graph).items()}
+    ordered = sorted(built.kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
+    return tuple(
+        KeptNode(by_key[key].name or key, by_key[key].op_type, reason, gains.get(key))
+        for key, reason in ordered if key in by_key
+    )
 
 
 def _fallback_notes(report: FallbackReport) -> list[str]:

@@ -3,10 +3,12 @@
 1. A metric scores a model's outputs against the float model's on the evaluation data (higher is
    better); the float model's own score is the reference, and a model passes when its score is
    at least ``reference - max_drop * |reference|``.
-2. Sensitivity of a quantizable node: the model-output error (noise power over signal power,
-   averaged over outputs) with only that node kept float, subtracted from the error of the
+2. Sensitivity of a unit of nodes: the model-output error (noise power over signal power,
+   averaged over outputs) with only that unit kept float, subtracted from the error of the
    plain int8 model; measured on a few evaluation samples.
-3. The search keeps the most sensitive nodes float: it doubles a prefix of the ranking until the
+   Nodes are kept float in units: a quantized tensor is float only when its producer and all
+   its quantized readers are, so a unit is a compute node with the compute nodes that read it.
+3. The search keeps the most sensitive units float: it doubles a prefix of the ranking until the
    metric passes, bisects down to the shortest passing prefix, then tries to re-quantize each
    node of it, least sensitive first, keeping every one the metric allows.
 """
@@ -97,51 +99,55 @@ class SearchResult:
 
 
 def search_fallback(
-    ranked: Sequence[str],
+    ranked: Sequence[frozenset[str]],
     base: frozenset[str],
+    sensitivity: dict[str, float],
     score: Callable[[frozenset[str]], float],
     accept: Callable[[float], bool],
     max_trials: int,
 ) -> SearchResult:
-    """The smallest set of nodes from ``ranked`` (most sensitive first) that, kept float beside
-    ``base``, makes ``accept(score(...))`` true; see the module docstring for the steps."""
+    """The smallest set of nodes that, kept float beside ``base``, makes ``accept(score(...))``
+    true: the union of the shortest passing prefix of ``ranked`` (node sets, most sensitive
+    first), minus every node that can be re-quantized, least ``sensitivity`` first."""
     trials = 0
 
-    def ok(extra: Sequence[str]) -> tuple[bool, float]:
+    def ok(nodes: frozenset[str]) -> tuple[bool, float]:
         nonlocal trials
         trials += 1
-        value = score(base | frozenset(extra))
+        value = score(base | nodes)
         return accept(value), value
 
-    good, value = ok(())
+    def prefix(count: int) -> frozenset[str]:
+        return frozenset().union(*ranked[:count])
+
+    good, value = ok(frozenset())
     if good or not ranked:
         return SearchResult(base, value, good, trials)
     low, high = 0, 1
     while True:
         high = min(high, len(ranked))
-        good, value = ok(ranked[:high])
+        good, value = ok(prefix(high))
         if good or high == len(ranked):
             break
         low, high = high, high * 2
     if not good:
-        return SearchResult(base | frozenset(ranked), value, False, trials)
+        return SearchResult(base | prefix(len(ranked)), value, False, trials)
     best_value = value
     while high - low > 1 and trials < max_trials:
         middle = (low + high) // 2
-        good, value = ok(ranked[:middle])
+        good, value = ok(prefix(middle))
         if good:
             high, best_value = middle, value
         else:
             low = middle
-    chosen = list(ranked[:high])
-    for key in reversed(ranked[:high]):
-        if trials >= max_trials or len(chosen) == 1:
+    chosen = prefix(high)
+    for key in sorted(chosen - base, key=lambda k: (sensitivity.get(k, 0.0), k)):
+        if trials >= max_trials or len(chosen - base) == 1:
             break
-        trial = [k for k in chosen if k != key]
-        good, value = ok(trial)
+        good, value = ok(chosen - base - {key})
         if good:
-            chosen, best_value = trial, value
-    return SearchResult(base | frozenset(chosen), best_value, True, trials)
+            chosen, best_value = chosen - {key}, value
+    return SearchResult(base | chosen, best_value, True, trials)
 
 
 @dataclasses.dataclass(frozen=True)
