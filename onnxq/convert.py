@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -196,44 +197,50 @@ def load_prepared(model: ModelInput) -> tuple[ir.Model, list[str]]:
     return loaded.model, list(loaded.notes)
 
 
-SENTINEL_MAGNITUDE = 1e4  # activations this large are checked for sentinel (mask) values
-_SURE_SENTINEL = 1e8  # ... and this large are taken as sentinels without looking at the values
+SENTINEL_MAGNITUDE = 5e3  # a range reaching this far is checked for sentinel (mask) values
+_SURE_SENTINEL = 1e8  # ... and one reaching this far, where the values cannot be looked at, is one
+SENTINEL_BATCHES = 32  # calibration batches searched for the values behind a suspect range
 
 
 def _is_sentinel_range(low: float, high: float, threshold: float) -> bool:
     return not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) >= threshold
 
 
-def _sentinel_tensors(loaded: _Loaded, state: CalibrationState, feed: dict | None) -> list[str]:
-    """Keys of the tensors whose range is dominated by sentinel values (masks of -1e9, the
-    float minimum, -inf...): non-finite, or reaching ``SENTINEL_MAGNITUDE`` while the rest of the
-    tensor's values (on ``feed``) stay 100x smaller; without ``feed``, reaching ``_SURE_SENTINEL``."""
+def _sentinel_tensors(loaded: _Loaded, state: CalibrationState, source: BatchSource | None) -> list[str]:
+    """Keys of the tensors whose range is dominated by sentinel values (masks of -1e4, -1e9, the
+    float minimum, -inf...): a non-finite range, or one reaching ``SENTINEL_MAGNITUDE`` whose
+    extreme E is made by values near it (|x| >= E/10) with a gap below them: every other value
+    is under E/100, in the first calibration batches. Where those batches never show values
+    near E, a range reaching ``_SURE_SENTINEL`` counts as one."""
     suspects = {key: r for key, r in state.ranges().items() if _is_sentinel_range(*r, SENTINEL_MAGNITUDE)}
     if not suspects:
         return []
     names = {key: name for name, key in tensor_keys(loaded.model.graph).items() if key in suspects}
-    if feed is None:
-        return sorted(k for k, r in suspects.items() if _is_sentinel_range(*r, _SURE_SENTINEL))
-    proto = onnx.ModelProto()
-    proto.CopyFrom(loaded.cleaned)
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names.values() if n not in existing)
-    session = create_session(proto, "the float model")
-    wanted = list(names.values())
-    sentinel = []
-    for key, values in zip(names, session.run(wanted, feed)):
-        values = np.asarray(values, dtype=np.float64)
-        big = ~np.isfinite(values) | (np.abs(values) >= SENTINEL_MAGNITUDE)
-        if not big.any():
-            if _is_sentinel_range(*suspects[key], _SURE_SENTINEL):
-                sentinel.append(key)
-            continue
-        finite_big = np.abs(values[big & np.isfinite(values)])
-        rest = np.abs(values[~big])
-        extreme = finite_big.max() if finite_big.size else math.inf
-        if not np.isfinite(values).all() or rest.size == 0 or rest.max() * 100 <= extreme:
-            sentinel.append(key)
-    return sorted(sentinel)
+    extreme = {key: max(-low, high) for key, (low, high) in suspects.items()}
+    near_seen = {key: not math.isfinite(extreme[key]) for key in names}
+    rest_seen = {key: 0.0 for key in names}  # largest |x| below E/10
+    if source is not None:
+        wanted = [key for key in names if not near_seen[key]]
+        proto = onnx.ModelProto()
+        proto.CopyFrom(loaded.cleaned)
+        existing = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.ValueInfoProto(name=names[k]) for k in wanted if names[k] not in existing)
+        session = create_session(proto, "the float model") if wanted else None
+        for batch in itertools.islice(source(), SENTINEL_BATCHES) if wanted else ():
+            for key, values in zip(wanted, session.run([names[k] for k in wanted], batch.feed)):
+                magnitude = np.abs(np.asarray(values, dtype=np.float64))
+                near = magnitude >= extreme[key] / 10
+                near_seen[key] |= bool(near.any())
+                if (~near).any():
+                    rest_seen[key] = max(rest_seen[key], float(magnitude[~near].max()))
+            if all(near_seen[k] for k in wanted):
+                break
+    return sorted(
+        key for key, (low, high) in suspects.items()
+        if not math.isfinite(extreme[key])
+        or (near_seen[key] and rest_seen[key] <= extreme[key] / 100)
+        or (not near_seen[key] and _is_sentinel_range(low, high, _SURE_SENTINEL))
+    )
 
 
 def _plan(
@@ -265,12 +272,13 @@ class _LayerChoices:
 
 
 def _measure_layers(
-    loaded: _Loaded, state: CalibrationState, config: QuantConfig, feed: dict | None
+    loaded: _Loaded, state: CalibrationState, config: QuantConfig, source: BatchSource | None
 ) -> _LayerChoices:
-    """Find sentinel-dominated tensors (on ``feed`` when given); then rewrite a fresh copy of the
-    graph to QDQ (8-bit weights) and measure on it which layers saturate this CPU's kernels (on
-    ``feed``; skipped without one) and which would not fuse."""
-    sentinel = tuple(_sentinel_tensors(loaded, state, feed))
+    """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given);
+    then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
+    saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
+    sentinel = tuple(_sentinel_tensors(loaded, state, source))
+    feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
         return _LayerChoices(sentinel=sentinel)
     model = loaded.fresh()
@@ -332,11 +340,13 @@ def _build(
     layers: _LayerChoices,
     keep_float: dict[str, str] | None = None,
     fallback_dtype: str = "fp32",
+    check: bool = True,
 ) -> _Built:
     """A quantized model from calibrated state, on a fresh copy of the graph: plan, rewrite,
     check. Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
     ``layers.unfused``; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
-    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
+    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16. Trial models
+    of the fallback search skip the output checks (``check=False``): only the written one needs them."""
     model = loaded.fresh()
     graph = model.graph
     keys = node_signatures(graph)
@@ -373,7 +383,7 @@ def _build(
         sentinel_names = {name for name, key in tensor_keys(graph).items() if key in set(layers.sentinel)}
         islands = {
             node for node in graph
-            if rule_for(node) is not None and node not in plan.decisions
+            if (node in kept or rule_for(node) is not None) and node not in plan.decisions
             and not any(v is not None and v.name in sentinel_names for v in (*node.inputs, *node.outputs))
         }
     notes += plan.notes + apply_qdq(model, plan, reduced).notes
@@ -388,7 +398,8 @@ def _build(
         notes += to_fp16_islands(model, islands)
     if config.format == "qoperator":
         notes += to_qoperator(model)
-    data = _check_output(loaded.float_proto, ir.to_proto(model))
+    proto = ir.to_proto(model)
+    data = _check_output(loaded.float_proto, proto) if check else proto.SerializeToString()
     return _Built(data, op_counts, notes, units, keep_float)
 
 
@@ -457,10 +468,11 @@ def _tune(
     eval_id = hashlib.sha256("".join(_batch_fingerprint(b) for b in batches).encode()).hexdigest()
     subset_reference = _run_all(float_session, subset)
 
-    def build(keys: frozenset[str]) -> _Built:
-        return _build(loaded, state, config, layers, {k: base.get(k, "accuracy fallback") for k in keys}, options.dtype)
+    def build(keys: frozenset[str], check: bool = False) -> _Built:
+        keep = {k: base.get(k, "accuracy fallback") for k in keys}
+        return _build(loaded, state, config, layers, keep, options.dtype, check)
 
-    plain = build(frozenset(base))
+    plain = build(frozenset(base), check=True)
     scores: dict[frozenset[str], float] = {}
     for step in space.steps():
         if step.kind == "trial" and step.payload["calibration_step"] == calibration_index and step.payload["eval"] == eval_id \
@@ -518,7 +530,7 @@ def _tune(
 
     # 2. the search, on the whole evaluation set
     result = search_fallback([frozenset(u) for u in ranked], frozenset(base), gains, score, accept, options.max_trials)
-    final = plain if result.keep_float == frozenset(base) else build(result.keep_float)
+    final = plain if result.keep_float == frozenset(base) else build(result.keep_float, check=True)
     report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)], result.score,
                             result.met, len(scores), _kept_nodes(loaded, final, gains))
     return final, report
@@ -633,7 +645,7 @@ def convert(
     if recorded is not None and recorded.payload["calibration_step"] == calibration_step.index:
         layers = _LayerChoices.from_payload(recorded.payload)
     else:
-        layers = _measure_layers(loaded, state, config, None if source is None else source.first.feed)
+        layers = _measure_layers(loaded, state, config, source)
         space.append("layers", layers.to_payload(calibration_step.index))
     report = None
     if fallback.max_drop is not None:

@@ -7,6 +7,10 @@ Rules:
    any other float32 input gets one Cast to float16 per tensor.
 3. An island output read outside the island, or a graph output, gets a Cast back to float32, so
    the rest of the graph and the model's interface are unchanged.
+4. Reductions, exponentials and normalizations (``FP32_OPS``, and every node of a decomposed
+   LayerNorm) stay float32: a variance or a sum of exponentials overflows float16's 65504 long
+   before the values themselves do (and ONNX Runtime 1.31 mis-fuses a float16 decomposed
+   LayerNorm fed by a Cast).
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ import onnx_ir as ir
 
 from onnxq.plan import is_constant
 from onnxq.qdq import Emitter
+from onnxq.rules import NORMALIZATION_OPS, PATTERNS
 
+FP32_OPS = frozenset({
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow", "Sqrt", "Reciprocal",
+    "Exp", "Log", "Softmax", "LogSoftmax", "CumSum",
+}) | NORMALIZATION_OPS
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
 
@@ -49,8 +58,9 @@ def to_fp16_islands(model: ir.Model, nodes: set[ir.Node]) -> list[str]:
     emitter = Emitter(graph)
     half_inputs: dict[ir.Node, set[int]] = {}
     skipped = []
+    kept_fp32 = {node for node in nodes if node.op_type in FP32_OPS} | (set(PATTERNS["normalization"](graph)) & nodes)
     for node in graph:
-        if node not in nodes:
+        if node not in nodes or node in kept_fp32:
             continue
         inputs, outputs = _half_slots(node, opset)
         float_outputs = {i for i, v in enumerate(node.outputs) if v.dtype == _FLOAT}
@@ -68,7 +78,7 @@ def to_fp16_islands(model: ir.Model, nodes: set[ir.Node]) -> list[str]:
             if is_constant(value) and all(use.node in island and use.idx in half_inputs[use.node] for use in value.uses()):
                 if value.dtype == _FLOAT:
                     value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=value.name)
-                    value.dtype = _HALF
+                    value.type = ir.TensorType(_HALF)  # a new type: value types may be shared objects
                 continue
             if value not in casts:
                 half = ir.Value(name=emitter.unique(f"{value.name}_fp16"), type=ir.TensorType(_HALF), shape=value.shape)
@@ -79,7 +89,7 @@ def to_fp16_islands(model: ir.Model, nodes: set[ir.Node]) -> list[str]:
             if value.dtype != _FLOAT:
                 continue
             outside = [(use.node, use.idx) for use in value.uses() if use.node not in island]
-            value.dtype = _HALF
+            value.type = ir.TensorType(_HALF)
             if not outside and not value.is_graph_output():
                 continue
             back = ir.Value(name=emitter.unique(f"{value.name}_fp32"), type=ir.TensorType(_FLOAT), shape=value.shape)
@@ -96,6 +106,9 @@ def to_fp16_islands(model: ir.Model, nodes: set[ir.Node]) -> list[str]:
     notes = []
     if island:
         notes.append(f"{len(island)} float node(s) run in fp16 (--fallback-dtype fp16), with Casts at their borders")
+    if kept_fp32:
+        notes.append(f"{len(kept_fp32)} float node(s) stay fp32 for range and precision (reductions, exponentials, "
+                     "normalizations)")
     if skipped:
         ops = sorted({n.op_type for n in skipped})
         notes.append(f"{len(skipped)} float node(s) stay fp32: their ops take no float16 here ({', '.join(ops)})")

@@ -63,7 +63,7 @@ class Emitter:
         return node
 
     def dequantize(self, quantized: ir.Value, scale: ir.Value, zero_point: ir.Value, like: ir.Value, axis: int | None = None) -> ir.Value:
-        output = ir.Value(name=self.unique(f"{like.name}_dequantized"), type=like.type, shape=like.shape)
+        output = ir.Value(name=self.unique(f"{like.name}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=like.shape)
         self.node("DequantizeLinear", [quantized, scale, zero_point], output, axis)
         return output
 
