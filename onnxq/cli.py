@@ -252,7 +252,7 @@ def convert(
         "--save-rules", help="Write the final keep-float set as a rules file (reusable on re-exports).")] = None,
     max_trials: Annotated[int, typer.Option(help="Most models evaluated by the --max-drop search.")] = 48,
     sensitivity_samples: Annotated[int, typer.Option(
-        help="Evaluation samples per-node sensitivity is measured on.")] = 8,
+        help="Evaluation samples per-node sensitivity is measured on.")] = 4,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:

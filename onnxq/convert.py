@@ -36,7 +36,9 @@ from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
 from onnxq.rules import resolve_rules, save_rules
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
-from onnxq.tuning import FallbackOptions, FallbackReport, KeptNode, passes, relative_error, resolve_metric, search_fallback
+from onnxq.tuning import (
+    FallbackOptions, FallbackReport, KeptNode, passes, rank_units, relative_error, resolve_metric, search_fallback,
+)
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -509,22 +511,21 @@ def _tune(
         and step.payload["samples"] == samples
     ]
     if recorded:
-        baseline, errors = recorded[-1].payload["baseline"], recorded[-1].payload["errors"]
+        gains_by_unit = {tuple(k.split("|")): v for k, v in recorded[-1].payload["gains"].items()}
     else:
         baseline = relative_error(_run_all(create_session(plain.data, "a trial model"), subset), subset_reference)
-        errors = {}
-        for done, unit in enumerate(plain.units):
-            trial = build(frozenset(base) | frozenset(unit))
-            errors["|".join(unit)] = relative_error(
-                _run_all(create_session(trial.data, "a trial model"), subset), subset_reference
-            )
-            if progress is not None:
-                progress("sensitivity", done + 1, len(plain.units))
+
+        def gain_of(nodes: frozenset[str]) -> float:
+            trial = build(frozenset(base) | nodes)
+            return baseline - relative_error(_run_all(create_session(trial.data, "a trial model"), subset), subset_reference)
+
+        report = None if progress is None else (lambda done, total: progress("sensitivity", done, total))
+        gains_by_unit = rank_units(plain.units, gain_of, progress=report)
         space.append("sensitivity", {"calibration_step": calibration_index, "eval": eval_id, "base": sorted(base),
-                                     "samples": samples, "baseline": baseline, "errors": errors})
-    unit_gains = {unit: baseline - errors["|".join(unit)] for unit in plain.units if "|".join(unit) in errors}
-    ranked = sorted(unit_gains, key=lambda unit: -unit_gains[unit])
-    for unit, gain in unit_gains.items():  # a node is as sensitive as its most sensitive unit
+                                     "samples": samples, "baseline": baseline,
+                                     "gains": {"|".join(unit): gain for unit, gain in gains_by_unit.items()}})
+    ranked = list(gains_by_unit)
+    for unit, gain in gains_by_unit.items():  # a node is as sensitive as its most sensitive unit
         for key in unit:
             gains[key] = max(gain, gains.get(key, -math.inf))
 

@@ -169,3 +169,21 @@ def test_custom_metric_callable_and_loader(tmp_path):
     agreement = float((run(str(tmp_path / "cli.onnx"), _data(1))[0].argmax(1) == reference).mean())
     assert report["met"] and agreement >= 0.98
     assert report["final_score"] == pytest.approx(agreement)
+
+
+def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
+    from onnxq.tuning import rank_units
+
+    units = [(f"n{i}",) for i in range(100)]
+    true_gain = {f"n{i}": 0.001 for i in range(100)} | {"n37": 1.0, "n80": 0.5, "n81": 0.2}
+    measured = []
+
+    def gain_of(nodes):
+        measured.append(nodes)
+        return sum(true_gain[n] for n in nodes)
+
+    ranking = list(rank_units(units, gain_of))
+    assert ranking[:3] == [("n37",), ("n80",), ("n81",)]
+    assert len(measured) <= 10 + 3 * 10  # groups of 10, then three groups unit by unit
+    few = [(f"m{i}",) for i in range(5)]
+    assert list(rank_units(few, lambda nodes: float(sorted(nodes)[0][1:]))) == few[::-1]
