@@ -28,6 +28,7 @@ from onnxq.inspect import inspect_model
 from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
+from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, quantizable_nodes
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.workspace import Workspace
 
@@ -77,28 +78,28 @@ def _may_be_float(value: ir.Value | None) -> bool:
     return value is not None and not is_constant(value) and value.dtype in (None, ir.DataType.FLOAT)
 
 
-def candidate_tensors(graph: ir.Graph) -> list[ir.Value]:
-    """Every tensor whose range a quantization decision may need, in graph order."""
+def candidate_tensors(graph: ir.Graph, method: str) -> list[ir.Value]:
+    """Every tensor whose range a quantization decision may need, in graph order; inside the
+    If/Loop/Scan bodies that ``method`` can calibrate, only tensors known to be float."""
     values: dict[str, ir.Value] = {}
-    for node in graph:
+    for node in quantizable_nodes(graph, method):
         rule = rule_for(node)
         if rule is None:
             continue
         slots = range(len(node.inputs)) if rule.activation_inputs is None else rule.activation_inputs
         if rule.weight_input is not None:
             slots = (*slots, rule.weight_input)
-        for slot in slots:
-            if slot < len(node.inputs) and _may_be_float(node.inputs[slot]):
-                values[node.inputs[slot].name] = node.inputs[slot]
-        for output in node.outputs:
-            if _may_be_float(output):
-                values[output.name] = output
+        tensors = [node.inputs[slot] for slot in slots if slot < len(node.inputs)] + list(node.outputs)
+        for value in tensors:
+            in_body = value is not None and owning_graph(value) is not graph
+            if _may_be_float(value) and not (in_body and value.dtype != ir.DataType.FLOAT):
+                values[value.name] = value
     return list(values.values())
 
 
 def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
     quantized, total = collections.Counter(), collections.Counter()
-    for node in graph:
+    for node in all_nodes(graph):
         total[node.op_type] += 1
         quantized[node.op_type] += node in plan.decisions
     return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
@@ -226,7 +227,7 @@ def _build(
     keys = node_signatures(graph)
     notes = []
     unfused = set(layers.unfused)
-    keep_float = frozenset(node for node in graph if keys[node] in unfused)
+    keep_float = frozenset(node for node in all_nodes(graph) if keys[node] in unfused)
     if keep_float:
         ops = collections.Counter(node.op_type for node in keep_float)
         notes.append(
@@ -241,6 +242,7 @@ def _build(
     else:
         wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
+    notes += control_flow_notes(graph, config.method, set(plan.decisions), lambda node: rule_for(node) is not None)
     notes += plan.notes + apply_qdq(loaded.model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
         names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
@@ -249,6 +251,12 @@ def _build(
             f"7-bit weights on {len(reduced)} layer(s) whose 8-bit form this CPU's integer kernels "
             f"would saturate (no VNNI): {names}{more}"
         )
+        in_bodies = sum(node.graph is not graph for node in reduced)
+        if in_bodies:
+            notes.append(
+                f"{in_bodies} of those are inside If/Loop/Scan bodies, where saturation cannot be "
+                "measured: they get 7-bit weights to be safe"
+            )
     if config.format == "qoperator":
         notes += to_qoperator(loaded.model)
     return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
@@ -330,7 +338,7 @@ def convert(
                 f"calibration in {workspace_path} is not finished; pass the same --calibration-data to resume it"
             )
         keys = tensor_keys(graph)
-        candidates = candidate_tensors(graph)
+        candidates = candidate_tensors(graph, config.method)
         float_ranks = {
             v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
         }

@@ -11,27 +11,40 @@ Rules:
 4. A quantized constant activation (say the constant of an Add) is stored quantized with a
    DequantizeLinear, and every consumer reads that.
 5. Graph inputs and outputs keep their names and types.
+6. Inside If/Loop/Scan bodies the same rules hold per graph: the QuantizeLinear sits in the
+   graph that defines the tensor, and each graph with consumers gets its own DequantizeLinear
+   (and its own copy of the integer constants and scales), right beside the nodes that read
+   it, so that runtimes can fuse each group without looking across graph boundaries. A body
+   reads a QuantizeLinear output of an outer graph as an outer-scope value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.plan import QuantPlan, is_constant
+from onnxq.subgraphs import all_nodes, bodies, owning_graph
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
 
 
 class Emitter:
     """Creates uniquely named values, initializers and Q/DQ nodes in one graph."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, names: set[str] | None = None) -> None:
+        """``names``: the names already taken, shared by the emitters of one model's graphs
+        (default: those of ``graph`` and its subgraphs)."""
         self.graph = graph
-        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self._names.update(v.name for v in node.outputs)
+        if names is None:
+            names = set()
+            for current in [graph, *(body for node in all_nodes(graph) for _, body in bodies(node))]:
+                names.update(v.name for v in current.inputs)
+                names.update(current.initializers)
+                names.update(v.name for node in current for v in node.outputs)
+        self._names = names
 
     def unique(self, name: str) -> str:
         candidate, index = name, 1
@@ -71,6 +84,41 @@ class Emitter:
         if not value.uses() and not value.is_graph_output() and value.name in self.graph.initializers:
             self.graph.initializers.pop(value.name)
 
+    def names(self) -> set[str]:
+        """The taken names, to share with the emitter of another graph of the same model."""
+        return self._names
+
+
+class _Emitters:
+    """One ``Emitter`` per graph of a model (main graph and bodies), sharing one set of names."""
+
+    def __init__(self, model: ir.Model) -> None:
+        main = Emitter(model.graph)
+        self._by_graph = {model.graph: main}
+        self._names = main.names()
+
+    def __getitem__(self, graph: ir.Graph) -> Emitter:
+        if graph not in self._by_graph:
+            self._by_graph[graph] = Emitter(graph, self._names)
+        return self._by_graph[graph]
+
+    def remove_if_unused(self, value: ir.Value) -> None:
+        graph = owning_graph(value)
+        if graph is not None:
+            self[graph].remove_if_unused(value)
+
+
+def _per_graph(make: Callable[[Emitter], ir.Value], emitters: _Emitters) -> Callable[[ir.Graph], ir.Value]:
+    """``make`` called at most once per graph, on first request (a DequantizeLinear per graph)."""
+    made: dict[ir.Graph, ir.Value] = {}
+
+    def get(graph: ir.Graph) -> ir.Value:
+        if graph not in made:
+            made[graph] = make(emitters[graph])
+        return made[graph]
+
+    return get
+
 
 @dataclasses.dataclass
 class RewriteReport:
@@ -80,7 +128,7 @@ class RewriteReport:
 
 
 def _quantize_weights_and_biases(
-    emitter: Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
+    emitters: _Emitters, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
 ) -> None:
     uses: dict[ir.Value, list[ir.Node]] = {}
     for node, decision in plan.decisions.items():
@@ -102,52 +150,76 @@ def _quantize_weights_and_biases(
                 )
             scale = fitted.weight_scale
         params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
-        quantized = emitter.initializer(f"{weight.name}_quantized", quantize(array, params))
-        dequantized = emitter.dequantize(quantized, *emitter.params(weight.name, params), weight, params.axis)
-        weight.replace_all_uses_with(dequantized)
-        emitter.remove_if_unused(weight)
+        quantized = quantize(array, params)
+
+        def dequantized_weight(emitter: Emitter, weight=weight, params=params, quantized=quantized) -> ir.Value:
+            stored = emitter.initializer(f"{weight.name}_quantized", quantized)
+            return emitter.dequantize(stored, *emitter.params(weight.name, params), weight, params.axis)
+
+        in_graph = _per_graph(dequantized_weight, emitters)
+        for consumer, slot in list(weight.uses()):
+            consumer.replace_input_with(slot, in_graph(consumer.graph))
+        emitters.remove_if_unused(weight)
         for node, slot in biased:
             bias = node.inputs[slot]
             fitted = quantize_bias(bias.const_value.numpy(), _input_scale(plan, node), scale)
             bias_params = QuantParams(fitted.scale, np.zeros(fitted.scale.shape, np.int32))
+            emitter = emitters[node.graph]
             values = emitter.initializer(f"{bias.name}_quantized", fitted.values)
             bias_axis = 0 if fitted.scale.ndim else None
             node.replace_input_with(
                 slot, emitter.dequantize(values, *emitter.params(bias.name, bias_params), bias, bias_axis)
             )
-            emitter.remove_if_unused(bias)
+            emitters.remove_if_unused(bias)
 
 
 def _input_scale(plan: QuantPlan, node: ir.Node) -> np.ndarray:
     return plan.params[node.inputs[0]].scale
 
 
-def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
-    shared_params: dict[int, tuple[ir.Value, ir.Value]] = {}
+def _quantize_activations(emitters: _Emitters, plan: QuantPlan) -> None:
+    shared_params: dict[tuple[int, ir.Graph], tuple[ir.Value, ir.Value]] = {}
+
+    def params_in(graph: ir.Graph, value: ir.Value, params: QuantParams) -> tuple[ir.Value, ir.Value]:
+        if (id(params), graph) not in shared_params:
+            shared_params[id(params), graph] = emitters[graph].params(value.name, params)
+        return shared_params[id(params), graph]
+
     for value, params in plan.params.items():
-        if id(params) not in shared_params:
-            shared_params[id(params)] = emitter.params(value.name, params)
-        scale, zero_point = shared_params[id(params)]
         if is_constant(value):
-            stored = emitter.initializer(f"{value.name}_quantized", quantize(value.const_value.numpy(), params))
-            value.replace_all_uses_with(emitter.dequantize(stored, scale, zero_point, value))
-            emitter.remove_if_unused(value)
+            array = quantize(value.const_value.numpy(), params)
+
+            def stored_constant(emitter: Emitter, value=value, array=array, params=params) -> ir.Value:
+                stored = emitter.initializer(f"{value.name}_quantized", array)
+                return emitter.dequantize(stored, *params_in(emitter.graph, value, params), value)
+
+            in_graph = _per_graph(stored_constant, emitters)
+            for consumer, slot in list(value.uses()):
+                consumer.replace_input_with(slot, in_graph(consumer.graph))
+            emitters.remove_if_unused(value)
             continue
+        emitter = emitters[owning_graph(value)]
         quantized = ir.Value(
             name=emitter.unique(f"{value.name}_quantized"),
             type=ir.TensorType(ir.DataType.from_numpy(params.dtype)),
             shape=value.shape,
         )
-        quantize_node = emitter.node("QuantizeLinear", [value, scale, zero_point], quantized)
-        dequantized = emitter.dequantize(quantized, scale, zero_point, value)
+        quantize_node = emitter.node("QuantizeLinear", [value, *params_in(emitter.graph, value, params)], quantized)
+
+        def dequantized_in(graph_emitter: Emitter, value=value, quantized=quantized, params=params) -> ir.Value:
+            scale, zero_point = params_in(graph_emitter.graph, value, params)
+            return graph_emitter.dequantize(quantized, scale, zero_point, value)
+
+        in_graph = _per_graph(dequantized_in, emitters)
         produced_quantized = value in plan.quantized_outputs
         for consumer, slot in list(value.uses()):
             if consumer is quantize_node:
                 continue
             decision = plan.decisions.get(consumer)
             if produced_quantized or (decision is not None and slot in decision.activation_slots):
-                consumer.replace_input_with(slot, dequantized)
+                consumer.replace_input_with(slot, in_graph(consumer.graph))
         if produced_quantized and value.is_graph_output():
+            dequantized = in_graph(emitter.graph)
             name = value.name
             value.name = emitter.unique(f"{name}_float")
             dequantized.name = name
@@ -158,11 +230,11 @@ def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
 
 
 def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:
-    """Rewrite ``model``'s main graph in place to the QDQ form ``plan`` describes; the weights of
-    ``reduced_range`` nodes get 7 bits."""
-    emitter = Emitter(model.graph)
+    """Rewrite ``model`` (main graph and bodies) in place to the QDQ form ``plan`` describes;
+    the weights of ``reduced_range`` nodes get 7 bits."""
+    emitters = _Emitters(model)
     notes: list[str] = []
-    _quantize_weights_and_biases(emitter, plan, notes, set(reduced_range))
-    _quantize_activations(emitter, plan)
+    _quantize_weights_and_biases(emitters, plan, notes, set(reduced_range))
+    _quantize_activations(emitters, plan)
     model.graph.sort()
     return RewriteReport(notes)
