@@ -28,8 +28,8 @@ from onnxq.inspect import inspect_model
 from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
-from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, quantizable_nodes
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
+from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, quantizable_nodes
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto

@@ -27,8 +27,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.plan import QuantPlan, is_constant
-from onnxq.subgraphs import all_nodes, bodies, owning_graph
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
+from onnxq.subgraphs import all_nodes, bodies, owning_graph
 
 
 class Emitter:
