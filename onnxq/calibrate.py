@@ -281,10 +281,13 @@ def calibrate(
             try:
                 values = dict(zip(outputs, session.run(outputs, batch.feed)))
             except Exception as exc:
-                raise ModelError(
-                    f"the float model fails on the calibration data: {_first_line(exc)}; check that the "
-                    "data matches what the model was exported for"
-                ) from exc
+                hint = "check that the data matches what the model was exported for"
+                if any(sources.get("values", name) != name for name, sources in exposed.items()):
+                    hint += (
+                        ", and note that with histogram methods a tensor inside a Loop or Scan body "
+                        "must keep its size across iterations (--method minmax has no such limit)"
+                    )
+                raise ModelError(f"the float model fails on the calibration data: {_first_line(exc)}; {hint}") from exc
             for name in names:
                 observer = state.observers[tensors[name]]
                 sources = {"values": None} if name in inputs else exposed.get(name, {})

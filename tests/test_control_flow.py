@@ -100,15 +100,19 @@ def rnn_loop(weights_in_body: bool, if_in_body: bool = False) -> onnx.ModelProto
     return _model([loop], [("x", [T, 1, D]), ("h0", [1, H])], [("h_last", [1, H]), ("hs", [T, 1, H])], initializers)
 
 
-def rnn_scan() -> onnx.ModelProto:
-    """The same RNN as a Scan over x [T, 1, D] (weights in the main graph)."""
+def rnn_scan(time_axis: int = 0) -> onnx.ModelProto:
+    """The same RNN as a Scan over x [T, 1, D] (weights in the main graph); with
+    ``time_axis=1`` it scans x [1, T, D] along axis 1 and stacks hs [1, T, H] along axis 1,
+    in reverse for the output."""
     body = oh.make_graph(
         _cell("x_t") + [oh.make_node("Identity", ["h_out"], ["h_scan"])], "step",
         [oh.make_tensor_value_info("h_in", FLOAT, [1, H]), oh.make_tensor_value_info("x_t", FLOAT, [1, D])],
         [oh.make_tensor_value_info("h_out", FLOAT, [1, H]), oh.make_tensor_value_info("h_scan", FLOAT, [1, H])],
     )
-    scan = oh.make_node("Scan", ["h0", "x"], ["h_last", "hs"], body=body, num_scan_inputs=1)
-    return _model([scan], [("x", [T, 1, D]), ("h0", [1, H])], [("h_last", [1, H]), ("hs", [T, 1, H])],
+    axes = {} if time_axis == 0 else {"scan_input_axes": [1], "scan_output_axes": [1], "scan_output_directions": [1]}
+    scan = oh.make_node("Scan", ["h0", "x"], ["h_last", "hs"], body=body, num_scan_inputs=1, **axes)
+    x_shape, hs_shape = ([T, 1, D], [T, 1, H]) if time_axis == 0 else ([1, T, D], [1, T, H])
+    return _model([scan], [("x", x_shape), ("h0", [1, H])], [("h_last", [1, H]), ("hs", hs_shape)],
                   list(_rnn_weights().items()))
 
 
@@ -204,11 +208,19 @@ def test_loop_rnn_body_is_quantized_and_close_to_float(tmp_path, weights_in_body
     assert min(sqnr) > 25, sqnr
 
 
-def test_scan_rnn_body_is_quantized_and_close_to_float(tmp_path):
-    model = rnn_scan()
-    quantized, _ = _convert(model, tmp_path, _sequences(24, 0))
+@pytest.mark.parametrize("time_axis", [0, 1], ids=["default-axes", "axis-1-reversed-output"])
+def test_scan_rnn_body_is_quantized_and_close_to_float(tmp_path, time_axis):
+    model = rnn_scan(time_axis)
+
+    def data(count: int, seed: int) -> dict[str, np.ndarray]:
+        sequences = _sequences(count, seed)
+        if time_axis:
+            sequences["x"] = sequences["x"].transpose(0, 2, 1, 3)  # [N, 1, T, D]
+        return sequences
+
+    quantized, _ = _convert(model, tmp_path, data(24, 0))
     assert _matmuls_read_dequantized(_body(quantized, "Scan")) == [True, True]
-    sqnr = _sqnr_over(model, quantized, _sequences(8, 1))
+    sqnr = _sqnr_over(model, quantized, data(8, 1))
     assert min(sqnr) > 25, sqnr
 
 
@@ -368,3 +380,40 @@ def test_a_quantized_body_model_is_recognized_as_quantized(tmp_path):
     quantized, _ = _convert(rnn_loop(False), tmp_path, _sequences(24, 0))
     again = onnxq.convert(quantized, tmp_path / "again.onnx", None)
     assert any("already quantized" in note for note in again.notes)
+
+
+def growing_loop() -> onnx.ModelProto:
+    """A Loop whose body squares a prefix of x that grows by one element per iteration."""
+    body = oh.make_graph(
+        [
+            oh.make_node("Add", ["i", "one"], ["length"]),
+            oh.make_node("Unsqueeze", ["length", "axis"], ["end"]),
+            oh.make_node("Slice", ["x", "start", "end", "axis"], ["prefix"]),
+            oh.make_node("Mul", ["prefix", "prefix"], ["squares"]),
+            oh.make_node("ReduceSum", ["squares"], ["total"], keepdims=0),
+            oh.make_node("Add", ["acc_in", "total"], ["acc_out"]),
+            oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [oh.make_tensor_value_info("i", INT64, []), oh.make_tensor_value_info("cond_in", BOOL, []),
+         oh.make_tensor_value_info("acc_in", FLOAT, [])],
+        [oh.make_tensor_value_info("cond_out", BOOL, []), oh.make_tensor_value_info("acc_out", FLOAT, [])],
+    )
+    initializers = [("T", np.array(5, np.int64)), ("keep_going", np.array(True)), ("acc0", np.array(0, np.float32)),
+                    ("one", np.array(1, np.int64)), ("axis", np.array([0], np.int64)), ("start", np.array([0], np.int64))]
+    loop = oh.make_node("Loop", ["T", "keep_going", "acc0"], ["acc"], body=body)
+    return _model([loop], [("x", [5])], [("acc", [])], initializers)
+
+
+def test_body_tensors_whose_size_changes_per_iteration(tmp_path):
+    model = growing_loop()
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    quantized, result = _convert(model, tmp_path, {"x": x})  # minmax: two scalars per iteration, any size
+    scale, _ = _quantize_params(_body(quantized, "Loop"), "prefix")
+    np.testing.assert_allclose(scale, (max(x.max(), 0) - min(x.min(), 0)) / 255, rtol=1e-5)
+    assert result.op_counts["Mul"].quantized == 1
+
+    with pytest.raises(onnxq.ModelError, match="keep its size across iterations.*--method minmax") as error:
+        _convert(model, tmp_path, {"x": x}, name="percentile", method="percentile")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "percentile.onnx").exists()
