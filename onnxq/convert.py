@@ -242,7 +242,7 @@ def _build(
     else:
         wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
-    notes += control_flow_notes(graph, config.method, set(plan.decisions), lambda node: rule_for(node) is not None)
+    notes += control_flow_notes(graph, config.method, set(plan.decisions))
     notes += plan.notes + apply_qdq(loaded.model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
         names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])

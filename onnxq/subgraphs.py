@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper
 import onnx_ir as ir
+
+from onnxq.ops import rule_for
 
 CONTROL_FLOW = ("If", "Loop", "Scan")
 _LOOPS = ("Loop", "Scan")
@@ -92,15 +94,13 @@ def quantizable_nodes(graph: ir.Graph, method: str) -> Iterator[ir.Node]:
     return (node for node in all_nodes(graph) if node.graph not in skipped)
 
 
-def control_flow_notes(
-    graph: ir.Graph, method: str, quantized: set[ir.Node], rules: Callable[[ir.Node], bool]
-) -> list[str]:
-    """Notes on the bodies: how many nodes were quantized inside them, and which bodies stayed
-    float and why. ``rules(node)`` says whether a node could be quantized at all."""
+def control_flow_notes(graph: ir.Graph, method: str, quantized: set[ir.Node]) -> list[str]:
+    """Notes on the bodies: how many of the ``quantized`` nodes are inside them, and which
+    bodies with quantizable nodes stayed float and why."""
     skipped = unsupported_bodies(graph, method)
     notes = []
     for body, (parent, reason) in skipped.items():
-        candidates = [n for n in body if rules(n)]
+        candidates = [n for n in body if rule_for(n) is not None]
         if candidates and parent.graph not in skipped:
             notes.append(
                 f"kept float the body of {parent.op_type} {parent.name!r} ({len(candidates)} quantizable "

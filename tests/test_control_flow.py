@@ -14,9 +14,12 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
+from onnxq.convert import candidate_tensors
 from onnxq.inspect import inspect_model
+from onnxq.plan import plan_quantization
 from onnxq.saturation import cpu_saturates
 from onnxq.signatures import node_signatures
+from onnxq.subgraphs import control_flow_notes
 from tests.graphs import run, sqnr_db
 
 FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
@@ -417,3 +420,20 @@ def test_body_tensors_whose_size_changes_per_iteration(tmp_path):
         _convert(model, tmp_path, {"x": x}, name="percentile", method="percentile")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "percentile.onnx").exists()
+
+
+def test_bodies_of_other_ops_stay_float_with_a_note():
+    """A custom-domain op with a graph attribute: onnxq cannot carry its body's tensors out, so
+    nothing there is calibrated or quantized, and the notes say so."""
+    body = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["inner"])], "custom_body", [],
+                         [oh.make_tensor_value_info("inner", FLOAT, [1, 4])])
+    node = oh.make_node("RunBody", ["x"], ["y"], domain="example.custom", name="custom", body=body)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", FLOAT, [1, D])],
+                          [oh.make_tensor_value_info("y", FLOAT, [1, 4])],
+                          [onh.from_array(np.ones((D, 4), np.float32), "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("example.custom", 1)])
+    main = ir.from_proto(model).graph
+    assert [v.name for v in candidate_tensors(main, "minmax")] == []
+    assert not list(plan_quantization(main, {"x": (-1.0, 1.0), "inner": (-4.0, 4.0)}, onnxq.QuantConfig()).decisions)
+    (note,) = control_flow_notes(main, "minmax", set())
+    assert "kept float the body of RunBody 'custom' (1 quantizable node(s)" in note
