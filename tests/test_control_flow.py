@@ -437,3 +437,20 @@ def test_bodies_of_other_ops_stay_float_with_a_note():
     assert not list(plan_quantization(main, {"x": (-1.0, 1.0), "inner": (-4.0, 4.0)}, onnxq.QuantConfig()).decisions)
     (note,) = control_flow_notes(main, "minmax", set())
     assert "kept float the body of RunBody 'custom' (1 quantizable node(s)" in note
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_loops_of_zero_iterations_add_nothing_to_the_ranges(tmp_path, method):
+    model = rnn_loop(False)
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "T"))
+    model.graph.input.append(oh.make_tensor_value_info("T", INT64, []))  # the trip count, per sample
+    data = _sequences(6, 0)
+    data["T"] = np.array([0, 0, 3, 0, 6, 2], np.int64)  # scalar input: one value per sample
+    quantized, result = _convert(model, tmp_path, data, method=method)
+    assert result.op_counts["MatMul"].quantized == 2
+    pre_b = [v for x, h0, steps in zip(data["x"], data["h0"], data["T"])
+             for v in _numpy_rnn(x[:steps], h0, _rnn_weights())["pre_b"]]
+    low, high = min(0.0, min(v.min() for v in pre_b)), max(0.0, max(v.max() for v in pre_b))
+    scale, _ = _quantize_params(_body(quantized, "Loop"), "pre_b")
+    # percentile keeps the 99.99th percentile, within one histogram bin of the extremes here
+    np.testing.assert_allclose(scale, (high - low) / 255, rtol=1e-5 if method == "minmax" else 2e-3)
