@@ -63,14 +63,14 @@ def _is_control_flow(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW
 
 
-def unsupported_bodies(graph: ir.Graph, method: str) -> dict[ir.Graph, tuple[ir.Node, str]]:
+def unsupported_bodies(graph: ir.Graph, method: str) -> dict[ir.Graph, tuple[ir.Node, str, str]]:
     """The subgraphs (at any depth) whose tensors cannot be calibrated with ``method``, each
-    with its parent node and the reason (see the rules above)."""
-    found: dict[ir.Graph, tuple[ir.Node, str]] = {}
+    with its parent node, its label (``bodies``) and the reason (see the rules above)."""
+    found: dict[ir.Graph, tuple[ir.Node, str, str]] = {}
 
     def visit(current: ir.Graph, in_loop: bool, reason: str | None) -> None:
         for node in current:
-            for _, body in bodies(node):
+            for label, body in bodies(node):
                 body_reason = reason
                 if body_reason is None and not _is_control_flow(node):
                     body_reason = f"onnxq calibrates only the bodies of {', '.join(CONTROL_FLOW)}"
@@ -80,7 +80,7 @@ def unsupported_bodies(graph: ir.Graph, method: str) -> dict[ir.Graph, tuple[ir.
                         "(use --method minmax)"
                     )
                 if body_reason is not None:
-                    found[body] = (node, body_reason)
+                    found[body] = (node, label, body_reason)
                 visit(body, in_loop or node.op_type in _LOOPS, body_reason)
 
     visit(graph, False, None)
@@ -99,12 +99,12 @@ def control_flow_notes(graph: ir.Graph, method: str, quantized: set[ir.Node]) ->
     bodies with quantizable nodes stayed float and why."""
     skipped = unsupported_bodies(graph, method)
     notes = []
-    for body, (parent, reason) in skipped.items():
-        candidates = [n for n in body if rule_for(n) is not None]
-        if candidates and parent.graph not in skipped:
+    for body, (parent, label, reason) in skipped.items():
+        candidates = [n for n in all_nodes(body) if rule_for(n) is not None]
+        if candidates and parent.graph not in skipped:  # one note for the outermost skipped body
             notes.append(
-                f"kept float the body of {parent.op_type} {parent.name!r} ({len(candidates)} quantizable "
-                f"node(s) and any nested bodies): {reason}"
+                f"kept float the {label} of {parent.op_type} {parent.name!r} ({len(candidates)} quantizable "
+                f"node(s), nested bodies included): {reason}"
             )
     inside = collections.Counter(node.op_type for node in quantized if node.graph is not graph)
     if inside:

@@ -312,7 +312,7 @@ def test_if_inside_a_loop_body(tmp_path):
     quantized, result = _convert(model, tmp_path, _sequences(24, 0), name="percentile", method="percentile")
     then = _body(_body(quantized, "Loop"), "If", "then_branch")
     assert not any(n.op_type == "DequantizeLinear" for n in then.node)  # kept float ...
-    assert any("kept float the body of If" in note and "--method minmax" in note for note in result.notes)  # ... and said so
+    assert any("kept float the then_branch of If" in note and "--method minmax" in note for note in result.notes)  # ... and said so
     assert _matmuls_read_dequantized(_body(quantized, "Loop")) == [True, True]  # the rest of the body is quantized
 
 
@@ -425,18 +425,26 @@ def test_body_tensors_whose_size_changes_per_iteration(tmp_path):
 def test_bodies_of_other_ops_stay_float_with_a_note():
     """A custom-domain op with a graph attribute: onnxq cannot carry its body's tensors out, so
     nothing there is calibrated or quantized, and the notes say so."""
-    body = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["inner"])], "custom_body", [],
-                         [oh.make_tensor_value_info("inner", FLOAT, [1, 4])])
+    then = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["nested"])], "then", [],
+                         [oh.make_tensor_value_info("nested", FLOAT, [1, 4])])
+    other = oh.make_graph([oh.make_node("Identity", ["x"], ["same"])], "else", [],
+                          [oh.make_tensor_value_info("same", FLOAT, [1, D])])
+    body = oh.make_graph(  # no quantizable node of its own, one inside the If it holds
+        [oh.make_node("Identity", ["positive"], ["flag"]),
+         oh.make_node("If", ["flag"], ["inner"], then_branch=then, else_branch=other)], "custom_body", [],
+        [oh.make_tensor_value_info("inner", FLOAT, [1, 4])])
     node = oh.make_node("RunBody", ["x"], ["y"], domain="example.custom", name="custom", body=body)
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", FLOAT, [1, D])],
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", FLOAT, [1, D]),
+                                        oh.make_tensor_value_info("positive", BOOL, [])],
                           [oh.make_tensor_value_info("y", FLOAT, [1, 4])],
                           [onh.from_array(np.ones((D, 4), np.float32), "w")])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("example.custom", 1)])
     main = ir.from_proto(model).graph
     assert [v.name for v in candidate_tensors(main, "minmax")] == []
-    assert not list(plan_quantization(main, {"x": (-1.0, 1.0), "inner": (-4.0, 4.0)}, onnxq.QuantConfig()).decisions)
+    ranges = {"x": (-1.0, 1.0), "nested": (-4.0, 4.0)}
+    assert not list(plan_quantization(main, ranges, onnxq.QuantConfig()).decisions)
     (note,) = control_flow_notes(main, "minmax", set())
-    assert "kept float the body of RunBody 'custom' (1 quantizable node(s)" in note
+    assert "kept float the body of RunBody 'custom' (1 quantizable node(s), nested bodies included)" in note
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
