@@ -189,6 +189,12 @@ def _augmented(
     return augmented, exposed
 
 
+def _carries_body_values(name: str, sources: dict[str, str]) -> bool:
+    """Whether a tensor's values are read from an output carried out of a body (stacked over
+    the iterations of any Loop or Scan on the way), rather than under its own name."""
+    return "values" in sources and sources["values"] != name
+
+
 def _tensor_bytes(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
     """Estimated bytes of each tensor for a batch like ``feed`` (unknown sizes: the largest known)."""
     fixed = onnx.ModelProto()
@@ -282,7 +288,7 @@ def calibrate(
                 values = dict(zip(outputs, session.run(outputs, batch.feed)))
             except Exception as exc:
                 hint = "check that the data matches what the model was exported for"
-                if any(sources.get("values", name) != name for name, sources in exposed.items()):
+                if any(_carries_body_values(name, sources) for name, sources in exposed.items()):
                     hint += (
                         ", and note that with histogram methods a tensor inside a Loop or Scan body "
                         "must keep its size across iterations (--method minmax has no such limit)"

@@ -15,6 +15,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxq.subgraphs import proto_bodies
+
 COMPUTE_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
     "Sigmoid", "Concat", "LeakyRelu", "Softmax",
@@ -46,7 +48,6 @@ def _unfused_in(graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProt
         and any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input)
     ]
     for node in graph.node:
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                found += _unfused_in(body, producers)
+        for body in proto_bodies(node):
+            found += _unfused_in(body, producers)
     return found

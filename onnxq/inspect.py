@@ -21,6 +21,7 @@ from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.model_io import load_model
 from onnxq.ops import RULES
 from onnxq.qoperator import QLINEAR
+from onnxq.subgraphs import proto_bodies
 
 _BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -96,36 +97,34 @@ def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> b
     return True
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for attr in node.attribute for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
-
-
 def _used_inside(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name that the nodes of ``graph`` and of its subgraphs read."""
     names = {name for node in graph.node for name in node.input}
     for node in graph.node:
-        for body in _subgraphs(node):
+        for body in proto_bodies(node):
             names |= _used_inside(body)
     return names
 
 
-def _graphs(graph: onnx.GraphProto, outer: dict) -> list[tuple[onnx.GraphProto, dict, dict, dict]]:
+def _graphs(
+    graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto], outer_types: dict[str, int]
+) -> list[tuple[onnx.GraphProto, dict, dict, dict]]:
     """``graph`` and its subgraphs (recursively), each with its producers, consumers and types,
     a body seeing the tensors of the graphs around it. A tensor that a body reads counts as
     read by the body's parent node."""
-    producers = outer.get("producers", {}) | {output: node for node in graph.node for output in node.output}
-    types = outer.get("types", {}) | {
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    types = outer_types | {
         info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]
     }
     types.update({init.name: init.data_type for init in graph.initializer})
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in set(node.input) | {n for body in _subgraphs(node) for n in _used_inside(body)}:
+        for name in set(node.input) | {n for body in proto_bodies(node) for n in _used_inside(body)}:
             consumers.setdefault(name, []).append(node)
     found = [(graph, producers, consumers, types)]
     for node in graph.node:
-        for body in _subgraphs(node):
-            found += _graphs(body, {"producers": producers, "types": types})
+        for body in proto_bodies(node):
+            found += _graphs(body, producers, types)
     return found
 
 
@@ -134,7 +133,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
     subgraph) included; ``fusion=False`` skips asking ONNX Runtime which quantized groups it
     would fuse."""
     proto = load_model(model)
-    graphs = _graphs(proto.graph, {})
+    graphs = _graphs(proto.graph, {}, {})
     all_nodes = [node for graph, *_ in graphs for node in graph.node]
     nodes = []
     for graph, producers, consumers, types in graphs:

@@ -53,6 +53,11 @@ def bodies(node: ir.Node) -> list[tuple[str, ir.Graph]]:
     return found
 
 
+def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs of a protobuf node (``bodies`` for ``onnx_ir`` nodes)."""
+    return [g for attr in node.attribute for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
+
+
 def owning_graph(value: ir.Value) -> ir.Graph | None:
     """The graph that defines ``value`` (as a node output, graph input or initializer)."""
     producer = value.producer()
@@ -128,9 +133,8 @@ class _Names:
         self._used.update(v.name for v in [*graph.input, *graph.output, *graph.initializer])
         for node in graph.node:
             self._used.update(node.output)
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    self._collect(sub)
+            for body in proto_bodies(node):
+                self._collect(body)
 
     def new(self, base: str) -> str:
         name = f"{base}__onnxq_tap{next(self._counter)}"
