@@ -29,7 +29,7 @@ from onnxq.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.saturation import saturating_layers
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
-from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, quantizable_nodes
+from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, proto_bodies, quantizable_nodes
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -105,15 +105,22 @@ def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
     return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
 
 
+def _proto_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs, recursively."""
+    return [graph] + [sub for node in graph.node for body in proto_bodies(node) for sub in _proto_graphs(body)]
+
+
 def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
     """The serialized quantized model, after the checks every output must pass.
 
-    Shape annotations that onnxq inferred for its own use are dropped; the model's own stay.
+    Shape annotations that onnxq inferred for its own use are dropped (in bodies too); the
+    model's own stay.
     """
-    declared = {info.name for info in float_proto.graph.value_info}
-    kept = [info for info in proto.graph.value_info if info.name in declared]
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(kept)
+    declared = {info.name for graph in _proto_graphs(float_proto.graph) for info in graph.value_info}
+    for graph in _proto_graphs(proto.graph):
+        kept = [info for info in graph.value_info if info.name in declared]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
     onnx.checker.check_model(proto, full_check=True)
     for kind in ("input", "output"):
         before = [v.name for v in getattr(float_proto.graph, kind)]

@@ -6,8 +6,9 @@ with an instruction that adds pairs of products into int16, saturating above 327
 8-bit weights (up to 127) and activations up to 255, a pair can reach 64770. Weights of 7 bits
 (up to 63) cannot saturate, but lose resolution everywhere ("reduce_range"). Rules:
 1. CPUs with VNNI or AMX (x86) or dot-product instructions (ARM) do not saturate: nothing to do.
-2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch twice, as ONNX
-   Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same quantized input.
+2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch
+   twice, as ONNX Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same
+   quantized input.
 3. A layer whose saturation error (fused vs exact, in output steps) has more power than its own
    rounding noise (1/12 step squared) gets 7-bit weights.
 4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
