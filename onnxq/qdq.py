@@ -11,17 +11,16 @@ Rules:
 4. A quantized constant activation (say the constant of an Add) is stored quantized with a
    DequantizeLinear, and every consumer reads that.
 5. Graph inputs and outputs keep their names and types.
-6. Inside If/Loop/Scan bodies the same rules hold per graph: the QuantizeLinear sits in the
-   graph that defines the tensor, and each graph with consumers gets its own DequantizeLinear
-   (and its own copy of the integer constants and scales), right beside the nodes that read
-   it, so that runtimes can fuse each group without looking across graph boundaries. A body
-   reads a QuantizeLinear output of an outer graph as an outer-scope value.
+6. Inside If/Loop/Scan bodies: the QuantizeLinear (or the integer constant) and its scale sit
+   in the graph that defines the tensor, and each graph with consumers gets its own
+   DequantizeLinear right beside them, reading the integer tensor and scale as outer-scope
+   values where needed. ONNX Runtime fuses such groups inside bodies (QLinearMatMul in a Loop
+   body, say), which it would not do across a graph boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -108,16 +107,27 @@ class _Emitters:
             self[graph].remove_if_unused(value)
 
 
-def _per_graph(make: Callable[[Emitter], ir.Value], emitters: _Emitters) -> Callable[[ir.Graph], ir.Value]:
-    """``make`` called at most once per graph, on first request (a DequantizeLinear per graph)."""
-    made: dict[ir.Graph, ir.Value] = {}
+class _Dequantized:
+    """The dequantized form of one integer tensor: a DequantizeLinear in each graph that reads
+    it, made on first request, so that each sits beside its consumers (the integer tensor and
+    its scale may live in an outer graph)."""
 
-    def get(graph: ir.Graph) -> ir.Value:
-        if graph not in made:
-            made[graph] = make(emitters[graph])
-        return made[graph]
+    def __init__(self, emitters: _Emitters, quantized: ir.Value, scale: ir.Value, zero_point: ir.Value,
+                 like: ir.Value, axis: int | None = None) -> None:
+        self._emitters = emitters
+        self._inputs = (quantized, scale, zero_point)
+        self._like, self._axis = like, axis
+        self._by_graph: dict[ir.Graph, ir.Value] = {}
 
-    return get
+    def in_graph(self, graph: ir.Graph) -> ir.Value:
+        if graph not in self._by_graph:
+            self._by_graph[graph] = self._emitters[graph].dequantize(*self._inputs, self._like, self._axis)
+        return self._by_graph[graph]
+
+    def replace_uses(self, value: ir.Value) -> None:
+        """Every consumer of ``value``, in any graph, reads the dequantized tensor instead."""
+        for consumer, slot in list(value.uses()):
+            consumer.replace_input_with(slot, self.in_graph(consumer.graph))
 
 
 @dataclasses.dataclass
@@ -150,15 +160,9 @@ def _quantize_weights_and_biases(
                 )
             scale = fitted.weight_scale
         params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
-        quantized = quantize(array, params)
-
-        def dequantized_weight(emitter: Emitter, weight=weight, params=params, quantized=quantized) -> ir.Value:
-            stored = emitter.initializer(f"{weight.name}_quantized", quantized)
-            return emitter.dequantize(stored, *emitter.params(weight.name, params), weight, params.axis)
-
-        in_graph = _per_graph(dequantized_weight, emitters)
-        for consumer, slot in list(weight.uses()):
-            consumer.replace_input_with(slot, in_graph(consumer.graph))
+        owner = emitters[owning_graph(weight)]
+        stored = owner.initializer(f"{weight.name}_quantized", quantize(array, params))
+        _Dequantized(emitters, stored, *owner.params(weight.name, params), weight, params.axis).replace_uses(weight)
         emitters.remove_if_unused(weight)
         for node, slot in biased:
             bias = node.inputs[slot]
@@ -179,54 +183,39 @@ def _input_scale(plan: QuantPlan, node: ir.Node) -> np.ndarray:
 
 def _quantize_activations(emitters: _Emitters, plan: QuantPlan) -> None:
     shared_params: dict[tuple[int, ir.Graph], tuple[ir.Value, ir.Value]] = {}
-
-    def params_in(graph: ir.Graph, value: ir.Value, params: QuantParams) -> tuple[ir.Value, ir.Value]:
-        if (id(params), graph) not in shared_params:
-            shared_params[id(params), graph] = emitters[graph].params(value.name, params)
-        return shared_params[id(params), graph]
-
     for value, params in plan.params.items():
-        if is_constant(value):
-            array = quantize(value.const_value.numpy(), params)
-
-            def stored_constant(emitter: Emitter, value=value, array=array, params=params) -> ir.Value:
-                stored = emitter.initializer(f"{value.name}_quantized", array)
-                return emitter.dequantize(stored, *params_in(emitter.graph, value, params), value)
-
-            in_graph = _per_graph(stored_constant, emitters)
-            for consumer, slot in list(value.uses()):
-                consumer.replace_input_with(slot, in_graph(consumer.graph))
-            emitters.remove_if_unused(value)
-            continue
         emitter = emitters[owning_graph(value)]
+        if (id(params), emitter.graph) not in shared_params:  # a group's scale, once per graph
+            shared_params[id(params), emitter.graph] = emitter.params(value.name, params)
+        scale, zero_point = shared_params[id(params), emitter.graph]
+        if is_constant(value):
+            stored = emitter.initializer(f"{value.name}_quantized", quantize(value.const_value.numpy(), params))
+            _Dequantized(emitters, stored, scale, zero_point, value).replace_uses(value)
+            emitter.remove_if_unused(value)
+            continue
         quantized = ir.Value(
             name=emitter.unique(f"{value.name}_quantized"),
             type=ir.TensorType(ir.DataType.from_numpy(params.dtype)),
             shape=value.shape,
         )
-        quantize_node = emitter.node("QuantizeLinear", [value, *params_in(emitter.graph, value, params)], quantized)
-
-        def dequantized_in(graph_emitter: Emitter, value=value, quantized=quantized, params=params) -> ir.Value:
-            scale, zero_point = params_in(graph_emitter.graph, value, params)
-            return graph_emitter.dequantize(quantized, scale, zero_point, value)
-
-        in_graph = _per_graph(dequantized_in, emitters)
+        quantize_node = emitter.node("QuantizeLinear", [value, scale, zero_point], quantized)
+        dequantized = _Dequantized(emitters, quantized, scale, zero_point, value)
         produced_quantized = value in plan.quantized_outputs
         for consumer, slot in list(value.uses()):
             if consumer is quantize_node:
                 continue
             decision = plan.decisions.get(consumer)
             if produced_quantized or (decision is not None and slot in decision.activation_slots):
-                consumer.replace_input_with(slot, in_graph(consumer.graph))
+                consumer.replace_input_with(slot, dequantized.in_graph(consumer.graph))
         if produced_quantized and value.is_graph_output():
-            dequantized = in_graph(emitter.graph)
+            output_value = dequantized.in_graph(emitter.graph)
             name = value.name
             value.name = emitter.unique(f"{name}_float")
-            dequantized.name = name
+            output_value.name = name
             outputs = emitter.graph.outputs
             for index, output in enumerate(outputs):
                 if output is value:
-                    outputs[index] = dequantized
+                    outputs[index] = output_value
 
 
 def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:

@@ -11,6 +11,7 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 import onnxq
@@ -178,6 +179,17 @@ def _matmuls_read_dequantized(graph: onnx.GraphProto) -> list[bool]:
     ]
 
 
+def _optimized(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """``model`` as ONNX Runtime's CPU provider would run it, after its graph optimizations."""
+    path = folder / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(path)
+
+
 def _float_weights(graph: onnx.GraphProto) -> list[str]:
     return [init.name for init in graph.initializer if init.data_type == FLOAT and len(init.dims) >= 2]
 
@@ -204,7 +216,10 @@ def test_loop_rnn_body_is_quantized_and_close_to_float(tmp_path, weights_in_body
     body = _body(quantized, "Loop")
     assert _matmuls_read_dequantized(body) == [True, True]
     assert not _float_weights(body) and not _float_weights(quantized.graph)  # no float W, U left anywhere
-    assert {init.name for init in body.initializer if init.data_type == onnx.TensorProto.INT8} >= {"W_quantized", "U_quantized"}
+    holder = body if weights_in_body else quantized.graph  # int8 weights stay where the float ones were
+    assert {init.name for init in holder.initializer if init.data_type == onnx.TensorProto.INT8} >= {"W_quantized", "U_quantized"}
+    fused = [n.op_type for n in _body(_optimized(quantized, tmp_path), "Loop").node]
+    assert fused.count("QLinearMatMul") == 2 and "MatMul" not in fused  # integer kernels inside the body
     assert result.op_counts["MatMul"].quantized == 2 and result.op_counts["Add"].quantized == 2
     assert any("inside If/Loop/Scan bodies" in note for note in result.notes)
     sqnr = _sqnr_over(model, quantized, _sequences(8, 1))
@@ -259,6 +274,9 @@ def test_if_branches_are_quantized_and_close_to_float(tmp_path):
     for branch in ("then_branch", "else_branch"):
         assert _matmuls_read_dequantized(_body(quantized, "If", branch)) == [True]
     assert not _float_weights(_body(quantized, "If", "else_branch")) and not _float_weights(quantized.graph)
+    optimized = _optimized(quantized, tmp_path)
+    for branch in ("then_branch", "else_branch"):  # integer kernels in both branches
+        assert "MatMul" not in [n.op_type for n in _body(optimized, "If", branch).node]
     held_out = {"x": rng.normal(scale=0.8, size=(40, 1, D)).astype(np.float32)}  # inside the calibrated range
     sqnr = _sqnr_over(model, quantized, held_out)
     assert min(sqnr) > 30, sqnr
@@ -269,7 +287,7 @@ def test_body_layers_get_7_bit_weights_where_kernels_saturate(tmp_path):
     u8 x s8 kernels saturate, body layers get 7-bit weights, and the notes say why."""
     rng = np.random.default_rng(2)
     quantized, result = _convert(branch_model(), tmp_path, {"x": rng.normal(size=(64, 1, D)).astype(np.float32)})
-    weights = {init.name: onh.to_array(init) for init in _body(quantized, "If", "then_branch").initializer}
+    weights = {init.name: onh.to_array(init) for init in quantized.graph.initializer}  # w1 is outer-scope
     largest = int(np.abs(weights["w1_quantized"].astype(np.int32)).max())
     if cpu_saturates():
         assert largest == 63
