@@ -480,3 +480,58 @@ def test_loops_of_zero_iterations_add_nothing_to_the_ranges(tmp_path, method):
     scale, _ = _quantize_params(_body(quantized, "Loop"), "pre_b")
     # percentile keeps the 99.99th percentile, within one histogram bin of the extremes here
     np.testing.assert_allclose(scale, (high - low) / 255, rtol=1e-5 if method == "minmax" else 2e-3)
+
+
+def test_a_weight_shared_by_the_main_graph_and_a_branch_is_stored_once(tmp_path):
+    rng = np.random.default_rng(4)
+    then = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["t"])], "then", [],
+                         [oh.make_tensor_value_info("t", FLOAT, [1, 4])])
+    other = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["e0"]), oh.make_node("Neg", ["e0"], ["e"])], "else", [],
+                          [oh.make_tensor_value_info("e", FLOAT, [1, 4])])
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["y0"]),
+        oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        oh.make_node("Greater", ["s", "zero"], ["positive"]),
+        oh.make_node("If", ["positive"], ["yb"], then_branch=then, else_branch=other),
+        oh.make_node("Add", ["y0", "yb"], ["y"]),
+    ]
+    model = _model(nodes, [("x", [1, D])], [("y", [1, 4])],
+                   [("w", rng.normal(size=(D, 4)).astype(np.float32)), ("zero", np.array(0, np.float32))])
+    data = {"x": rng.normal(size=(128, 1, D)).astype(np.float32)}
+    quantized, result = _convert(model, tmp_path, data)
+    assert result.op_counts["MatMul"].quantized == 3
+    graphs = [quantized.graph, _body(quantized, "If", "then_branch"), _body(quantized, "If", "else_branch")]
+    int8 = [(index, init.name) for index, graph in enumerate(graphs) for init in graph.initializer
+            if init.data_type == onnx.TensorProto.INT8]
+    assert sorted(int8) == [(0, "w_quantized"), (0, "w_zero_point")]  # one copy, in the main graph where w was
+    assert all(_matmuls_read_dequantized(graph) == [True] for graph in graphs)
+    held_out = {"x": rng.normal(scale=0.8, size=(32, 1, D)).astype(np.float32)}
+    assert min(_sqnr_over(model, quantized, held_out)) > 25
+
+
+def test_gemm_bias_inside_a_loop_body_becomes_int32(tmp_path):
+    weights = _rnn_weights()
+    body = oh.make_graph(
+        [oh.make_node("Gather", ["x", "i"], ["x_t"], axis=0),
+         oh.make_node("Gemm", ["x_t", "W", "b"], ["xw"]),
+         oh.make_node("MatMul", ["h_in", "U"], ["hu"]),
+         oh.make_node("Add", ["xw", "hu"], ["pre"]),
+         oh.make_node("Tanh", ["pre"], ["h_out"]),
+         oh.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "step",
+        [oh.make_tensor_value_info("i", INT64, []), oh.make_tensor_value_info("cond_in", BOOL, []),
+         oh.make_tensor_value_info("h_in", FLOAT, [1, H])],
+        [oh.make_tensor_value_info("cond_out", BOOL, []), oh.make_tensor_value_info("h_out", FLOAT, [1, H])],
+    )
+    loop = oh.make_node("Loop", ["T", "keep_going", "h0"], ["h_last"], body=body)
+    model = _model([loop], [("x", [T, 1, D]), ("h0", [1, H])], [("h_last", [1, H])],
+                   [("T", np.array(T, np.int64)), ("keep_going", np.array(True)), *weights.items()])
+    quantized, _ = _convert(model, tmp_path, _sequences(24, 0))
+    quantized_body = _body(quantized, "Loop")
+    producers = _producers(quantized_body)
+    gemm = next(n for n in quantized_body.node if n.op_type == "Gemm")
+    bias_dq = producers[gemm.input[2]]
+    assert bias_dq.op_type == "DequantizeLinear"
+    stored = {i.name: i for graph in (quantized.graph, quantized_body) for i in graph.initializer}
+    assert stored[bias_dq.input[0]].data_type == onnx.TensorProto.INT32
+    assert min(_sqnr_over(model, quantized, _sequences(8, 1))) > 25
