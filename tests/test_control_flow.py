@@ -535,3 +535,23 @@ def test_gemm_bias_inside_a_loop_body_becomes_int32(tmp_path):
     stored = {i.name: i for graph in (quantized.graph, quantized_body) for i in graph.initializer}
     assert stored[bias_dq.input[0]].data_type == onnx.TensorProto.INT32
     assert min(_sqnr_over(model, quantized, _sequences(8, 1))) > 25
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_a_loop_nested_in_a_loop(tmp_path, method):
+    """An outer Loop runs the RNN Loop twice, carrying h: taps pass through two levels of loops."""
+    rnn = rnn_loop(False)
+    outer_body = oh.make_graph(
+        [oh.make_node("Loop", ["T", "keep_going", "g_in"], ["g_out", "hs_inner"], body=_body(rnn, "Loop")),
+         oh.make_node("Identity", ["c_in"], ["c_out"])],
+        "outer",
+        [oh.make_tensor_value_info("j", INT64, []), oh.make_tensor_value_info("c_in", BOOL, []),
+         oh.make_tensor_value_info("g_in", FLOAT, [1, H])],
+        [oh.make_tensor_value_info("c_out", BOOL, []), oh.make_tensor_value_info("g_out", FLOAT, [1, H])],
+    )
+    initializers = [(i.name, onh.to_array(i)) for i in rnn.graph.initializer] + [("twice", np.array(2, np.int64))]
+    outer = oh.make_node("Loop", ["twice", "keep_going", "h0"], ["h_last"], body=outer_body)
+    model = _model([outer], [("x", [T, 1, D]), ("h0", [1, H])], [("h_last", [1, H])], initializers)
+    quantized, _ = _convert(model, tmp_path, _sequences(24, 0), method=method)
+    assert _matmuls_read_dequantized(_body(_body(quantized, "Loop"), "Loop")) == [True, True]
+    assert min(_sqnr_over(model, quantized, _sequences(8, 1))) > 25
