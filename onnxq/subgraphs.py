@@ -181,7 +181,10 @@ def _tap_own_tensors(graph: onnx.GraphProto, wanted: dict[str, bool], names: _Na
     return taps
 
 
-def _lift_through_if(graph: onnx.GraphProto, node: onnx.NodeProto, names: _Names, wanted: dict[str, bool]) -> list[_Tap]:
+def _lift_through_if(
+    graph: onnx.GraphProto, node: onnx.NodeProto, names: _Names, wanted: dict[str, bool]
+) -> list[_Tap]:
+    """Taps of both branches become If outputs (the branch without the tensor gives the neutral)."""
     branches = {attr.name: attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH}
     taps = []
     for name, branch in branches.items():
@@ -195,7 +198,10 @@ def _lift_through_if(graph: onnx.GraphProto, node: onnx.NodeProto, names: _Names
     return taps
 
 
-def _lift_through_loop(graph: onnx.GraphProto, node: onnx.NodeProto, names: _Names, wanted: dict[str, bool]) -> list[_Tap]:
+def _lift_through_loop(
+    graph: onnx.GraphProto, node: onnx.NodeProto, names: _Names, wanted: dict[str, bool]
+) -> list[_Tap]:
+    """Taps of a Loop or Scan body become scan outputs, reduced again or flattened in ``graph``."""
     body = next(attr.g for attr in node.attribute if attr.name == "body")
     taps = []
     for tensor, role, inner in _tap_graph(body, wanted, names):
