@@ -39,6 +39,7 @@ from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.tuning import (
     FallbackOptions, FallbackReport, KeptNode, passes, rank_units, relative_error, resolve_metric, search_fallback,
 )
+from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, proto_bodies, quantizable_nodes
 from onnxq.workspace import Workspace
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -89,42 +90,49 @@ def _may_be_float(value: ir.Value | None) -> bool:
     return value is not None and not is_constant(value) and value.dtype in (None, ir.DataType.FLOAT)
 
 
-def candidate_tensors(graph: ir.Graph) -> list[ir.Value]:
-    """Every tensor whose range a quantization decision may need, in graph order."""
+def candidate_tensors(graph: ir.Graph, method: str) -> list[ir.Value]:
+    """Every tensor whose range a quantization decision may need, in graph order; inside the
+    If/Loop/Scan bodies that ``method`` can calibrate, only tensors known to be float."""
     values: dict[str, ir.Value] = {}
-    for node in graph:
+    for node in quantizable_nodes(graph, method):
         rule = rule_for(node)
         if rule is None:
             continue
         slots = range(len(node.inputs)) if rule.activation_inputs is None else rule.activation_inputs
         if rule.weight_input is not None:
             slots = (*slots, rule.weight_input)
-        for slot in slots:
-            if slot < len(node.inputs) and _may_be_float(node.inputs[slot]):
-                values[node.inputs[slot].name] = node.inputs[slot]
-        for output in node.outputs:
-            if _may_be_float(output):
-                values[output.name] = output
+        tensors = [node.inputs[slot] for slot in slots if slot < len(node.inputs)] + list(node.outputs)
+        for value in tensors:
+            in_body = value is not None and owning_graph(value) is not graph
+            if _may_be_float(value) and not (in_body and value.dtype != ir.DataType.FLOAT):
+                values[value.name] = value
     return list(values.values())
 
 
 def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
     quantized, total = collections.Counter(), collections.Counter()
-    for node in graph:
+    for node in all_nodes(graph):
         total[node.op_type] += 1
         quantized[node.op_type] += node in plan.decisions
     return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
 
 
+def _proto_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs, recursively."""
+    return [graph] + [sub for node in graph.node for body in proto_bodies(node) for sub in _proto_graphs(body)]
+
+
 def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
     """The serialized quantized model, after the checks every output must pass.
 
-    Shape annotations that onnxq inferred for its own use are dropped; the model's own stay.
+    Shape annotations that onnxq inferred for its own use are dropped (in bodies too); the
+    model's own stay.
     """
-    declared = {info.name for info in float_proto.graph.value_info}
-    kept = [info for info in proto.graph.value_info if info.name in declared]
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(kept)
+    declared = {info.name for graph in _proto_graphs(float_proto.graph) for info in graph.value_info}
+    for graph in _proto_graphs(proto.graph):
+        kept = [info for info in graph.value_info if info.name in declared]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
     onnx.checker.check_model(proto, full_check=True)
     for kind in ("input", "output"):
         before = [v.name for v in getattr(float_proto.graph, kind)]
@@ -327,7 +335,7 @@ def _fallback_units(graph: ir.Graph, plan: QuantPlan, keys: dict[ir.Node, str]) 
         return found
 
     units: dict[tuple[str, ...], None] = {}
-    sources = [({}, [value]) for value in graph.inputs] + [({node}, node.outputs) for node in graph if node in candidates]
+    sources = [({}, [value]) for value in graph.inputs] + [({node}, node.outputs) for node in all_nodes(graph) if node in candidates]
     for own, values in sources:
         unit = tuple(sorted(keys[n] for n in set(own) | readers(values)))
         if unit:
@@ -355,7 +363,7 @@ def _build(
     keep_float = dict(keep_float or {})
     notes = []
     unfused = set(layers.unfused)
-    unfused_nodes_ = [node for node in graph if keys[node] in unfused and keys[node] not in keep_float]
+    unfused_nodes_ = [node for node in all_nodes(graph) if keys[node] in unfused and keys[node] not in keep_float]
     keep_float.update((keys[node], "not fused by ONNX Runtime") for node in unfused_nodes_)
     if unfused_nodes_:
         ops = collections.Counter(node.op_type for node in unfused_nodes_)
@@ -364,7 +372,7 @@ def _build(
             f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
             "--quantize-unfused quantizes them anyway"
         )
-    kept = frozenset(node for node in graph if keys[node] in keep_float)
+    kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
     plan = _plan(graph, state, config, layers.sentinel, kept)
     if layers.sentinel:
         names = sorted(name for name, key in tensor_keys(graph).items() if key in set(layers.sentinel))
@@ -388,6 +396,7 @@ def _build(
             if (node in kept or rule_for(node) is not None) and node not in plan.decisions
             and not any(v is not None and v.name in sentinel_names for v in (*node.inputs, *node.outputs))
         }
+    notes += control_flow_notes(graph, config.method, set(plan.decisions))
     notes += plan.notes + apply_qdq(model, plan, reduced).notes
     if reduced and config.reduce_range == "auto":
         names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
@@ -396,6 +405,12 @@ def _build(
             f"7-bit weights on {len(reduced)} layer(s) whose 8-bit form this CPU's integer kernels "
             f"would saturate (no VNNI): {names}{more}"
         )
+        in_bodies = sum(node.graph is not graph for node in reduced)
+        if in_bodies:
+            notes.append(
+                f"{in_bodies} of those are inside If/Loop/Scan bodies, where saturation cannot be "
+                "measured: they get 7-bit weights to be safe"
+            )
     if islands:
         notes += to_fp16_islands(model, islands)
     if config.format == "qoperator":
@@ -624,7 +639,7 @@ def convert(
                 f"calibration in {workspace_path} is not finished; pass the same --calibration-data to resume it"
             )
         keys = tensor_keys(graph)
-        candidates = candidate_tensors(graph)
+        candidates = candidate_tensors(graph, config.method)
         float_ranks = {
             v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
         }

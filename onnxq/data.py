@@ -310,7 +310,7 @@ def iter_batches(
             if max_samples is not None:
                 stop = min(stop, start + max_samples - fed)
             feed = {
-                name: array[start] if name in layout.stacked else array[start:stop]
+                name: np.asarray(array[start]) if name in layout.stacked else array[start:stop]  # 0-d stays an array
                 for name, array in arrays.items()
             }
             yield Batch(feed, stop - start, None if labels is None else labels[start:stop])

@@ -15,6 +15,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxq.subgraphs import proto_bodies
+
 COMPUTE_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
     "Sigmoid", "Concat", "LeakyRelu", "Softmax",
@@ -22,8 +24,8 @@ COMPUTE_OPS = {
 
 
 def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
-    """Names of the compute nodes of ``qdq_model`` that would still read dequantized tensors
-    after ONNX Runtime's CPU graph optimizations."""
+    """Names of the compute nodes of ``qdq_model`` (If/Loop/Scan bodies included) that would
+    still read dequantized tensors after ONNX Runtime's CPU graph optimizations."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
         path = Path(folder) / "optimized.onnx"
         options = ort.SessionOptions()
@@ -32,11 +34,20 @@ def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
         options.optimized_model_filepath = str(path)
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path)
-    producers = {output: node for node in optimized.graph.node for output in node.output}
-    return [
+    return _unfused_in(optimized.graph, {})
+
+
+def _unfused_in(graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto]) -> list[str]:
+    """Unfused compute nodes of ``graph`` and its subgraphs; a body sees its outer graphs' tensors."""
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    found = [
         node.name
-        for node in optimized.graph.node
+        for node in graph.node
         if node.op_type in COMPUTE_OPS
         and node.domain in ("", "ai.onnx")
         and any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input)
     ]
+    for node in graph.node:
+        for body in proto_bodies(node):
+            found += _unfused_in(body, producers)
+    return found

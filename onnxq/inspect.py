@@ -2,7 +2,9 @@
 sparsity, and quantized groups ONNX Runtime would not fuse.
 
 It answers "why is my quantized model not smaller (or not faster)?": float weights left beside
-quantized ones show in the size breakdown, unfused groups in the fusion list.
+quantized ones show in the size breakdown, unfused groups in the fusion list. Nodes and
+initializers inside subgraphs (If branches, Loop and Scan bodies) are counted like the main
+graph's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from onnxq.fusion import COMPUTE_OPS, unfused_nodes
 from onnxq.model_io import load_model
 from onnxq.ops import RULES
 from onnxq.qoperator import QLINEAR
+from onnxq.subgraphs import proto_bodies
 
 _BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -94,39 +97,66 @@ def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> b
     return True
 
 
-def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
-    """Inspect a model given as a path or a ModelProto; ``fusion=False`` skips asking ONNX
-    Runtime which quantized groups it would fuse."""
-    proto = load_model(model)
-    graph = proto.graph
-    producers = {output: node for node in graph.node for output in node.output}
+def _used_inside(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name that the nodes of ``graph`` and of its subgraphs read."""
+    names = {name for node in graph.node for name in node.input}
+    for node in graph.node:
+        for body in proto_bodies(node):
+            names |= _used_inside(body)
+    return names
+
+
+def _graphs(
+    graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto], outer_types: dict[str, int]
+) -> list[tuple[onnx.GraphProto, dict, dict, dict]]:
+    """``graph`` and its subgraphs (recursively), each with its producers, consumers and types,
+    a body seeing the tensors of the graphs around it. A tensor that a body reads counts as
+    read by the body's parent node."""
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    types = outer_types | {
+        info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]
+    }
+    types.update({init.name: init.data_type for init in graph.initializer})
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in set(node.input) | {n for body in proto_bodies(node) for n in _used_inside(body)}:
             consumers.setdefault(name, []).append(node)
-    types = {info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    nodes = []
+    found = [(graph, producers, consumers, types)]
     for node in graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
-        dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
-        nodes.append(NodeInfo(node.name, _BASE_OP.get(node.op_type, node.op_type), precision, dtypes))
+        for body in proto_bodies(node):
+            found += _graphs(body, producers, types)
+    return found
+
+
+def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
+    """Inspect a model given as a path or a ModelProto, the bodies of If/Loop/Scan nodes (any
+    subgraph) included; ``fusion=False`` skips asking ONNX Runtime which quantized groups it
+    would fuse."""
+    proto = load_model(model)
+    graphs = _graphs(proto.graph, {}, {})
+    all_nodes = [node for graph, *_ in graphs for node in graph.node]
+    nodes = []
+    for graph, producers, consumers, types in graphs:
+        for node in graph.node:
+            if node.op_type in QDQ_OPS:
+                continue
+            precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
+            dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
+            nodes.append(NodeInfo(node.name, _BASE_OP.get(node.op_type, node.op_type), precision, dtypes))
     bytes_by_dtype: collections.Counter = collections.Counter()
     weights = []
-    for init in graph.initializer:
+    for init in (init for graph, *_ in graphs for init in graph.initializer):
         array = onnx.numpy_helper.to_array(init)
         bytes_by_dtype[array.dtype.name] += array.nbytes
         if array.ndim >= 2:
             zeros = float((array == 0).mean()) if array.size else 0.0
             weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros, _is_two_four(array)))
-    quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
+    quantized = any(node.op_type == "DequantizeLinear" for node in all_nodes)
     return Inspection(
         nodes=tuple(nodes),
         bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
         weights=tuple(weights),
         unfused=tuple(unfused_nodes(proto)) if quantized and fusion else (),
-        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in graph.node),
-        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in graph.node),
+        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in all_nodes),
+        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in all_nodes),
     )

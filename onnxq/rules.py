@@ -28,6 +28,7 @@ import onnx_ir as ir
 from onnxq.errors import ConfigError
 from onnxq.model_io import write_atomically
 from onnxq.plan import is_constant
+from onnxq.subgraphs import all_nodes
 
 RULES_FORMAT = "onnxq-rules"
 RULES_VERSION = 1
@@ -210,7 +211,7 @@ def resolve_rules(
     """The nodes that ``rules`` keep float, each with the rule that matched it, and notes for
     rules that matched nothing. ``keys`` are the graph's topology signatures."""
     by_key = {key: node for node, key in keys.items()}
-    nodes = list(graph)
+    nodes = list(all_nodes(graph))
     matched: dict[ir.Node, str] = {}
     notes = []
     for rule in rules:

@@ -6,10 +6,13 @@ with an instruction that adds pairs of products into int16, saturating above 327
 8-bit weights (up to 127) and activations up to 255, a pair can reach 64770. Weights of 7 bits
 (up to 63) cannot saturate, but lose resolution everywhere ("reduce_range"). Rules:
 1. CPUs with VNNI or AMX (x86) or dot-product instructions (ARM) do not saturate: nothing to do.
-2. Otherwise each uint8 Conv/Gemm/MatMul layer is run on a calibration batch twice, as ONNX
-   Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same quantized input.
+2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch
+   twice, as ONNX Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same
+   quantized input.
 3. A layer whose saturation error (fused vs exact, in output steps) has more power than its own
    rounding noise (1/12 step squared) gets 7-bit weights.
+4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
+   a CPU that saturates, every uint8 one gets 7-bit weights (the safe side).
 """
 
 from __future__ import annotations
@@ -84,8 +87,10 @@ def saturating_layers(qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.n
     if not cpu_saturates():
         return set()
     boundaries = _layer_boundaries(qdq_model, plan)
+    hurt = {node for node in boundaries if node.graph is not qdq_model.graph}  # in bodies: assumed
+    boundaries = {node: pair for node, pair in boundaries.items() if node not in hurt}
     if not boundaries:
-        return set()
+        return hurt
     proto = ir.to_proto(qdq_model)
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
@@ -94,7 +99,6 @@ def saturating_layers(qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.n
     exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     values = dict(zip(names, _session(exposed, fused=False).run(names, feed)))
     extractor = onnx.utils.Extractor(proto)
-    hurt = set()
     for node, (source, target) in boundaries.items():
         layer = extractor.extract_model([source], [target])
         exact = _session(layer, fused=False).run(None, {source: values[source]})[0].astype(np.int32)
