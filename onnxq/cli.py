@@ -48,6 +48,7 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))
 Format = _choices("Format", ("qdq", "qoperator"))
 Target = _choices("Target", ("cpu", "cuda", "tensorrt"))
 ReduceRange = _choices("ReduceRange", ("auto", "always", "never"))
+ExternalData = _choices("ExternalData", ("auto", "always", "never"))
 Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
@@ -205,6 +206,9 @@ def convert(
     workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
+    external_data: Annotated[ExternalData, typer.Option(
+        help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")]
+        = ExternalData.auto,
     image_size: Annotated[Optional[str], typer.Option(
         help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")] = None,
     resize: Annotated[Resize, typer.Option(help="Image folders: how images reach that size.")] = Resize.stretch,
@@ -225,7 +229,7 @@ def convert(
             format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value,
             quantize_unfused=quantize_unfused, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
-            checkpoint_interval_s=checkpoint_interval,
+            checkpoint_interval_s=checkpoint_interval, external_data=external_data.value,
         )
         with _progress(not quiet, "calibrating", max_samples) as progress:
             result = convert_model(

@@ -4,9 +4,11 @@ with a workspace that makes it resumable, and ``recover`` to rebuild any recorde
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
+import types
 from pathlib import Path
 
 import onnx
@@ -18,9 +20,20 @@ from onnxq.cleanup import clean_up
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
-from onnxq.errors import CalibrationDataError, WorkspaceError
+from onnxq.errors import CalibrationDataError, OutputError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
-from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atomically
+from onnxq.model_io import (
+    SINGLE_FILE_LIMIT,
+    check_writable,
+    load_model,
+    model_bytes,
+    offloaded,
+    tensor_bytes,
+    upgrade_opset,
+    uses_external_data,
+    write_atomically,
+    write_with_external_data,
+)
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
@@ -62,14 +75,17 @@ class ConversionResult:
         return self.quantized_bytes / self.float_bytes
 
 
-def _prepare(proto: onnx.ModelProto) -> tuple[ir.Model, list[str]]:
+def _prepare(proto: onnx.ModelProto, external_folder: Path | None = None) -> tuple[ir.Model, list[str]]:
     """The graph that is calibrated and rewritten: shapes and types inferred, then cleaned up
-    as runtimes would (``onnxq.cleanup``)."""
+    as runtimes would (``onnxq.cleanup``). Tensors in external data files (in
+    ``external_folder``) stay there, mapped into memory only when read."""
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # types then come from the calibration run instead
         pass
     model = ir.from_proto(proto)
+    if external_folder is not None:
+        ir.external_data.set_base_dir(model.graph, external_folder)
     return model, clean_up(model)
 
 
@@ -104,32 +120,86 @@ def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
     return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
 
 
-def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
-    """The serialized quantized model, after the checks every output must pass.
-
-    Shape annotations that onnxq inferred for its own use are dropped; the model's own stay.
-    """
+def _check_interface(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> None:
+    """Drop the shape annotations onnxq inferred for its own use (the model's own stay) and
+    check that the graph inputs and outputs are the float model's."""
     declared = {info.name for info in float_proto.graph.value_info}
     kept = [info for info in proto.graph.value_info if info.name in declared]
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(kept)
-    onnx.checker.check_model(proto, full_check=True)
     for kind in ("input", "output"):
         before = [v.name for v in getattr(float_proto.graph, kind)]
         after = [v.name for v in getattr(proto.graph, kind)]
         if before != after:
             raise RuntimeError(f"graph {kind}s changed from {before} to {after}")
+
+
+def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
+    """The serialized quantized model, after the checks every output must pass."""
+    _check_interface(float_proto, proto)
+    onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     create_session(data, "the quantized model")
     return data
 
 
+def _check_output_file(float_proto: onnx.ModelProto, path: Path) -> None:
+    """The checks of ``_check_output`` on a model written with external data, by path."""
+    proto = onnx.load(path, load_external_data=False)
+    _check_interface(float_proto, proto)
+    with open(path, "wb") as handle:
+        handle.write(proto.SerializeToString())
+    onnx.checker.check_model(path, full_check=True)
+    create_session(path, "the quantized model")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """The quantized model as written: its size on disk, sha256, and bytes when held in memory."""
+
+    size: int
+    sha256: str
+    data: bytes | None
+
+
+def _write_output(loaded: _Loaded, model: ir.Model, path: Path, config: QuantConfig) -> _Written:
+    """Check and write the quantized ``model``: one protobuf file, or with its tensors in
+    ``OUTPUT.data`` per ``config.external_data`` (``auto``: when the float model had external
+    data or the output would pass protobuf's 2 GB limit)."""
+    size = tensor_bytes(model)
+    if config.external_data == "never" and size > SINGLE_FILE_LIMIT:
+        raise OutputError(
+            f"the quantized model holds {size / 1e9:.1f} GB of tensors, over protobuf's 2 GB limit for one "
+            "file; use --external-data auto or always to write its weights to OUTPUT.data"
+        )
+    external = config.external_data == "always" or (
+        config.external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
+    )
+    if external:
+        written, sha256 = write_with_external_data(model, path, lambda staged: _check_output_file(loaded.float_proto, staged))
+        return _Written(written, sha256, None)
+    ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
+    data = _check_output(loaded.float_proto, ir.to_proto(model))
+    write_atomically(data, path)
+    return _Written(len(data), hashlib.sha256(data).hexdigest(), data)
+
+
 def _model_bytes(model: ModelInput, proto: onnx.ModelProto) -> int:
-    return proto.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
+    return proto.ByteSize() if isinstance(model, onnx.ModelProto) else model_bytes(Path(model), proto)
+
+
+def _tensor_digest(tensor: ir.TensorProtocol) -> str:
+    """sha256 of a tensor's bytes; external data is read from its file in blocks, not mapped."""
+    digest = hashlib.sha256()
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.tofile(types.SimpleNamespace(write=digest.update))
+    else:
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()
 
 
 def _weights_fingerprint(graph: ir.Graph) -> str:
-    digests = sorted(hashlib.sha256(v.const_value.tobytes()).hexdigest() for v in graph.initializers.values())
+    digests = sorted(_tensor_digest(v.const_value) for v in graph.initializers.values())
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
@@ -163,13 +233,18 @@ class _Loaded:
     proto: onnx.ModelProto  # upgraded to opset >= 13
     model: ir.Model
     notes: tuple[str, ...]
+    external_folder: Path | None = None  # where the weights the protos reference lie (models with external data)
 
 
 def _load(model: ModelInput) -> _Loaded:
-    float_proto = load_model(model)
+    float_proto = load_model(model, load_weights=False)
+    external_folder = None
+    if not isinstance(model, onnx.ModelProto) and uses_external_data(float_proto):
+        external_folder = Path(model).resolve().parent
     proto, upgrade_note = upgrade_opset(float_proto)
-    prepared, notes = _prepare(proto)
-    return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
+    prepared, notes = _prepare(proto, external_folder)
+    notes = ([upgrade_note] if upgrade_note else []) + notes
+    return _Loaded(float_proto, proto, prepared, tuple(notes), external_folder)
 
 
 def _plan(loaded: _Loaded, state: CalibrationState, config: QuantConfig, keep_float=frozenset()) -> QuantPlan:
@@ -202,24 +277,28 @@ def _measure_layers(
     saturate this CPU's kernels (on ``feed``; skipped without one) and which would not fuse."""
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
         return _LayerChoices()  # nothing to measure
-    model = _prepare(loaded.proto)[0]
+    model = _prepare(loaded.proto, loaded.external_folder)[0]
     keys = node_signatures(model.graph)
     plan = _plan(dataclasses.replace(loaded, model=model), state, config)
     apply_qdq(model, plan)
-    reduced = []
-    if config.reduce_range == "auto" and feed is not None:
-        reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed))
-    unfused = []
-    if not config.quantize_unfused:
-        by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
-        unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if loaded.external_folder is not None:  # a big model goes to ONNX Runtime with its weights in a file
+            folder = stack.enter_context(offloaded(model))
+        reduced = []
+        if config.reduce_range == "auto" and feed is not None:
+            reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed, folder))
+        unfused = []
+        if not config.quantize_unfused:
+            by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
+            unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model), folder) if name in by_name)
     return _LayerChoices(tuple(reduced), tuple(unfused))
 
 
 def _build(
     loaded: _Loaded, state: CalibrationState, config: QuantConfig, layers: _LayerChoices
-) -> tuple[bytes, dict[str, OpCount], list[str]]:
-    """The quantized model's bytes from calibrated state: plan, rewrite, check. Layers in
+) -> tuple[dict[str, OpCount], list[str]]:
+    """Rewrite ``loaded.model`` to the quantized model from calibrated state. Layers in
     ``layers.reduced`` (every layer, for ``reduce_range="always"``) get 7-bit weights; nodes in
     ``layers.unfused`` stay float."""
     graph = loaded.model.graph
@@ -251,7 +330,7 @@ def _build(
         )
     if config.format == "qoperator":
         notes += to_qoperator(loaded.model)
-    return _check_output(loaded.float_proto, ir.to_proto(loaded.model)), op_counts, notes
+    return op_counts, notes
 
 
 def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
@@ -259,14 +338,12 @@ def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, co
     (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
     notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
     notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
-    proto = ir.to_proto(loaded.model)
-    data = _check_output(loaded.float_proto, proto)
-    write_atomically(data, output_path)
-    counts = inspect_model(proto, fusion=False).op_counts()
+    written = _write_output(loaded, loaded.model, output_path, config)
+    counts = inspect_model(output_path, fusion=False).op_counts()
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
+        quantized_bytes=written.size,
         op_counts={op: OpCount(c["int8"], c["float"]) for op, c in counts.items()},
         notes=tuple(notes),
         calibration_samples=0,
@@ -343,6 +420,7 @@ def convert(
             state,
             checkpoint=lambda s: space.append("calibration", s.to_payload()),
             progress=progress,
+            external_folder=loaded.external_folder,
         )
         notes += calibration_notes
     calibration_step = space.latest("calibration")
@@ -354,21 +432,20 @@ def convert(
     else:
         layers = _measure_layers(loaded, state, config, None if source is None else source.first.feed)
         space.append("layers", layers.to_payload(calibration_step.index))
-    data, op_counts, build_notes = _build(loaded, state, config, layers)
-    write_atomically(data, output_path)
-    space.append(
-        "quantized",
-        {"calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(data).hexdigest()},
-    )
+    op_counts, build_notes = _build(loaded, state, config, layers)
+    written = _write_output(loaded, loaded.model, output_path, config)
+    space.append("quantized", {"calibration_step": calibration_step.index, "output_sha256": written.sha256})
     fidelity = None
     if eval_source is not None:
         fidelity = compare_models(
-            create_session(loaded.proto, "the float model"), create_session(data, "the quantized model"), eval_source()
+            create_session(loaded.proto, "the float model", external_folder=loaded.external_folder),
+            create_session(output_path if written.data is None else written.data, "the quantized model"),
+            eval_source(),
         )
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
+        quantized_bytes=written.size,
         op_counts=op_counts,
         notes=tuple(notes + build_notes),
         calibration_samples=state.samples_seen,
@@ -399,13 +476,13 @@ def recover(
     state = CalibrationState.from_payload(step.payload, config.percentile)
     recorded = space.latest("layers")
     layers = _measure_layers(loaded, state, config, None) if recorded is None else _LayerChoices.from_payload(recorded.payload)
-    data, op_counts, build_notes = _build(loaded, state, config, layers)
-    write_atomically(data, output_path)
+    op_counts, build_notes = _build(loaded, state, config, layers)
+    written = _write_output(loaded, loaded.model, output_path, config)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
+        quantized_bytes=written.size,
         op_counts=op_counts,
         notes=tuple(list(loaded.notes) + partial + build_notes),
         calibration_samples=state.samples_seen,

@@ -15,23 +15,27 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxq.calibrate import session_options
+
 COMPUTE_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
     "Sigmoid", "Concat", "LeakyRelu", "Softmax",
 }
 
 
-def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
+def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = None) -> list[str]:
     """Names of the compute nodes of ``qdq_model`` that would still read dequantized tensors
-    after ONNX Runtime's CPU graph optimizations."""
+    after ONNX Runtime's CPU graph optimizations; ``external_folder`` holds the external data
+    files the model references, if any."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
         path = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(external_folder)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
+        if external_folder is not None:  # the optimized model's weights, which are not read back
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path)
+        optimized = onnx.load(path, load_external_data=False)
     producers = {output: node for node in optimized.graph.node for output in node.output}
     return [
         node.name
