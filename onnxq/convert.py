@@ -144,7 +144,8 @@ def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes
 
 
 def _check_output_file(float_proto: onnx.ModelProto, path: Path) -> None:
-    """The checks of ``_check_output`` on a model written with external data, by path."""
+    """``_check_output`` for a model written with external data: done by path, where the model
+    file is rewritten without onnxq's own shape annotations."""
     proto = onnx.load(path, load_external_data=False)
     _check_interface(float_proto, proto)
     with open(path, "wb") as handle:

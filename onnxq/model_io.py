@@ -164,14 +164,12 @@ def tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def release_weights(model: ir.Model) -> None:
-    """Unmap the external data files of ``model``'s tensors (read again when next needed), so
-    weights already used stop counting in memory."""
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                with contextlib.suppress(BufferError):  # an array still views it: keep it mapped
-                    value.const_value.release()
+def release_mapped(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap ``tensor``'s external data file if it is mapped (it is mapped again when next read),
+    so that a weight already used stops counting in memory."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views it: it stays mapped
+            tensor.release()
 
 
 @contextlib.contextmanager
@@ -188,10 +186,11 @@ def external_data_path(path: Path) -> Path:
     return path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
 
 
-def write_with_external_data(model: ir.Model, path: Path, check: Callable[[Path], None]) -> tuple[int, str]:
-    """Write ``model`` to ``path`` with its tensors in ``external_data_path(path)``; ``check``
-    runs on the written pair before it takes the final names. Returns (bytes written, sha256
-    of the model file followed by the data file).
+def write_with_external_data(model: ir.Model, path: Path, finish: Callable[[Path], None]) -> tuple[int, str]:
+    """Write ``model`` to ``path`` with its tensors in ``external_data_path(path)``. ``finish``
+    gets the written model file, still under a temporary name, and may rewrite it (the data file
+    stays) or raise to abandon the write. Returns (bytes written, sha256 of the model file
+    followed by the data file).
 
     Both files are written in a temporary folder beside ``path``, then renamed, the data file
     first: a failure leaves neither file partial.
@@ -203,6 +202,7 @@ def write_with_external_data(model: ir.Model, path: Path, check: Callable[[Path]
         staged = folder / path.name
         ir.save(model, staged, external_data=data_path.name, size_threshold_bytes=1024, alignment=65536)
         (folder / data_path.name).touch()  # a model with only tiny tensors still gets its pair
+        finish(staged)
         digest = hashlib.sha256()
         for file in (staged, folder / data_path.name):
             with open(file, "rb") as handle:
@@ -210,7 +210,6 @@ def write_with_external_data(model: ir.Model, path: Path, check: Callable[[Path]
                 for block in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(block)
         size = staged.stat().st_size + (folder / data_path.name).stat().st_size
-        check(staged)
         os.replace(folder / data_path.name, data_path)
         os.replace(staged, path)
         _fsync_folder(path.parent)
