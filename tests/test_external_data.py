@@ -105,6 +105,9 @@ def test_never_refuses_a_model_over_the_single_file_limit(tmp_path, monkeypatch)
     with pytest.raises(OutputError, match="--external-data auto or always"):
         onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="never"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.int8.onnx.onnxq"]
+    # the calibration is kept: resuming with external data writes the model without any data
+    onnxq.convert(DEMO, output, None, onnxq.QuantConfig(device="cpu", max_samples=16), resume=True)
+    assert external_locations(output) == {"demo.int8.onnx.data"}
 
 
 def test_auto_switches_to_external_data_over_the_single_file_limit(tmp_path, monkeypatch):
