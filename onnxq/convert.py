@@ -25,12 +25,12 @@ from onnxq.evaluate import Fidelity, compare_models
 from onnxq.model_io import (
     SINGLE_FILE_LIMIT,
     check_writable,
+    external_data_folder,
     load_model,
     model_bytes,
     offloaded,
     tensor_bytes,
     upgrade_opset,
-    uses_external_data,
     write_atomically,
     write_with_external_data,
 )
@@ -238,10 +238,8 @@ class _Loaded:
 
 
 def _load(model: ModelInput) -> _Loaded:
-    float_proto = load_model(model, load_weights=False)
-    external_folder = None
-    if not isinstance(model, onnx.ModelProto) and uses_external_data(float_proto):
-        external_folder = Path(model).resolve().parent
+    float_proto = load_model(model)
+    external_folder = external_data_folder(model, float_proto)
     proto, upgrade_note = upgrade_opset(float_proto)
     prepared, notes = _prepare(proto, external_folder)
     notes = ([upgrade_note] if upgrade_note else []) + notes

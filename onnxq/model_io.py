@@ -31,16 +31,21 @@ def uses_external_data(proto: onnx.ModelProto) -> bool:
     )
 
 
-def load_model(model: str | os.PathLike | onnx.ModelProto, *, load_weights: bool = True) -> onnx.ModelProto:
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read and sanity-check a float ONNX model given as a path or a ModelProto.
 
-    ``load_weights=False`` leaves weights kept in external data files on disk: the proto then
-    references them relative to the model's folder, so a model over 2 GB is never one protobuf.
+    Weights kept in external data files stay there: the proto references them relative to the
+    model's folder (``external_data_folder``), so a model over 2 GB is never one protobuf.
     """
     external = False
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
+        if proto.ByteSize() > SINGLE_FILE_LIMIT:
+            raise ModelError(
+                "the given ModelProto is over 2 GB, more than protobuf can serialize; save it with "
+                "onnx.save_model(model, path, save_as_external_data=True) and pass the path"
+            )
     else:
         path = Path(model)
         where = str(path)
@@ -49,8 +54,6 @@ def load_model(model: str | os.PathLike | onnx.ModelProto, *, load_weights: bool
         try:
             proto = onnx.load(path, load_external_data=False)
             external = uses_external_data(proto)
-            if external and load_weights:
-                onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:  # protobuf raises DecodeError, external data raises OSError
             raise ModelError(
                 f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
@@ -68,6 +71,13 @@ def load_model(model: str | os.PathLike | onnx.ModelProto, *, load_weights: bool
             f"{where} is not a valid ONNX model: {first_line}; re-export it"
         ) from exc
     return proto
+
+
+def external_data_folder(model: str | os.PathLike | onnx.ModelProto, proto: onnx.ModelProto) -> Path | None:
+    """The folder of the external data files ``proto`` (loaded from ``model``) references, if any."""
+    if isinstance(model, onnx.ModelProto) or not uses_external_data(proto):
+        return None
+    return Path(model).resolve().parent
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -158,7 +168,7 @@ def tensor_bytes(model: ir.Model) -> int:
     """Bytes of the tensors of ``model`` (initializers, subgraphs included): near its serialized size."""
     return sum(
         value.const_value.nbytes
-        for graph in (model.graph, *model.graph.subgraphs())
+        for graph in model.graphs()
         for value in graph.initializers.values()
         if value.const_value is not None
     )

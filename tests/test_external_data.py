@@ -67,6 +67,10 @@ def test_always_puts_the_weights_beside_the_output_and_changes_nothing_else(tmp_
     feed = demo_feed()
     for ours, reference in zip(outputs(output, feed), outputs(single_file, feed)):
         np.testing.assert_array_equal(ours, reference)
+    from onnxq.inspect import inspect_model
+
+    inspected, expected = inspect_model(output), inspect_model(single_file)
+    assert (inspected.op_counts(), inspected.unfused) == (expected.op_counts(), expected.unfused)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +205,11 @@ def test_model_over_2gb_converts_with_memory_near_its_weights(tmp_path):
             expected = np.maximum(expected, 0)
     (actual,) = outputs(output, {"x": samples})
     assert sqnr_db(expected, actual) > 25
+
+
+def test_inspect_reads_external_weights_from_the_model_folder(external_input):
+    from onnxq.inspect import inspect_model
+
+    ours, reference = inspect_model(external_input), inspect_model(DEMO)
+    assert ours.bytes_by_dtype == reference.bytes_by_dtype
+    assert ours.weights == reference.weights
