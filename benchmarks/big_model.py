@@ -91,6 +91,26 @@ def measure(folder: Path) -> dict:
     }
 
 
+def render(result: dict) -> str:
+    """The measurement as a section of ``benchmarks/RESULTS.md``."""
+    if result["error"]:
+        return f"## Model over 2 GB\n\nonnxq failed: {result['error']}\n"
+    return "\n".join([
+        "## Model over 2 GB (external data)",
+        "",
+        f"{LAYERS} MatMul layers of {WIDTH}x{WIDTH} float32 weights, {result['float_weight_mb']:.0f} MiB in external "
+        f"data, {SAMPLES} calibration samples (`python -m benchmarks.big_model`, a fresh process):",
+        "",
+        "| conversion s | peak RSS MiB | peak RSS / float weights | output MiB | output / float model |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {result['seconds']:.1f} | {result['peak_rss_mb']:.0f} | {result['peak_rss_over_weights']:.2f} | "
+        f"{result['output_mb']:.0f} | {result['output_over_float']:.3f} |",
+        "",
+        "The peak is ONNX Runtime mapping every float weight while calibrating; onnxq keeps no second copy.",
+        "",
+    ])
+
+
 def main() -> None:
     if len(sys.argv) > 1:
         folder = Path(sys.argv[1])

@@ -20,7 +20,7 @@ from onnxq.cleanup import clean_up
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
-from onnxq.errors import CalibrationDataError, OutputError, WorkspaceError
+from onnxq.errors import CalibrationDataError, ModelError, OutputError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
 from onnxq.model_io import (
     SINGLE_FILE_LIMIT,
@@ -193,7 +193,13 @@ def _tensor_digest(tensor: ir.TensorProtocol) -> str:
     """sha256 of a tensor's bytes; external data is read from its file in blocks, not mapped."""
     digest = hashlib.sha256()
     if isinstance(tensor, ir.ExternalTensor):
-        tensor.tofile(types.SimpleNamespace(write=digest.update))
+        try:
+            tensor.tofile(types.SimpleNamespace(write=digest.update))
+        except (OSError, ValueError) as exc:  # a short file; onnx_ir refuses links out of the folder and hard links
+            raise ModelError(
+                f"cannot read the external data of tensor {tensor.name!r}: {exc}; keep the weights as plain "
+                "files inside the model's folder"
+            ) from exc
     else:
         digest.update(tensor.tobytes())
     return digest.hexdigest()

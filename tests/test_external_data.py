@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.errors import OutputError
+from onnxq.errors import ModelError, OutputError
 from onnxq.model_io import write_with_external_data
 from tests.graphs import sqnr_db
 
@@ -205,6 +206,17 @@ def test_model_over_2gb_converts_with_memory_near_its_weights(tmp_path):
             expected = np.maximum(expected, 0)
     (actual,) = outputs(output, {"x": samples})
     assert sqnr_db(expected, actual) > 25
+
+
+def test_hard_linked_external_data_is_refused(tmp_path, external_input):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(external_input, folder / "demo.onnx")
+    shutil.copy(external_input.parent / "demo.weights", folder / "demo.weights")
+    os.link(folder / "demo.weights", tmp_path / "elsewhere")  # the same file under another name
+    with pytest.raises(ModelError, match="demo.weights.*hard links"):
+        onnxq.convert(folder / "demo.onnx", tmp_path / "out.onnx", CALIBRATION, CONFIG)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_inspect_reads_external_weights_from_the_model_folder(external_input):
