@@ -94,6 +94,22 @@ def test_auto_keeps_an_external_data_model_external(tmp_path, external_input, si
         np.testing.assert_array_equal(ours, reference)
 
 
+def test_recover_and_an_already_quantized_external_model_stay_external(tmp_path, external_input, single_file):
+    first = tmp_path / "first" / "demo.int8.onnx"
+    first.parent.mkdir()
+    onnxq.convert(external_input, first, CALIBRATION, CONFIG)
+    recovered = tmp_path / "recovered.onnx"
+    onnxq.recover(external_input, Path(f"{first}.onnxq"), recovered)
+    again = tmp_path / "again.onnx"
+    result = onnxq.convert(first, again, None, CONFIG)  # already quantized: no calibration
+    assert result.calibration_samples == 0
+    feed = demo_feed()
+    for path in (recovered, again):
+        assert external_locations(path) == {f"{path.name}.data"}
+        for ours, reference in zip(outputs(path, feed), outputs(single_file, feed)):
+            np.testing.assert_array_equal(ours, reference)
+
+
 def test_never_writes_an_external_data_model_as_one_file_when_it_fits(tmp_path, external_input, single_file):
     output = tmp_path / "demo.int8.onnx"
     onnxq.convert(external_input, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="never"))
