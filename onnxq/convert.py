@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import types
@@ -177,7 +178,8 @@ def _write_output(loaded: _Loaded, model: ir.Model, path: Path, config: QuantCon
         config.external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
     )
     if external:
-        written, sha256 = write_with_external_data(model, path, lambda staged: _check_output_file(loaded.float_proto, staged))
+        check = functools.partial(_check_output_file, loaded.float_proto)
+        written, sha256 = write_with_external_data(model, path, check)
         return _Written(written, sha256, None)
     ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
     data = _check_output(loaded.float_proto, ir.to_proto(model))
@@ -296,7 +298,8 @@ def _measure_layers(
         unfused = []
         if not config.quantize_unfused:
             by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
-            unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model), folder) if name in by_name)
+            names = unfused_nodes(ir.to_proto(model), folder)
+            unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
     return _LayerChoices(tuple(reduced), tuple(unfused))
 
 

@@ -33,7 +33,8 @@ def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = Non
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
         if external_folder is not None:  # the optimized model's weights, which are not read back
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+            key = "session.optimized_model_external_initializers_file_name"
+            options.add_session_config_entry(key, "optimized.data")
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path, load_external_data=False)
     producers = {output: node for node in optimized.graph.node for output in node.output}
