@@ -58,6 +58,8 @@ ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ExternalDataOption = Annotated[ExternalData, typer.Option(
+    help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")]
 
 
 @app.callback()
@@ -206,9 +208,7 @@ def convert(
     workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
-    external_data: Annotated[ExternalData, typer.Option(
-        help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")]
-        = ExternalData.auto,
+    external_data: ExternalDataOption = ExternalData.auto,
     image_size: Annotated[Optional[str], typer.Option(
         help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")] = None,
     resize: Annotated[Resize, typer.Option(help="Image folders: how images reach that size.")] = Resize.stretch,
@@ -247,12 +247,13 @@ def recover(
     workspace: Annotated[Path, typer.Argument(help="Workspace of an earlier (possibly killed) run.")],
     output: OutputOption,
     index: Annotated[Optional[int], typer.Option(help="Step to rebuild (default: the last calibration step).")] = None,
+    external_data: ExternalDataOption = ExternalData.auto,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Rebuild the int8 model of a recorded workspace step, without calibrating."""
     try:
-        result = recover_model(model, workspace, output, index)
+        result = recover_model(model, workspace, output, index, external_data.value)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
     _report(result, quiet, as_json)

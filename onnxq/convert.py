@@ -468,13 +468,15 @@ def recover(
     workspace: str | os.PathLike,
     output: str | os.PathLike,
     index: int | None = None,
+    external_data: str = "auto",
 ) -> ConversionResult:
     """Rebuild the quantized model of recorded step ``index`` (default: the last calibration
-    step) from the float model and the workspace alone, without calibrating."""
+    step) from the float model and the workspace alone, without calibrating; ``external_data``
+    as in ``QuantConfig``."""
     loaded = _load(model)
     output_path = check_writable(output)
     space = Workspace.open(workspace)
-    config = QuantConfig(**space.manifest["config"])
+    config = QuantConfig(**space.manifest["config"], external_data=external_data)
     space.check_matches(_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
     step = space.latest("calibration") if index is None else space.step(index)
     if step is None:

@@ -150,6 +150,11 @@ def test_cli_option_and_its_error(tmp_path):
     assert external_locations(output) == {"demo.int8.onnx.data"}
     result = CliRunner().invoke(app, [*args, "--external-data", "sometimes"])
     assert result.exit_code == 2
+    recovered = tmp_path / "recovered.onnx"
+    args = ["recover", str(DEMO), f"{output}.onnxq", "-o", str(recovered), "-q", "--external-data", "always"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert external_locations(recovered) == {"recovered.onnx.data"}
 
 
 def test_failed_check_leaves_no_file_and_keeps_the_old_output(tmp_path, single_file):
