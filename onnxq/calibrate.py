@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -42,12 +43,29 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def create_session(model: onnx.ModelProto | bytes, what: str, providers: tuple[str, ...] = (CPU,)) -> ort.InferenceSession:
-    """An ONNX Runtime session; a model it refuses is reported as ``ModelError``."""
+def session_options(external_folder: Path | None = None) -> ort.SessionOptions:
+    """Quiet session options; ``external_folder`` is where the external data files of a model
+    given as bytes lie. Its weights are then mapped from there in place: neither copied into the
+    bytes nor into prepacked buffers, so that memory stays near the size of the weights."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def create_session(
+    model: onnx.ModelProto | bytes | Path,
+    what: str,
+    providers: tuple[str, ...] = (CPU,),
+    external_folder: Path | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of a model given as a proto, bytes or a file path (see
+    ``session_options`` for ``external_folder``); a model it refuses is reported as ``ModelError``."""
+    options = session_options(external_folder)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=list(providers))
     except Exception as exc:
@@ -239,11 +257,13 @@ def calibrate(
     state: CalibrationState | None = None,
     checkpoint: Callable[[CalibrationState], None] | None = None,
     progress: ProgressCallback | None = None,
+    external_folder: Path | None = None,
 ) -> tuple[CalibrationState, list[str]]:
     """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
     state and notes. ``float_tensors`` maps the names known to be float32 to their rank (others
     are checked on each batch). ``batches`` gives a fresh pass over the data each time it is called.
     ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
+    ``external_folder`` holds the external data files ``proto`` references, if any.
     """
     providers, device_note = calibration_providers(config.device)
     names_of = {key: name for name, key in tensors.items()}
@@ -273,7 +293,7 @@ def calibrate(
         names = [names_of[key] for key in state.passes[state.pass_index]]
         model, exposed = _augmented(proto, [n for n in names if n not in inputs], reduce_in_graph)
         outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
-        session = create_session(model, "the float model", providers)
+        session = create_session(model, "the float model", providers, external_folder)
         skip, seen = state.samples_done, 0
         for batch in batches():
             seen += batch.samples

@@ -51,6 +51,7 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))
 Format = _choices("Format", ("qdq", "qoperator"))
 Target = _choices("Target", ("cpu", "cuda", "tensorrt"))
 ReduceRange = _choices("ReduceRange", ("auto", "always", "never"))
+ExternalData = _choices("ExternalData", ("auto", "always", "never"))
 Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
@@ -61,6 +62,8 @@ ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ExternalDataOption = Annotated[ExternalData, typer.Option(
+    help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")]
 
 
 @app.callback()
@@ -230,6 +233,7 @@ def convert(
     workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
+    external_data: ExternalDataOption = ExternalData.auto,
     image_size: Annotated[Optional[str], typer.Option(
         help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")] = None,
     resize: Annotated[Resize, typer.Option(help="Image folders: how images reach that size.")] = Resize.stretch,
@@ -265,7 +269,7 @@ def convert(
             format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value,
             quantize_unfused=quantize_unfused, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
-            checkpoint_interval_s=checkpoint_interval,
+            checkpoint_interval_s=checkpoint_interval, external_data=external_data.value,
         )
         fallback = FallbackOptions(
             keep_float=tuple(parse_rule(rule) for rule in keep_float or ()), max_drop=max_drop, metric=metric,
@@ -289,12 +293,13 @@ def recover(
     output: OutputOption,
     index: Annotated[Optional[int], typer.Option(
         help="Step to rebuild: a calibration, fallback trial or quantized step (default: the last model written).")] = None,
+    external_data: ExternalDataOption = ExternalData.auto,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Rebuild the int8 model of a recorded workspace step, without calibrating."""
     try:
-        result = recover_model(model, workspace, output, index)
+        result = recover_model(model, workspace, output, index, external_data.value)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
     _report(result, quiet, as_json)

@@ -4,28 +4,42 @@ with a workspace that makes it resumable, and ``recover`` to rebuild any recorde
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import itertools
 import math
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.shape_inference
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxq._version import __version__
 from onnxq.cleanup import clean_up
 from onnxq.calibrate import CalibrationState, ProgressCallback, calibrate, create_session
 from onnxq.config import QuantConfig
 from onnxq.data import Batch, BatchSource, DataSource, model_inputs
-from onnxq.errors import CalibrationDataError, ConfigError, WorkspaceError
+from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OutputError, WorkspaceError
 from onnxq.evaluate import Fidelity, compare_models
-from onnxq.model_io import check_writable, load_model, upgrade_opset, write_atomically
+from onnxq.model_io import (
+    SINGLE_FILE_LIMIT,
+    check_writable,
+    external_data_folder,
+    load_model,
+    model_bytes,
+    offloaded,
+    tensor_bytes,
+    upgrade_opset,
+    write_atomically,
+    write_with_external_data,
+)
 from onnxq.ops import rule_for
 from onnxq.plan import QuantPlan, is_constant, plan_quantization
 from onnxq.qdq import apply_qdq
@@ -75,14 +89,17 @@ class ConversionResult:
         return self.quantized_bytes / self.float_bytes
 
 
-def _prepare(proto: onnx.ModelProto) -> tuple[ir.Model, list[str]]:
+def _prepare(proto: onnx.ModelProto, external_folder: Path | None = None) -> tuple[ir.Model, list[str]]:
     """The graph that is calibrated and rewritten: shapes and types inferred, then cleaned up
-    as runtimes would (``onnxq.cleanup``)."""
+    as runtimes would (``onnxq.cleanup``). Tensors in external data files (in
+    ``external_folder``) stay there, mapped into memory only when read."""
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # types then come from the calibration run instead
         pass
     model = ir.from_proto(proto)
+    if external_folder is not None:
+        ir.external_data.set_base_dir(model.graph, external_folder)
     return model, clean_up(model)
 
 
@@ -122,34 +139,95 @@ def _proto_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     return [graph] + [sub for node in graph.node for body in proto_bodies(node) for sub in _proto_graphs(body)]
 
 
-def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
-    """The serialized quantized model, after the checks every output must pass.
-
-    Shape annotations that onnxq inferred for its own use are dropped (in bodies too); the
-    model's own stay.
-    """
+def _check_interface(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> None:
+    """Drop the shape annotations onnxq inferred for its own use, in bodies too (the model's own
+    stay), and check that the graph inputs and outputs are the float model's."""
     declared = {info.name for graph in _proto_graphs(float_proto.graph) for info in graph.value_info}
     for graph in _proto_graphs(proto.graph):
         kept = [info for info in graph.value_info if info.name in declared]
         del graph.value_info[:]
         graph.value_info.extend(kept)
-    onnx.checker.check_model(proto, full_check=True)
     for kind in ("input", "output"):
         before = [v.name for v in getattr(float_proto.graph, kind)]
         after = [v.name for v in getattr(proto.graph, kind)]
         if before != after:
             raise RuntimeError(f"graph {kind}s changed from {before} to {after}")
+
+
+def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes:
+    """The serialized quantized model, after the checks every output must pass."""
+    _check_interface(float_proto, proto)
+    onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     create_session(data, "the quantized model")
     return data
 
 
+def _check_output_file(float_proto: onnx.ModelProto, path: Path) -> None:
+    """``_check_output`` for a model written with external data: done by path, where the model
+    file is rewritten without onnxq's own shape annotations."""
+    proto = onnx.load(path, load_external_data=False)
+    _check_interface(float_proto, proto)
+    with open(path, "wb") as handle:
+        handle.write(proto.SerializeToString())
+    onnx.checker.check_model(path, full_check=True)
+    create_session(path, "the quantized model")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """The quantized model as written: its size on disk, sha256, and bytes when held in memory."""
+
+    size: int
+    sha256: str
+    data: bytes | None
+
+
+def _write_output(loaded: _Loaded, model: ir.Model, path: Path, config: QuantConfig) -> _Written:
+    """Check and write the quantized ``model``: one protobuf file, or with its tensors in
+    ``OUTPUT.data`` per ``config.external_data`` (``auto``: when the float model had external
+    data or the output would pass protobuf's 2 GB limit)."""
+    size = tensor_bytes(model)
+    if config.external_data == "never" and size > SINGLE_FILE_LIMIT:
+        raise OutputError(
+            f"the quantized model holds {size / 1e9:.1f} GB of tensors, over protobuf's 2 GB limit for one "
+            "file; use --external-data auto or always to write its weights to OUTPUT.data"
+        )
+    external = config.external_data == "always" or (
+        config.external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
+    )
+    if external:
+        check = functools.partial(_check_output_file, loaded.float_proto)
+        written, sha256 = write_with_external_data(model, path, check)
+        return _Written(written, sha256, None)
+    ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
+    data = _check_output(loaded.float_proto, ir.to_proto(model))
+    write_atomically(data, path)
+    return _Written(len(data), hashlib.sha256(data).hexdigest(), data)
+
+
 def _model_bytes(model: ModelInput, proto: onnx.ModelProto) -> int:
-    return proto.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
+    return proto.ByteSize() if isinstance(model, onnx.ModelProto) else model_bytes(Path(model), proto)
+
+
+def _tensor_digest(tensor: ir.TensorProtocol) -> str:
+    """sha256 of a tensor's bytes; external data is read from its file in blocks, not mapped."""
+    digest = hashlib.sha256()
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.tofile(types.SimpleNamespace(write=digest.update))
+        except (OSError, ValueError) as exc:  # a short file; onnx_ir refuses links out of the folder and hard links
+            raise ModelError(
+                f"cannot read the external data of tensor {tensor.name!r}: {exc}; keep the weights as plain "
+                "files inside the model's folder"
+            ) from exc
+    else:
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()
 
 
 def _weights_fingerprint(graph: ir.Graph) -> str:
-    digests = sorted(hashlib.sha256(v.const_value.tobytes()).hexdigest() for v in graph.initializers.values())
+    digests = sorted(_tensor_digest(v.const_value) for v in graph.initializers.values())
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
@@ -183,21 +261,37 @@ class _Loaded:
     proto: onnx.ModelProto  # upgraded to opset >= 13
     model: ir.Model  # cleaned up; read only (see ``fresh``)
     notes: tuple[str, ...]
+    external_folder: Path | None = None  # where the weights the protos reference lie (models with external data)
 
     @functools.cached_property
     def cleaned(self) -> onnx.ModelProto:
         return ir.to_proto(self.model)
 
     def fresh(self) -> ir.Model:
-        """A new copy of the cleaned-up graph to rewrite."""
+        """A new copy of the cleaned-up graph to rewrite (weights in external data stay on disk)."""
+        if self.external_folder is not None:
+            return _prepare(self.proto, self.external_folder)[0]
         return ir.from_proto(self.cleaned)
+
+
+@contextlib.contextmanager
+def _session_of(loaded: _Loaded, model: ir.Model, what: str = "a trial model") -> Iterator[ort.InferenceSession]:
+    """An ONNX Runtime session of ``model`` (a rewritten copy, not written yet); a big model goes
+    with its weights in a temporary file, which ``model`` then refers to until the block ends."""
+    if loaded.external_folder is None:
+        yield create_session(ir.to_proto(model).SerializeToString(), what)
+        return
+    with offloaded(model) as folder:
+        yield create_session(ir.to_proto(model), what, external_folder=folder)
 
 
 def _load(model: ModelInput) -> _Loaded:
     float_proto = load_model(model)
+    external_folder = external_data_folder(model, float_proto)
     proto, upgrade_note = upgrade_opset(float_proto)
-    prepared, notes = _prepare(proto)
-    return _Loaded(float_proto, proto, prepared, tuple(([upgrade_note] if upgrade_note else []) + notes))
+    prepared, notes = _prepare(proto, external_folder)
+    notes = ([upgrade_note] if upgrade_note else []) + notes
+    return _Loaded(float_proto, proto, prepared, tuple(notes), external_folder)
 
 
 def load_prepared(model: ModelInput) -> tuple[ir.Model, list[str]]:
@@ -235,7 +329,7 @@ def _sentinel_tensors(loaded: _Loaded, state: CalibrationState, source: BatchSou
         proto.CopyFrom(loaded.cleaned)
         existing = {o.name for o in proto.graph.output}
         proto.graph.output.extend(onnx.ValueInfoProto(name=names[k]) for k in wanted if names[k] not in existing)
-        session = create_session(proto, "the float model") if wanted else None
+        session = create_session(proto, "the float model", external_folder=loaded.external_folder) if wanted else None
         for batch in itertools.islice(source(), SENTINEL_BATCHES) if wanted else ():
             for key, values in zip(wanted, session.run([names[k] for k in wanted], batch.feed)):
                 magnitude = np.abs(np.asarray(values, dtype=np.float64))
@@ -295,22 +389,27 @@ def _measure_layers(
     keys = node_signatures(model.graph)
     plan = _plan(model.graph, state, config, sentinel)
     apply_qdq(model, plan)
-    reduced = []
-    if config.reduce_range == "auto" and feed is not None:
-        reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed))
-    unfused = []
-    if not config.quantize_unfused:
-        by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
-        unfused = sorted(keys[by_name[name]] for name in unfused_nodes(ir.to_proto(model)) if name in by_name)
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if loaded.external_folder is not None:  # a big model goes to ONNX Runtime with its weights in a file
+            folder = stack.enter_context(offloaded(model))
+        reduced = []
+        if config.reduce_range == "auto" and feed is not None:
+            reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed, folder))
+        unfused = []
+        if not config.quantize_unfused:
+            by_name = {node.name: node for node in plan.decisions if node.op_type in COMPUTE_OPS}
+            names = unfused_nodes(ir.to_proto(model), folder)
+            unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
     return _LayerChoices(tuple(reduced), tuple(unfused), sentinel)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Built:
-    """One quantized model: its bytes, per-op counts, notes, its fallback units (see
-    ``_fallback_units``) and the nodes it kept float on purpose (key: why)."""
+    """One quantized model, not yet checked: the rewritten graph, per-op counts, notes, its
+    fallback units (see ``_fallback_units``) and the nodes it kept float on purpose (key: why)."""
 
-    data: bytes
+    model: ir.Model
     op_counts: dict[str, OpCount]
     notes: list[str]
     units: tuple[tuple[str, ...], ...]
@@ -350,13 +449,11 @@ def _build(
     layers: _LayerChoices,
     keep_float: dict[str, str] | None = None,
     fallback_dtype: str = "fp32",
-    check: bool = True,
 ) -> _Built:
-    """A quantized model from calibrated state, on a fresh copy of the graph: plan, rewrite,
-    check. Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
+    """A quantized model from calibrated state, on a fresh copy of the graph: plan and rewrite
+    (``_write_output`` checks and writes it). Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
     ``layers.unfused``; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
-    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16. Trial models
-    of the fallback search skip the output checks (``check=False``): only the written one needs them."""
+    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
     model = loaded.fresh()
     graph = model.graph
     keys = node_signatures(graph)
@@ -415,9 +512,7 @@ def _build(
         notes += to_fp16_islands(model, islands)
     if config.format == "qoperator":
         notes += to_qoperator(model)
-    proto = ir.to_proto(model)
-    data = _check_output(loaded.float_proto, proto) if check else proto.SerializeToString()
-    return _Built(data, op_counts, notes, units, keep_float)
+    return _Built(model, op_counts, notes, units, keep_float)
 
 
 def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, config: QuantConfig) -> ConversionResult:
@@ -425,14 +520,12 @@ def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, co
     (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
     notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
     notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
-    proto = ir.to_proto(loaded.model)
-    data = _check_output(loaded.float_proto, proto)
-    write_atomically(data, output_path)
-    counts = inspect_model(proto, fusion=False).op_counts()
+    written = _write_output(loaded, loaded.model, output_path, config)
+    counts = inspect_model(output_path, fusion=False).op_counts()
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(data),
+        quantized_bytes=written.size,
         op_counts={op: OpCount(c["int8"], c["float"]) for op, c in counts.items()},
         notes=tuple(notes),
         calibration_samples=0,
@@ -465,11 +558,11 @@ def _tune(
     space: Workspace,
     calibration_index: int,
     progress: TuningProgress | None,
-) -> tuple[_Built, FallbackReport]:
+) -> tuple[dict[str, str], FallbackReport]:
     """Accuracy-driven fallback (``onnxq.tuning``): rank the quantized nodes by sensitivity,
-    then search the smallest set to keep float. Sensitivity and every trial are workspace steps,
-    and a resumed run reuses them."""
-    float_session = create_session(loaded.proto, "the float model")
+    then search the smallest set to keep float; returns it (key: why) and the report.
+    Sensitivity and every trial are workspace steps, and a resumed run reuses them."""
+    float_session = create_session(loaded.proto, "the float model", external_folder=loaded.external_folder)
     reference = _run_all(float_session, batches)
     labels = None
     if all(batch.labels is not None for batch in batches):
@@ -485,11 +578,14 @@ def _tune(
     eval_id = hashlib.sha256("".join(_batch_fingerprint(b) for b in batches).encode()).hexdigest()
     subset_reference = _run_all(float_session, subset)
 
-    def build(keys: frozenset[str], check: bool = False) -> _Built:
-        keep = {k: base.get(k, "accuracy fallback") for k in keys}
-        return _build(loaded, state, config, layers, keep, options.dtype, check)
+    def keep_of(keys: frozenset[str]) -> dict[str, str]:
+        return {k: base.get(k, "accuracy fallback") for k in keys}
 
-    plain = build(frozenset(base), check=True)
+    def outputs_of(keys: frozenset[str], data: list[Batch]) -> dict[str, np.ndarray]:
+        with _session_of(loaded, _build(loaded, state, config, layers, keep_of(keys), options.dtype).model) as session:
+            return _run_all(session, data)
+
+    plain = _build(loaded, state, config, layers, base, options.dtype)  # its units and what it keeps float
     scores: dict[frozenset[str], float] = {}
     for step in space.steps():
         if step.kind == "trial" and step.payload["calibration_step"] == calibration_index and step.payload["eval"] == eval_id \
@@ -501,11 +597,10 @@ def _tune(
 
     def score(keys: frozenset[str]) -> float:
         if keys not in scores:
-            built = plain if keys == frozenset(base) else build(keys)
-            value = float(metric(_run_all(create_session(built.data, "a trial model"), batches), reference, labels))
+            value = float(metric(outputs_of(keys, batches), reference, labels))
             space.append("trial", {
                 "calibration_step": calibration_index, "eval": eval_id, "metric": metric_name,
-                "fallback_dtype": options.dtype, "keep_float": sorted(keys), "reasons": built.kept_float,
+                "fallback_dtype": options.dtype, "keep_float": sorted(keys), "reasons": plain.kept_float | keep_of(keys),
                 "score": value, "float_score": float_score, "passes": accept(value),
             })
             scores[keys] = value
@@ -516,8 +611,8 @@ def _tune(
     gains: dict[str, float] = {}
     if accept(score(frozenset(base))):
         report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)],
-                                scores[frozenset(base)], True, len(scores), _kept_nodes(loaded, plain, gains))
-        return plain, report
+                                scores[frozenset(base)], True, len(scores), _kept_nodes(loaded, plain.kept_float, gains))
+        return base, report
     # 1. sensitivity: output error with each quantized node alone kept float
     recorded = [
         step for step in space.steps()
@@ -528,11 +623,10 @@ def _tune(
     if recorded:
         gains_by_unit = {tuple(k.split("|")): v for k, v in recorded[-1].payload["gains"].items()}
     else:
-        baseline = relative_error(_run_all(create_session(plain.data, "a trial model"), subset), subset_reference)
+        baseline = relative_error(outputs_of(frozenset(base), subset), subset_reference)
 
         def gain_of(nodes: frozenset[str]) -> float:
-            trial = build(frozenset(base) | nodes)
-            return baseline - relative_error(_run_all(create_session(trial.data, "a trial model"), subset), subset_reference)
+            return baseline - relative_error(outputs_of(frozenset(base) | nodes, subset), subset_reference)
 
         report = None if progress is None else (lambda done, total: progress("sensitivity", done, total))
         gains_by_unit = rank_units(plain.units, gain_of, progress=report)
@@ -546,16 +640,16 @@ def _tune(
 
     # 2. the search, on the whole evaluation set
     result = search_fallback([frozenset(u) for u in ranked], frozenset(base), gains, score, accept, options.max_trials)
-    final = plain if result.keep_float == frozenset(base) else build(result.keep_float, check=True)
+    final = plain.kept_float | keep_of(result.keep_float)
     report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)], result.score,
                             result.met, len(scores), _kept_nodes(loaded, final, gains))
-    return final, report
+    return keep_of(result.keep_float), report
 
 
-def _kept_nodes(loaded: _Loaded, built: _Built, gains: dict[str, float]) -> tuple[KeptNode, ...]:
-    """The nodes ``built`` kept float, most sensitive first, with names from the float model."""
+def _kept_nodes(loaded: _Loaded, kept_float: dict[str, str], gains: dict[str, float]) -> tuple[KeptNode, ...]:
+    """The nodes kept float (key: why), most sensitive first, with names from the float model."""
     by_key = {key: node for node, key in node_signatures(loaded.model.graph).items()}
-    ordered = sorted(built.kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
+    ordered = sorted(kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
     return tuple(
         KeptNode(by_key[key].name or key, by_key[key].op_type, reason, gains.get(key))
         for key, reason in ordered if key in by_key
@@ -652,6 +746,7 @@ def convert(
             state,
             checkpoint=lambda s: space.append("calibration", s.to_payload()),
             progress=progress,
+            external_folder=loaded.external_folder,
         )
         notes += calibration_notes
     calibration_step = space.latest("calibration")
@@ -664,17 +759,17 @@ def convert(
         layers = _measure_layers(loaded, state, config, source)
         space.append("layers", layers.to_payload(calibration_step.index))
     report = None
+    keep = base
     if fallback.max_drop is not None:
-        built, report = _tune(loaded, state, config, layers, base, fallback, list(eval_source()), space,
-                              calibration_step.index, tuning_progress)
+        keep, report = _tune(loaded, state, config, layers, base, fallback, list(eval_source()), space,
+                             calibration_step.index, tuning_progress)
         notes += _fallback_notes(report)
-    else:
-        built = _build(loaded, state, config, layers, base, fallback.dtype)
     if base:
         notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
-    write_atomically(built.data, output_path)
+    built = _build(loaded, state, config, layers, keep, fallback.dtype)
+    written = _write_output(loaded, built.model, output_path, config)
     space.append("quantized", {
-        "calibration_step": calibration_step.index, "output_sha256": hashlib.sha256(built.data).hexdigest(),
+        "calibration_step": calibration_step.index, "output_sha256": written.sha256,
         "keep_float": built.kept_float, "fallback_dtype": fallback.dtype,
     })
     if fallback.save_rules is not None:
@@ -683,13 +778,14 @@ def convert(
     fidelity = None
     if eval_source is not None:
         fidelity = compare_models(
-            create_session(loaded.proto, "the float model"), create_session(built.data, "the quantized model"),
+            create_session(loaded.proto, "the float model", external_folder=loaded.external_folder),
+            create_session(output_path if written.data is None else written.data, "the quantized model"),
             eval_source(),
         )
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(built.data),
+        quantized_bytes=written.size,
         op_counts=built.op_counts,
         notes=tuple(notes + built.notes),
         calibration_samples=state.samples_seen,
@@ -705,14 +801,16 @@ def recover(
     workspace: str | os.PathLike,
     output: str | os.PathLike,
     index: int | None = None,
+    external_data: str = "auto",
 ) -> ConversionResult:
     """Rebuild a recorded model from the float model and the workspace alone, without
     calibrating: by default the last one written (else the last calibration step); with
-    ``index``, that step (a calibration step, a fallback trial, or a written model)."""
+    ``index``, that step (a calibration step, a fallback trial, or a written model).
+    ``external_data`` as in ``QuantConfig``."""
     loaded = _load(model)
     output_path = check_writable(output)
     space = Workspace.open(workspace)
-    config = QuantConfig(**space.manifest["config"])
+    config = QuantConfig(**space.manifest["config"], external_data=external_data)
     space.check_matches(_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
     if index is not None:
         step = space.step(index)
@@ -734,12 +832,12 @@ def recover(
     recorded = space.latest("layers")
     layers = _measure_layers(loaded, state, config, None) if recorded is None else _LayerChoices.from_payload(recorded.payload)
     built = _build(loaded, state, config, layers, keep_float, fallback_dtype)
-    write_atomically(built.data, output_path)
+    written = _write_output(loaded, built.model, output_path, config)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(
         output=output_path,
         float_bytes=_model_bytes(model, loaded.float_proto),
-        quantized_bytes=len(built.data),
+        quantized_bytes=written.size,
         op_counts=built.op_counts,
         notes=tuple(list(loaded.notes) + partial + built.notes),
         calibration_samples=state.samples_seen,

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxq.calibrate import session_options
 from onnxq.subgraphs import proto_bodies
 
 COMPUTE_OPS = {
@@ -23,17 +24,20 @@ COMPUTE_OPS = {
 }
 
 
-def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
+def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = None) -> list[str]:
     """Names of the compute nodes of ``qdq_model`` (If/Loop/Scan bodies included) that would
-    still read dequantized tensors after ONNX Runtime's CPU graph optimizations."""
+    still read dequantized tensors after ONNX Runtime's CPU graph optimizations;
+    ``external_folder`` holds the external data files the model references, if any."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
         path = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(external_folder)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
+        if external_folder is not None:  # the optimized model's weights, which are not read back
+            key = "session.optimized_model_external_initializers_file_name"
+            options.add_session_config_entry(key, "optimized.data")
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path)
+        optimized = onnx.load(path, load_external_data=False)
     return _unfused_in(optimized.graph, {})
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.numpy_helper
 
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
-from onnxq.model_io import load_model
+from onnxq.model_io import external_data_folder, load_model
 from onnxq.ops import RULES
 from onnxq.qoperator import QLINEAR
 from onnxq.subgraphs import proto_bodies
@@ -97,6 +99,16 @@ def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> b
     return True
 
 
+def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+    """A tensor's values; external data is read from ``folder`` into a copy of the tensor, so that
+    the model's protobuf never takes in the weights."""
+    if folder is None or not onnx.external_data_helper.uses_external_data(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return onnx.numpy_helper.to_array(copy, str(folder))
+
+
 def _used_inside(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name that the nodes of ``graph`` and of its subgraphs read."""
     names = {name for node in graph.node for name in node.input}
@@ -133,6 +145,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
     subgraph) included; ``fusion=False`` skips asking ONNX Runtime which quantized groups it
     would fuse."""
     proto = load_model(model)
+    folder = external_data_folder(model, proto)
     graphs = _graphs(proto.graph, {}, {})
     all_nodes = [node for graph, *_ in graphs for node in graph.node]
     nodes = []
@@ -146,7 +159,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
     bytes_by_dtype: collections.Counter = collections.Counter()
     weights = []
     for init in (init for graph, *_ in graphs for init in graph.initializer):
-        array = onnx.numpy_helper.to_array(init)
+        array = _array(init, folder)
         bytes_by_dtype[array.dtype.name] += array.nbytes
         if array.ndim >= 2:
             zeros = float((array == 0).mean()) if array.size else 0.0
@@ -156,7 +169,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
         nodes=tuple(nodes),
         bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
         weights=tuple(weights),
-        unfused=tuple(unfused_nodes(proto)) if quantized and fusion else (),
+        unfused=tuple(unfused_nodes(proto, folder)) if quantized and fusion else (),
         quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in all_nodes),
         dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in all_nodes),
     )

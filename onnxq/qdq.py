@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.model_io import release_mapped
 from onnxq.plan import QuantPlan, is_constant
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
 from onnxq.subgraphs import all_nodes, bodies, owning_graph
@@ -164,6 +165,8 @@ def _quantize_weights_and_biases(
         stored = owner.initializer(f"{weight.name}_quantized", quantize(array, params))
         _Dequantized(emitters, stored, *owner.params(weight.name, params), weight, params.axis).replace_uses(weight)
         emitters.remove_if_unused(weight)
+        del array
+        release_mapped(weight.const_value)  # a big model's float weight, mapped from disk, is done with
         for node, slot in biased:
             bias = node.inputs[slot]
             fitted = quantize_bias(bias.const_value.numpy(), _input_scale(plan, node), scale)
