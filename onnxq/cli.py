@@ -254,7 +254,7 @@ def convert(
         help="Precision of the nodes left float: fp32, or fp16 (GPU targets).")] = FallbackDtype.fp32,
     save_rules: Annotated[Optional[Path], typer.Option(
         "--save-rules", help="Write the final keep-float set as a rules file (reusable on re-exports).")] = None,
-    max_trials: Annotated[int, typer.Option(help="Most models evaluated by the --max-drop search.")] = 48,
+    max_trials: Annotated[int, typer.Option(help="Most models evaluated by the --max-drop search.")] = 64,
     sensitivity_samples: Annotated[int, typer.Option(
         help="Evaluation samples per-node sensitivity is measured on.")] = 4,
     quiet: QuietOption = False,

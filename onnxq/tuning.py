@@ -11,8 +11,9 @@
    Nodes are kept float in units: a quantized tensor is float only when its producer and all
    its quantized readers are, so a unit is a compute node with the compute nodes that read it.
 3. The search keeps the most sensitive units float: it doubles a prefix of the ranking until the
-   metric passes, bisects down to the shortest passing prefix, then tries to re-quantize each
-   node of it, least sensitive first, keeping every one the metric allows.
+   metric passes, bisects down to the shortest passing prefix, then tries to re-quantize chunks
+   of its units (least sensitive first, halving the chunk size) and finally single nodes,
+   keeping every change the metric allows, within ``max_trials`` evaluated models.
 """
 
 from __future__ import annotations
@@ -147,9 +148,10 @@ def search_fallback(
     accept: Callable[[float], bool],
     max_trials: int,
 ) -> SearchResult:
-    """The smallest set of nodes that, kept float beside ``base``, makes ``accept(score(...))``
-    true: the union of the shortest passing prefix of ``ranked`` (node sets, most sensitive
-    first), minus every node that can be re-quantized, least ``sensitivity`` first."""
+    """A small set of nodes that, kept float beside ``base``, makes ``accept(score(...))`` true:
+    the shortest passing prefix of ``ranked`` (node sets, most sensitive first), then pruned:
+    chunks of its units, least sensitive first and halving in size, are re-quantized where the
+    metric allows, and finally single nodes, least ``sensitivity`` first."""
     trials = 0
 
     def ok(nodes: frozenset[str]) -> tuple[bool, float]:
@@ -158,8 +160,8 @@ def search_fallback(
         value = score(base | nodes)
         return accept(value), value
 
-    def prefix(count: int) -> frozenset[str]:
-        return frozenset().union(*ranked[:count])
+    def union(units: Sequence[frozenset[str]]) -> frozenset[str]:
+        return frozenset().union(*units)
 
     good, value = ok(frozenset())
     if good or not ranked:
@@ -167,25 +169,36 @@ def search_fallback(
     low, high = 0, 1
     while True:
         high = min(high, len(ranked))
-        good, value = ok(prefix(high))
+        good, value = ok(union(ranked[:high]))
         if good or high == len(ranked):
             break
         low, high = high, high * 2
     if not good:
-        return SearchResult(base | prefix(len(ranked)), value, False, trials)
+        return SearchResult(base | union(ranked), value, False, trials)
     best_value = value
     while high - low > 1 and trials < max_trials:
         middle = (low + high) // 2
-        good, value = ok(prefix(middle))
+        good, value = ok(union(ranked[:middle]))
         if good:
             high, best_value = middle, value
         else:
             low = middle
-    chosen = prefix(high)
-    for key in sorted(chosen - base, key=lambda k: (sensitivity.get(k, 0.0), k)):
-        if trials >= max_trials or len(chosen - base) == 1:
+    kept = list(ranked[:high])
+    chunk = len(kept) // 2
+    while chunk >= 1 and trials < max_trials:
+        start = len(kept) - chunk  # the least sensitive units are at the end
+        while start >= 0 and len(kept) > chunk and trials < max_trials:
+            trial = kept[:start] + kept[start + chunk :]
+            good, value = ok(union(trial))
+            if good:
+                kept, best_value = trial, value
+            start -= chunk
+        chunk //= 2
+    chosen = union(kept)
+    for key in sorted(chosen, key=lambda k: (sensitivity.get(k, 0.0), k)):
+        if trials >= max_trials or len(chosen) == 1:
             break
-        good, value = ok(chosen - base - {key})
+        good, value = ok(chosen - {key})
         if good:
             chosen, best_value = chosen - {key}, value
     return SearchResult(base | chosen, best_value, True, trials)
@@ -209,7 +222,7 @@ class FallbackOptions:
     metric: str | Metric = "auto"
     dtype: str = "fp32"
     sensitivity_samples: int = 4
-    max_trials: int = 48
+    max_trials: int = 64
     save_rules: str | None = None
 
     def __post_init__(self) -> None:

@@ -187,3 +187,17 @@ def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
     assert len(measured) <= 10 + 3 * 10  # groups of 10, then three groups unit by unit
     few = [(f"m{i}",) for i in range(5)]
     assert list(rank_units(few, lambda nodes: float(sorted(nodes)[0][1:]))) == few[::-1]
+
+
+def test_search_finds_the_needed_nodes_and_prunes_the_rest():
+    from onnxq.tuning import search_fallback
+
+    ranked = [frozenset({f"n{i}"}) for i in (3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 17, 11, 12)]
+    needed = {"n3", "n17"}
+    result = search_fallback(
+        ranked, frozenset({"rule"}), {},
+        score=lambda keep: 1.0 if needed <= keep else 0.0, accept=lambda value: value >= 1.0, max_trials=64,
+    )
+    assert result.met and result.keep_float == frozenset(needed | {"rule"})
+    unreachable = search_fallback(ranked, frozenset(), {}, score=lambda keep: 0.0, accept=lambda v: v > 0, max_trials=64)
+    assert not unreachable.met and unreachable.keep_float == frozenset().union(*ranked)
