@@ -1,11 +1,12 @@
 """onnxq against ONNX Runtime's quantizer on real models, side by side in one run.
 
 ``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec] [--calibration N] [--eval N]
-[--calibration-model yolov8n] [--output benchmarks/RESULTS.md]``. Each tool converts each model
+[--calibration-model yolov8n] [--no-big-model] [--output benchmarks/RESULTS.md]``. Each tool converts each model
 in its own fresh process (time and peak RSS measured there) from the same calibration data; the
 outputs are then compared with the float model on held-out inputs, and timed against it at
 batch 1 with runs interleaved. Then ``benchmarks.calibration`` measures calibration memory and
-time as the calibration set grows, and the cost of a resumed run.
+time as the calibration set grows, and the cost of a resumed run; ``benchmarks.big_model`` the
+time and memory of converting a model over 2 GB.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
 from benchmarks.workloads import WORKLOADS, Workload
 
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--calibration-model", default="yolov8n", help="model for the calibration cost section ('' skips it)")
     parser.add_argument("--calibration-counts", default="64,512")
     parser.add_argument("--rss-limit-mb", type=float, default=12_000)
+    parser.add_argument("--big-model", action=argparse.BooleanOptionalAction, default=True,
+                        help="also convert a generated 2.47 GB model (needs about 6 GB of free disk)")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     rows = []
@@ -212,8 +216,13 @@ def main() -> None:
         if args.calibration_model:
             small, large = (int(n) for n in args.calibration_counts.split(","))
             section = bench_calibration(WORKLOADS[args.calibration_model], Path(tmp), (small, large), args.rss_limit_mb)
+        if args.big_model:
+            folder = Path(tmp) / "big"
+            folder.mkdir()
+            section += "\n" + render_big(measure_big(folder))
     settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
-                f"--calibration-model {args.calibration_model} --calibration-counts {args.calibration_counts}")
+                f"--calibration-model {args.calibration_model} --calibration-counts {args.calibration_counts}"
+                f"{'' if args.big_model else ' --no-big-model'}")
     report = render(rows, settings) + "\n" + section
     args.output.write_text(report)
     print(report)

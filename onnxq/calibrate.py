@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,18 +31,37 @@ from onnxq.config import QuantConfig
 from onnxq.data import BatchSource
 from onnxq.errors import CalibrationDataError, DeviceError, ModelError, first_line
 from onnxq.observers import MinMaxObserver, make_observer, observer_from_dict
+from onnxq.subgraphs import expose_body_tensors
 
 ProgressCallback = Callable[[int], None]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def create_session(model: onnx.ModelProto | bytes, what: str, providers: tuple[str, ...] = (CPU,)) -> ort.InferenceSession:
-    """An ONNX Runtime session; a model it refuses is reported as ``ModelError``."""
+def session_options(external_folder: Path | None = None) -> ort.SessionOptions:
+    """Quiet session options (failures reach the user as one-line errors, not as log lines);
+    ``external_folder`` is where the external data files of a model given as bytes lie. Its
+    weights are then mapped from there in place: neither copied into the bytes nor into
+    prepacked buffers, so that memory stays near the size of the weights."""
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures reach the user as one-line errors, not as log lines
+    options.log_severity_level = 4
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def create_session(
+    model: onnx.ModelProto | bytes | Path,
+    what: str,
+    providers: tuple[str, ...] = (CPU,),
+    external_folder: Path | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of a model given as a proto, bytes or a file path (see
+    ``session_options`` for ``external_folder``); a model it refuses is reported as ``ModelError``."""
+    options = session_options(external_folder)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=list(providers))
     except Exception as exc:
@@ -150,19 +170,24 @@ def _reduction(graph: onnx.GraphProto, name: str, op: str, rank: int | None, ops
 
 def _augmented(
     proto: onnx.ModelProto, names: list[str], reduce_in_graph: dict[str, int | None]
-) -> tuple[onnx.ModelProto, list[str]]:
-    """The model with ``names`` exposed; those in ``reduce_in_graph`` (name -> rank) as their
-    ReduceMin and ReduceMax."""
+) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
+    """The model with ``names`` exposed, and where each one can be read: ``{"values": output}``,
+    or ``{"min": output, "max": output}`` for those in ``reduce_in_graph`` (name -> rank).
+    Tensors inside If/Loop/Scan bodies are carried out by ``onnxq.subgraphs``."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(proto)
     graph = augmented.graph
     opset = next(o.version for o in augmented.opset_import if o.domain in ("", "ai.onnx"))
     present = {output.name for output in graph.output}
     known = {info.name: info for info in graph.value_info}
-    outputs = []
+    main = {v.name for v in [*graph.input, *graph.initializer]} | {o for node in graph.node for o in node.output}
+    exposed: dict[str, dict[str, str]] = {}
     for name in names:
+        if name not in main:
+            continue
         if name in reduce_in_graph:
-            outputs += [_reduction(graph, name, op, reduce_in_graph[name], opset) for op in ("ReduceMin", "ReduceMax")]
+            low, high = (_reduction(graph, name, op, reduce_in_graph[name], opset) for op in ("ReduceMin", "ReduceMax"))
+            exposed[name] = {"min": low, "max": high}
             continue
         if name not in present:
             info = onnx.ValueInfoProto()
@@ -171,8 +196,17 @@ def _augmented(
             else:
                 info.name = name
             graph.output.append(info)
-        outputs.append(name)
-    return augmented, outputs
+        exposed[name] = {"values": name}
+    in_bodies = {name: name in reduce_in_graph for name in names if name not in main}
+    if in_bodies:
+        exposed.update(expose_body_tensors(augmented, in_bodies))
+    return augmented, exposed
+
+
+def _carries_body_values(name: str, sources: dict[str, str]) -> bool:
+    """Whether a tensor's values are read from an output carried out of a body (stacked over
+    the iterations of any Loop or Scan on the way), rather than under its own name."""
+    return "values" in sources and sources["values"] != name
 
 
 def _tensor_bytes(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
@@ -219,11 +253,13 @@ def calibrate(
     state: CalibrationState | None = None,
     checkpoint: Callable[[CalibrationState], None] | None = None,
     progress: ProgressCallback | None = None,
+    external_folder: Path | None = None,
 ) -> tuple[CalibrationState, list[str]]:
     """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
     state and notes. ``float_tensors`` maps the names known to be float32 to their rank (others
     are checked on each batch). ``batches`` gives a fresh pass over the data each time it is called.
     ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
+    ``external_folder`` holds the external data files ``proto`` references, if any.
     """
     providers, device_note = calibration_providers(config.device)
     names_of = {key: name for name, key in tensors.items()}
@@ -252,8 +288,9 @@ def calibrate(
 
     while state.pass_index < len(state.passes):
         names = [names_of[key] for key in state.passes[state.pass_index]]
-        model, outputs = _augmented(proto, [n for n in names if n not in inputs], reduce_in_graph)
-        session = create_session(model, "the float model", providers)
+        model, exposed = _augmented(proto, [n for n in names if n not in inputs], reduce_in_graph)
+        outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
+        session = create_session(model, "the float model", providers, external_folder)
         skip, seen = state.samples_done, 0
         for batch in batches():
             seen += batch.samples
@@ -267,18 +304,24 @@ def calibrate(
             try:
                 values = dict(zip(outputs, session.run(outputs, batch.feed)))
             except Exception as exc:
-                raise ModelError(
-                    f"the float model fails on the calibration data: {first_line(exc)}; check that the "
-                    "data matches what the model was exported for"
-                ) from exc
+                hint = "check that the data matches what the model was exported for"
+                if any(_carries_body_values(name, sources) for name, sources in exposed.items()):
+                    hint += (
+                        ", and note that with histogram methods a tensor inside a Loop or Scan body "
+                        "must keep its size across iterations (--method minmax has no such limit)"
+                    )
+                raise ModelError(f"the float model fails on the calibration data: {first_line(exc)}; {hint}") from exc
             for name in names:
                 observer = state.observers[tensors[name]]
-                if name in reduce_in_graph:
-                    low, high = values[f"{name}__onnxq_ReduceMin"], values[f"{name}__onnxq_ReduceMax"]
+                sources = {"values": None} if name in inputs else exposed.get(name, {})
+                if "min" in sources:
+                    low, high = values[sources["min"]], values[sources["max"]]
                     if low.size:
                         observer.update_bounds(float(low.min()), float(high.max()))
                     continue
-                array = batch.feed[name] if name in inputs else values[name]
+                if "values" not in sources:
+                    continue  # not reachable from the main graph: never observed, stays float
+                array = batch.feed[name] if name in inputs else values[sources["values"]]
                 if isinstance(array, np.ndarray) and array.dtype == np.float32:
                     observer.update(array)
             state.samples_done = seen

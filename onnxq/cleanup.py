@@ -5,7 +5,7 @@ Rules, in order:
    say) are folded into initializers, and nodes left without consumers are removed.
 2. BatchNormalization right after a Conv, ConvTranspose or Gemm is folded into its weights.
 3. An Add of a per-channel constant right after a Conv is folded into the Conv's bias.
-4. Every node gets a unique name (reports name nodes).
+4. Every node gets a unique name, across If/Loop/Scan bodies too (reports name nodes).
 The graph's inputs and outputs keep their names.
 """
 
@@ -22,6 +22,7 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from onnxq.plan import constant_array
+from onnxq.subgraphs import all_nodes
 
 _BATCHNORM_RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 
@@ -60,6 +61,17 @@ def _try_fold_add_into_conv_bias(graph: ir.Graph, add: ir.Node) -> bool:
     return False
 
 
+def _name_nodes_apart(graph: ir.Graph) -> None:
+    """Suffix node names that repeat across graphs (``NameFixPass`` makes them unique per graph)."""
+    seen: set[str] = set()
+    for node in all_nodes(graph):
+        name, index = node.name, 1
+        while name in seen:
+            name, index = f"{node.name}_{index}", index + 1
+        node.name = name
+        seen.add(name)
+
+
 def clean_up(model: ir.Model) -> list[str]:
     """Apply the rules above to ``model`` in place; returns notes on what changed."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -74,6 +86,7 @@ def clean_up(model: ir.Model) -> list[str]:
     folded_adds = sum(_try_fold_add_into_conv_bias(model.graph, node) for node in list(model.graph) if node.op_type == "Add")
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.NameFixPass()(model)
+    _name_nodes_apart(model.graph)
     notes = []
     if folded_nodes > 0:
         notes.append(f"{folded_nodes} constant node(s) folded")

@@ -22,11 +22,14 @@ from rich.table import Table
 
 from onnxq.calibrate import ProgressCallback
 from onnxq.config import QuantConfig
-from onnxq.convert import ConversionResult, convert as convert_model, recover as recover_model
+from onnxq.compare import Comparison, compare as compare_models
+from onnxq.convert import ConversionResult, TuningProgress, convert as convert_model, recover as recover_model
 from onnxq.errors import OnnxqError
 from onnxq.images import ImageFolder, image_files
-from onnxq.inspect import Comparison, Inspection, inspect_model, inspect_pair
+from onnxq.inspect import Inspection, InspectionPair, inspect_model, inspect_pair
 from onnxq.observers import METHODS
+from onnxq.rules import parse_rule
+from onnxq.tuning import FallbackOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -48,15 +51,19 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))
 Format = _choices("Format", ("qdq", "qoperator"))
 Target = _choices("Target", ("cpu", "cuda", "tensorrt"))
 ReduceRange = _choices("ReduceRange", ("auto", "always", "never"))
+ExternalData = _choices("ExternalData", ("auto", "always", "never"))
 Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
+FallbackDtype = _choices("FallbackDtype", ("fp32", "fp16"))
 
 
 ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Where to write the int8 model.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ExternalDataOption = Annotated[ExternalData, typer.Option(
+    help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")]
 
 
 @app.callback()
@@ -83,6 +90,24 @@ def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Pr
         yield advance
 
 
+@contextlib.contextmanager
+def _phases(enabled: bool) -> Iterator[TuningProgress | None]:
+    """One rich progress bar per named phase (sensitivity, fallback search) on a terminal."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done, total=max(total, done))
+
+        yield update
+
+
 def _summary(result: ConversionResult) -> Table:
     table = Table(title=f"onnxq: {result.output}")
     table.add_column("op type")
@@ -93,6 +118,9 @@ def _summary(result: ConversionResult) -> Table:
     table.add_section()
     table.add_row("size", f"{result.quantized_bytes / 1e6:.2f} MB",
                   f"{result.float_bytes / 1e6:.2f} MB  ({result.size_ratio:.2f}x)")
+    if result.fallback is not None:
+        report = result.fallback
+        table.add_row(f"{report.metric} (fallback)", f"{report.final_score:.4f}", f"{report.float_score:.4f}")
     fidelity = result.fidelity
     if fidelity is not None:
         if fidelity.float_top1 is not None:
@@ -205,6 +233,7 @@ def convert(
     workspace: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: OUTPUT.onnxq).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run recorded in the workspace.")] = False,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between calibration checkpoints.")] = 30.0,
+    external_data: ExternalDataOption = ExternalData.auto,
     image_size: Annotated[Optional[str], typer.Option(
         help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")] = None,
     resize: Annotated[Resize, typer.Option(help="Image folders: how images reach that size.")] = Resize.stretch,
@@ -213,6 +242,21 @@ def convert(
     std: Annotated[str, typer.Option(help="Image folders: per-channel std divided by after the mean.")] = "1",
     channel_order: Annotated[ChannelOrder, typer.Option(help="Image folders: channel order.")] = ChannelOrder.rgb,
     layout: Annotated[Layout, typer.Option(help="Image folders: tensor layout (auto: from the model input).")] = Layout.auto,
+    keep_float: Annotated[Optional[list[str]], typer.Option(
+        "--keep-float", help="Keep matching nodes float (repeatable): an op type, a name glob, first:OP, last:OP, "
+        "pattern:attention-softmax|mask-add|residual-add|normalization, or a rules .json file.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(
+        "--max-drop", help="With --eval-data: keep the most sensitive nodes float until the metric is within "
+        "this relative drop of float (0.01 = 1%).")] = None,
+    metric: Annotated[str, typer.Option(
+        help="Metric for --max-drop: auto (top1 with labels, else sqnr), sqnr, cosine, top1, or file.py:func.")] = "auto",
+    fallback_dtype: Annotated[FallbackDtype, typer.Option(
+        help="Precision of the nodes left float: fp32, or fp16 (GPU targets).")] = FallbackDtype.fp32,
+    save_rules: Annotated[Optional[Path], typer.Option(
+        "--save-rules", help="Write the final keep-float set as a rules file (reusable on re-exports).")] = None,
+    max_trials: Annotated[int, typer.Option(help="Most models evaluated by the --max-drop search.")] = 64,
+    sensitivity_samples: Annotated[int, typer.Option(
+        help="Evaluation samples per-node sensitivity is measured on.")] = 4,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -225,12 +269,17 @@ def convert(
             format=format.value, force_format=force_format, per_channel=per_channel, reduce_range=reduce_range.value,
             quantize_unfused=quantize_unfused, batch_size=batch_size, max_samples=max_samples,
             method=method.value, percentile=percentile, device=device.value, memory_budget_mb=memory_budget,
-            checkpoint_interval_s=checkpoint_interval,
+            checkpoint_interval_s=checkpoint_interval, external_data=external_data.value,
         )
-        with _progress(not quiet, "calibrating", max_samples) as progress:
+        fallback = FallbackOptions(
+            keep_float=tuple(parse_rule(rule) for rule in keep_float or ()), max_drop=max_drop, metric=metric,
+            dtype=fallback_dtype.value, sensitivity_samples=sensitivity_samples, max_trials=max_trials,
+            save_rules=None if save_rules is None else str(save_rules),
+        )
+        with _progress(not quiet, "calibrating", max_samples) as progress, _phases(not quiet) as phases:
             result = convert_model(
-                model, output, calibration_data, config,
-                eval_data=eval_data, workspace=workspace, resume=resume, progress=progress,
+                model, output, calibration_data, config, eval_data=eval_data, fallback=fallback,
+                workspace=workspace, resume=resume, progress=progress, tuning_progress=phases,
             )
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
@@ -242,13 +291,15 @@ def recover(
     model: ModelArgument,
     workspace: Annotated[Path, typer.Argument(help="Workspace of an earlier (possibly killed) run.")],
     output: OutputOption,
-    index: Annotated[Optional[int], typer.Option(help="Step to rebuild (default: the last calibration step).")] = None,
+    index: Annotated[Optional[int], typer.Option(
+        help="Step to rebuild: a calibration, fallback trial or quantized step (default: the last model written).")] = None,
+    external_data: ExternalDataOption = ExternalData.auto,
     quiet: QuietOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Rebuild the int8 model of a recorded workspace step, without calibrating."""
     try:
-        result = recover_model(model, workspace, output, index)
+        result = recover_model(model, workspace, output, index, external_data.value)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
     _report(result, quiet, as_json)
@@ -285,12 +336,12 @@ def _inspection_payload(report: Inspection) -> dict:
     return dataclasses.asdict(report) | {"op_counts": report.op_counts(), "weight_zero_fraction": report.weight_zero_fraction}
 
 
-def _comparison_tables(comparison: Comparison) -> list[Table]:
-    before, after = comparison.before, comparison.after
+def _pair_tables(pair: InspectionPair) -> list[Table]:
+    before, after = pair.before, pair.after
     sizes = Table(title="initializer bytes by precision, before and after")
     for column in ("dtype", "float model MB", "quantized model MB"):
         sizes.add_column(column, justify="left" if column == "dtype" else "right")
-    for dtype, (old, new) in comparison.bytes_by_dtype().items():
+    for dtype, (old, new) in pair.bytes_by_dtype().items():
         sizes.add_row(dtype, f"{old / 1e6:.3f}", f"{new / 1e6:.3f}")
     sizes.add_section()
     sizes.add_row("all initializers", f"{sum(before.bytes_by_dtype.values()) / 1e6:.3f}",
@@ -320,7 +371,7 @@ def inspect(
         report = inspect_model(model) if quantized is None else inspect_pair(model, quantized)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
         _fail(exc)
-    if isinstance(report, Comparison):
+    if isinstance(report, InspectionPair):
         if as_json:
             payload = {
                 "before": _inspection_payload(report.before), "after": _inspection_payload(report.after),
@@ -328,7 +379,7 @@ def inspect(
             }
             sys.stdout.write(json.dumps(_json_safe(payload), indent=2) + "\n")
             return
-        tables, unfused = _comparison_tables(report), report.after.unfused
+        tables, unfused = _pair_tables(report), report.after.unfused
     else:
         if as_json:
             sys.stdout.write(json.dumps(_json_safe(_inspection_payload(report)), indent=2) + "\n")
@@ -340,3 +391,52 @@ def inspect(
     if unfused:
         out.print(f"{len(unfused)} quantized node(s) ONNX Runtime's CPU provider would not fuse "
                   f"(they run dequantize -> float -> quantize): {', '.join(unfused[:10])}")
+
+
+def _comparison_tables(result: Comparison, rows: int) -> list[Table]:
+    outputs = Table(title=f"outputs, {result.fidelity.samples} samples")
+    for column in ("output", "SQNR dB", "cosine", "max abs error"):
+        outputs.add_column(column, justify="left" if column == "output" else "right")
+    for output in result.fidelity.outputs:
+        outputs.add_row(output.name, f"{output.sqnr_db:.2f}", f"{output.cosine:.5f}", f"{output.max_abs_error:.4g}")
+    tables = [outputs]
+    if result.fidelity.float_top1 is not None:
+        top1 = Table(title="top-1 accuracy")
+        top1.add_column("float", justify="right")
+        top1.add_column("int8", justify="right")
+        top1.add_row(f"{result.fidelity.float_top1:.2%}", f"{result.fidelity.quantized_top1:.2%}")
+        tables.append(top1)
+    if result.layers:
+        layers = Table(title=f"quantized tensors vs float, worst first ({min(rows, len(result.layers))} of {len(result.layers)})")
+        for column in ("tensor", "producer", "SQNR dB", "cosine", "max abs error"):
+            layers.add_column(column, justify="left" if column in ("tensor", "producer") else "right")
+        for layer in result.layers[:rows]:
+            layers.add_row(layer.tensor, layer.op, f"{layer.sqnr_db:.2f}", f"{layer.cosine:.5f}", f"{layer.max_abs_error:.4g}")
+        tables.append(layers)
+    return tables
+
+
+@app.command()
+def compare(
+    float_model: Annotated[Path, typer.Argument(help="The float ONNX model.")],
+    quantized_model: Annotated[Path, typer.Argument(help="Its quantized version (QDQ for the per-layer table).")],
+    data: Annotated[str, typer.Option("--data", help="Inputs to run: .npz, folder, or loader file.py:func.")],
+    batch_size: Annotated[int, typer.Option(help="Samples per run (dynamic-batch models).")] = 1,
+    max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many samples.")] = None,
+    rows: Annotated[int, typer.Option(help="Rows of the per-layer table to print.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Per-output SQNR, cosine, max error (and top-1) of QUANTIZED_MODEL vs FLOAT_MODEL, and each
+    quantized tensor's SQNR vs float, matched by topology, worst first."""
+    try:
+        result = compare_models(float_model, quantized_model, data, batch_size, max_samples)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(_json_safe(dataclasses.asdict(result)), indent=2) + "\n")
+        return
+    out = Console()
+    for table in _comparison_tables(result, rows):
+        out.print(table)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)

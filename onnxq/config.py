@@ -13,6 +13,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["qdq", "qoperator"]
 Target = Literal["cpu", "cuda", "tensorrt"]
 ReduceRange = Literal["auto", "always", "never"]
+ExternalData = Literal["auto", "always", "never"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class QuantConfig:
         reduce_range: 7-bit weights: ``auto`` only on the layers this CPU's integer kernels
             would saturate (measured on calibration data; none on CPUs with VNNI), ``always``
             on every layer, ``never``.
+        external_data: how the output is written: ``auto`` as one protobuf file unless the float
+            model kept its weights in external data or the output would pass protobuf's 2 GB
+            limit, then with its tensors in ``OUTPUT.data`` beside it; ``always`` with
+            ``OUTPUT.data``; ``never`` as one file (an error when it cannot fit).
     """
 
     activations: ActivationType | None = None
@@ -62,6 +67,7 @@ class QuantConfig:
     checkpoint_interval_s: float = 30.0
     reduce_range: ReduceRange = "auto"
     quantize_unfused: bool = False
+    external_data: ExternalData = "auto"
 
     def __post_init__(self) -> None:
         if self.target not in ("cpu", "cuda", "tensorrt"):
@@ -96,6 +102,8 @@ class QuantConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.reduce_range not in ("auto", "always", "never"):
             raise ConfigError(f"reduce range must be auto, always or never, not {self.reduce_range!r}")
+        if self.external_data not in ("auto", "always", "never"):
+            raise ConfigError(f"external data must be auto, always or never, not {self.external_data!r}")
         if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
             raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
         if self.max_shared_range_ratio <= 1:

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -85,30 +85,31 @@ def _load_npy(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
         ) from exc
 
 
-def _call_loader(spec: str) -> Any:
+def load_callable(spec: str, what: str, error: type[OnnxqError] = CalibrationDataError) -> Callable:
+    """The function named by ``file.py:func`` or ``pkg.mod:func``; ``what`` names it in errors."""
     target, _, func_name = spec.rpartition(":")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CalibrationDataError(f"loader file not found: {path}; check the path")
+                raise error(f"{what} file not found: {path}; check the path")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-    except CalibrationDataError:
+    except OnnxqError:
         raise
     except Exception as exc:
-        raise CalibrationDataError(
-            f"cannot import calibration loader {target} ({type(exc).__name__}: {exc}); fix the module"
-        ) from exc
+        raise error(f"cannot import {what} {target} ({type(exc).__name__}: {exc}); fix the module") from exc
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise CalibrationDataError(
-            f"{target} has no function {func_name!r}; name a function returning an iterable of "
-            "{input_name: array} dicts"
-        )
+        raise error(f"{target} has no function {func_name!r}; name the {what} function as file.py:func")
+    return func
+
+
+def _call_loader(spec: str) -> Any:
+    func = load_callable(spec, "calibration loader")
     try:
         return func()
     except Exception as exc:
@@ -334,7 +335,7 @@ def iter_batches(
             if max_samples is not None:
                 stop = min(stop, start + max_samples - fed)
             feed = {
-                name: array[start] if name in layout.stacked else array[start:stop]
+                name: np.asarray(array[start]) if name in layout.stacked else array[start:stop]  # 0-d stays an array
                 for name, array in arrays.items()
             }
             yield Batch(feed, stop - start, None if labels is None else labels[start:stop])

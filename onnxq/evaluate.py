@@ -33,7 +33,9 @@ class Fidelity:
     quantized_top1: float | None = None
 
 
-class _Accumulator:
+class ErrorAccumulator:
+    """Running signal, noise and cross energies of a float tensor vs its quantized version."""
+
     def __init__(self) -> None:
         self.signal = self.noise = self.dot = self.quant_energy = 0.0
         self.max_abs_error = 0.0
@@ -62,7 +64,7 @@ def compare_models(
 ) -> Fidelity:
     """Run both sessions on every batch; top-1 uses the first output's last axis and the labels."""
     names = [output.name for output in float_session.get_outputs()]
-    accumulators = {name: _Accumulator() for name in names}
+    accumulators = {name: ErrorAccumulator() for name in names}
     samples = labelled = float_correct = quantized_correct = 0
     for batch in batches:
         try:

@@ -15,28 +15,43 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from onnxq.calibrate import session_options
+from onnxq.subgraphs import proto_bodies
+
 COMPUTE_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
     "Sigmoid", "Concat", "LeakyRelu", "Softmax",
 }
 
 
-def unfused_nodes(qdq_model: onnx.ModelProto) -> list[str]:
-    """Names of the compute nodes of ``qdq_model`` that would still read dequantized tensors
-    after ONNX Runtime's CPU graph optimizations."""
+def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = None) -> list[str]:
+    """Names of the compute nodes of ``qdq_model`` (If/Loop/Scan bodies included) that would
+    still read dequantized tensors after ONNX Runtime's CPU graph optimizations;
+    ``external_folder`` holds the external data files the model references, if any."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
         path = Path(folder) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(external_folder)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(path)
+        if external_folder is not None:  # the optimized model's weights, which are not read back
+            key = "session.optimized_model_external_initializers_file_name"
+            options.add_session_config_entry(key, "optimized.data")
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path)
-    producers = {output: node for node in optimized.graph.node for output in node.output}
-    return [
+        optimized = onnx.load(path, load_external_data=False)
+    return _unfused_in(optimized.graph, {})
+
+
+def _unfused_in(graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto]) -> list[str]:
+    """Unfused compute nodes of ``graph`` and its subgraphs; a body sees its outer graphs' tensors."""
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    found = [
         node.name
-        for node in optimized.graph.node
+        for node in graph.node
         if node.op_type in COMPUTE_OPS
         and node.domain in ("", "ai.onnx")
         and any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input)
     ]
+    for node in graph.node:
+        for body in proto_bodies(node):
+            found += _unfused_in(body, producers)
+    return found

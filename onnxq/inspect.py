@@ -2,7 +2,9 @@
 sparsity, and quantized groups ONNX Runtime would not fuse.
 
 It answers "why is my quantized model not smaller (or not faster)?": float weights left beside
-quantized ones show in the size breakdown, unfused groups in the fusion list.
+quantized ones show in the size breakdown, unfused groups in the fusion list. Nodes and
+initializers inside subgraphs (If branches, Loop and Scan bodies) are counted like the main
+graph's.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.numpy_helper
 
 from onnxq.fusion import COMPUTE_OPS, unfused_nodes
-from onnxq.model_io import load_model
+from onnxq.model_io import external_data_folder, load_model, model_bytes as bytes_on_disk
 from onnxq.ops import RULES
 from onnxq.qoperator import QLINEAR
+from onnxq.subgraphs import proto_bodies
 
 _BASE_OP = {qlinear: op for op, (_, qlinear) in QLINEAR.items()}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -104,48 +109,86 @@ def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> b
     return True
 
 
-def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
-    """Inspect a model given as a path or a ModelProto; ``fusion=False`` skips asking ONNX
-    Runtime which quantized groups it would fuse."""
-    proto = load_model(model)
-    graph = proto.graph
-    producers = {output: node for node in graph.node for output in node.output}
+def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+    """A tensor's values; external data is read from ``folder`` into a copy of the tensor, so that
+    the model's protobuf never takes in the weights."""
+    if folder is None or not onnx.external_data_helper.uses_external_data(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return onnx.numpy_helper.to_array(copy, str(folder))
+
+
+def _used_inside(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name that the nodes of ``graph`` and of its subgraphs read."""
+    names = {name for node in graph.node for name in node.input}
+    for node in graph.node:
+        for body in proto_bodies(node):
+            names |= _used_inside(body)
+    return names
+
+
+def _graphs(
+    graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto], outer_types: dict[str, int]
+) -> list[tuple[onnx.GraphProto, dict, dict, dict]]:
+    """``graph`` and its subgraphs (recursively), each with its producers, consumers and types,
+    a body seeing the tensors of the graphs around it. A tensor that a body reads counts as
+    read by the body's parent node."""
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    types = outer_types | {
+        info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]
+    }
+    types.update({init.name: init.data_type for init in graph.initializer})
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in set(node.input) | {n for body in proto_bodies(node) for n in _used_inside(body)}:
             consumers.setdefault(name, []).append(node)
-    types = {info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    nodes = []
+    found = [(graph, producers, consumers, types)]
     for node in graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
-        dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
-        nodes.append(NodeInfo(node.name, _BASE_OP.get(node.op_type, node.op_type), precision, dtypes))
+        for body in proto_bodies(node):
+            found += _graphs(body, producers, types)
+    return found
+
+
+def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
+    """Inspect a model given as a path or a ModelProto, the bodies of If/Loop/Scan nodes (any
+    subgraph) included; ``fusion=False`` skips asking ONNX Runtime which quantized groups it
+    would fuse."""
+    proto = load_model(model)
+    folder = external_data_folder(model, proto)
+    graphs = _graphs(proto.graph, {}, {})
+    all_nodes = [node for graph, *_ in graphs for node in graph.node]
+    nodes = []
+    for graph, producers, consumers, types in graphs:
+        for node in graph.node:
+            if node.op_type in QDQ_OPS:
+                continue
+            precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
+            dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
+            nodes.append(NodeInfo(node.name, _BASE_OP.get(node.op_type, node.op_type), precision, dtypes))
     bytes_by_dtype: collections.Counter = collections.Counter()
     weights = []
-    for init in graph.initializer:
-        array = onnx.numpy_helper.to_array(init)
+    for init in (init for graph, *_ in graphs for init in graph.initializer):
+        array = _array(init, folder)
         bytes_by_dtype[array.dtype.name] += array.nbytes
         if array.ndim >= 2:
             zeros = int((array == 0).sum())
             weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros / array.size if array.size else 0.0,
                                       _is_two_four(array), array.size, zeros))
-    quantized = any(node.op_type == "DequantizeLinear" for node in graph.node)
+    quantized = any(node.op_type == "DequantizeLinear" for node in all_nodes)
     return Inspection(
         nodes=tuple(nodes),
         bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
         weights=tuple(weights),
-        unfused=tuple(unfused_nodes(proto)) if quantized and fusion else (),
-        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in graph.node),
-        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in graph.node),
-        model_bytes=proto.ByteSize() if isinstance(model, onnx.ModelProto) else os.path.getsize(model),
+        unfused=tuple(unfused_nodes(proto, folder)) if quantized and fusion else (),
+        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in all_nodes),
+        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in all_nodes),
+        model_bytes=proto.ByteSize() if isinstance(model, onnx.ModelProto) else bytes_on_disk(Path(model), proto),
     )
 
 
 @dataclasses.dataclass(frozen=True)
-class Comparison:
+class InspectionPair:
     """A float model and its quantized form inspected side by side (``onnxq inspect FLOAT QUANT``)."""
 
     before: Inspection
@@ -160,7 +203,7 @@ class Comparison:
 
 def inspect_pair(
     float_model: str | os.PathLike | onnx.ModelProto, quantized_model: str | os.PathLike | onnx.ModelProto
-) -> Comparison:
+) -> InspectionPair:
     """Inspect a float model and its quantized form: sizes by precision and weight sparsity,
     before and after."""
-    return Comparison(inspect_model(float_model, fusion=False), inspect_model(quantized_model))
+    return InspectionPair(inspect_model(float_model, fusion=False), inspect_model(quantized_model))

@@ -1,37 +1,37 @@
-"""Reading the float model and writing the quantized one (atomically)."""
+"""Reading the float model and writing the quantized one (atomically), in one protobuf file or,
+for models near or over protobuf's 2 GB limit, as a model file plus an external data file."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PureWindowsPath
 
 import onnx
 import onnx.external_data_helper
 import onnx.version_converter
+import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import Message
 
 from onnxq.errors import ModelError, OutputError, first_line
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+SINGLE_FILE_LIMIT = 2_000_000_000  # bytes: protobuf cannot serialize a message of 2 GiB or more
+EXTERNAL_DATA_SUFFIX = ".data"  # OUTPUT.onnx -> OUTPUT.onnx.data
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in ``graph`` and its subgraphs: initializers and tensor attributes."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                yield from _tensors(subgraph)
+def uses_external_data(proto: onnx.ModelProto) -> bool:
+    """Whether some tensor of ``proto`` (subgraphs included) keeps its data in an external file."""
+    return any(
+        onnx.external_data_helper.uses_external_data(tensor)
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+    )
 
 
 def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
@@ -42,7 +42,7 @@ def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     otherwise copy that file's bytes into the quantized model.
     """
     root = folder.resolve()
-    for tensor in _tensors(proto.graph):
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
@@ -81,7 +81,7 @@ def check_well_formed(proto: onnx.ModelProto, where: str) -> None:
     field = _non_utf8_field(proto)
     if field:
         raise ModelError(f"{where}: the text field {field} is not valid UTF-8; the file is damaged, re-export it")
-    for tensor in _tensors(proto.graph):
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_type not in onnx.helper.get_all_tensor_dtypes():
             raise ModelError(
                 f"{where}: tensor {tensor.name!r} has data type {tensor.data_type}, which ONNX does not define; "
@@ -115,11 +115,19 @@ def check_well_formed(proto: onnx.ModelProto, where: str) -> None:
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read and sanity-check a float ONNX model given as a path or a ModelProto.
 
-    External data is read only from files inside the model's folder (``check_external_data``).
+    Weights kept in external data files stay there: the proto references them relative to the
+    model's folder (``external_data_folder``), so a model over 2 GB is never one protobuf. Their
+    locations must name files inside that folder (``check_external_data``).
     """
+    external = False
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
+        if proto.ByteSize() > SINGLE_FILE_LIMIT:
+            raise ModelError(
+                "the given ModelProto is over 2 GB, more than protobuf can serialize; save it with "
+                "onnx.save_model(model, path, save_as_external_data=True) and pass the path"
+            )
     else:
         path = Path(model)
         where = str(path)
@@ -127,24 +135,30 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(f"model file not found: {path}; check the path")
         try:
             proto = onnx.load(path, load_external_data=False)
+            external = uses_external_data(proto)
         except Exception as exc:  # protobuf raises DecodeError
             raise ModelError(
                 f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
                 "pass a .onnx file exported by a framework"
             ) from exc
         check_external_data(proto, path.parent)
-        try:
-            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except Exception as exc:  # a bad offset or length, an unreadable file
-            raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}; re-export the model") from exc
     if not proto.HasField("graph") or not proto.graph.node:
         raise ModelError(f"{where} has no graph nodes; pass a .onnx model file")
     try:
-        onnx.checker.check_model(proto)
+        # by path when weights lie in external files: the checker then finds them, and never
+        # serializes a model over 2 GB
+        onnx.checker.check_model(path if external else proto)
     except Exception as exc:  # ValidationError, or a C++ error on a malformed proto
         raise ModelError(f"{where} is not a valid ONNX model: {first_line(exc)}; re-export it") from exc
     check_well_formed(proto, where)
     return proto
+
+
+def external_data_folder(model: str | os.PathLike | onnx.ModelProto, proto: onnx.ModelProto) -> Path | None:
+    """The folder of the external data files ``proto`` (loaded from ``model``) references, if any."""
+    if isinstance(model, onnx.ModelProto) or not uses_external_data(proto):
+        return None
+    return Path(model).resolve().parent
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -193,7 +207,8 @@ def fit_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
         return proto, None
     try:
         converted = onnx.version_converter.convert_version(proto, target)
-        onnx.checker.check_model(converted)
+        if not uses_external_data(converted):  # else the output's check covers it, by path
+            onnx.checker.check_model(converted)
     except Exception as exc:
         raise ModelError(
             f"the model uses opset {version} and could not be converted to opset {target}, {why} "
@@ -245,3 +260,85 @@ def write_atomically(data: bytes, path: Path) -> None:
                 f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
             ) from exc
         raise
+
+
+def model_bytes(path: Path, proto: onnx.ModelProto) -> int:
+    """Bytes on disk of the model at ``path`` (read as ``proto``): its file and its external data files."""
+    folder = path.parent
+    locations = {
+        info.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        if onnx.external_data_helper.uses_external_data(tensor)
+        for info in tensor.external_data
+        if info.key == "location"
+    }
+    return path.stat().st_size + sum((folder / location).stat().st_size for location in locations)
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the tensors of ``model`` (initializers, subgraphs included): near its serialized size."""
+    return sum(
+        value.const_value.nbytes
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def release_mapped(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap ``tensor``'s external data file if it is mapped (it is mapped again when next read),
+    so that a weight already used stops counting in memory."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views it: it stays mapped
+            tensor.release()
+
+
+@contextlib.contextmanager
+def offloaded(model: ir.Model) -> Iterator[Path]:
+    """Within the block, the tensors of ``model`` live in an external data file in a temporary
+    folder (yielded), so that its protobuf stays small; for ONNX Runtime sessions of big models."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as folder:
+        ir.external_data.unload_from_model(model, folder, "model.data", size_threshold_bytes=1024)
+        yield Path(folder)
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the external data of a model written to ``path`` goes: ``OUTPUT.data`` beside it."""
+    return path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+
+
+def write_with_external_data(model: ir.Model, path: Path, finish: Callable[[Path], None]) -> tuple[int, str]:
+    """Write ``model`` to ``path`` with its tensors in ``external_data_path(path)``. ``finish``
+    gets the written model file, still under a temporary name, and may rewrite it (the data file
+    stays) or raise to abandon the write. Returns (bytes written, sha256 of the model file
+    followed by the data file).
+
+    Both files are written in a temporary folder beside ``path``, then renamed, the data file
+    first: a failure leaves neither file partial.
+    """
+    data_path = external_data_path(path)
+    folder = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        staged = folder / path.name
+        ir.save(model, staged, external_data=data_path.name, size_threshold_bytes=1024, alignment=65536)
+        (folder / data_path.name).touch()  # a model with only tiny tensors still gets its pair
+        finish(staged)
+        digest = hashlib.sha256()
+        for file in (staged, folder / data_path.name):
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        size = staged.stat().st_size + (folder / data_path.name).stat().st_size
+        os.replace(folder / data_path.name, data_path)
+        os.replace(staged, path)
+        _fsync_folder(path.parent)
+        return size, digest.hexdigest()
+    except OSError as exc:
+        raise OutputError(
+            f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
+        ) from exc
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

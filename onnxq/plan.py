@@ -2,7 +2,8 @@
 
 The plan is the single source of the quantization decisions; the rewrite only carries it out.
 Rules, in order:
-1. Nodes are visited in topological order; each op rule (``onnxq.ops``) says when its node is
+1. Nodes are visited in topological order, those of If/Loop/Scan bodies right after their
+   parent node (``onnxq.subgraphs``); each op rule (``onnxq.ops``) says when its node is
    quantized. A node whose activations lack a float range stays float.
 2. Tensors that must share a scale (a data-movement op's input and output, a Concat's inputs
    and output) form one group; the group's range is the union of its members' ranges.
@@ -21,6 +22,7 @@ import onnx_ir as ir
 from onnxq.config import QuantConfig
 from onnxq.ops import OpRule, bias_is_foldable, rule_for, weight_axis
 from onnxq.quant_math import QuantParams, activation_params
+from onnxq.subgraphs import quantizable_nodes
 
 Range = tuple[float, float]
 
@@ -116,7 +118,7 @@ def _decide_nodes(
 ) -> tuple[dict[ir.Node, NodeDecision], set[ir.Value]]:
     decisions: dict[ir.Node, NodeDecision] = {}
     quantized_outputs: set[ir.Value] = set()
-    for node in graph:
+    for node in quantizable_nodes(graph, config.method):
         rule = rule_for(node)
         if rule is None or node in float_nodes:
             continue

@@ -11,6 +11,11 @@ Rules:
 4. A quantized constant activation (say the constant of an Add) is stored quantized with a
    DequantizeLinear, and every consumer reads that.
 5. Graph inputs and outputs keep their names and types.
+6. Inside If/Loop/Scan bodies: the QuantizeLinear (or the integer constant) and its scale sit
+   in the graph that defines the tensor, and each graph with consumers gets its own
+   DequantizeLinear right beside them, reading the integer tensor and scale as outer-scope
+   values where needed. ONNX Runtime fuses such groups inside bodies (QLinearMatMul in a Loop
+   body, say), which it would not do across a graph boundary.
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import ModelError
+from onnxq.model_io import release_mapped
 from onnxq.plan import QuantPlan, is_constant
 from onnxq.quant_math import REDUCED_WEIGHT_QMAX, WEIGHT_QMAX, QuantParams, quantize, quantize_bias, weight_scale
+from onnxq.subgraphs import all_nodes, bodies, owning_graph
 
 
 class Emitter:
     """Creates uniquely named values, initializers and Q/DQ nodes in one graph."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, names: set[str] | None = None) -> None:
+        """``names``: the names already taken, shared by the emitters of one model's graphs
+        (default: those of ``graph`` and its subgraphs)."""
         self.graph = graph
-        self._names = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self._names.update(v.name for v in node.outputs)
+        if names is None:
+            names = set()
+            for current in [graph, *(body for node in all_nodes(graph) for _, body in bodies(node))]:
+                names.update(v.name for v in current.inputs)
+                names.update(current.initializers)
+                names.update(v.name for node in current for v in node.outputs)
+        self._names = names
 
     def unique(self, name: str) -> str:
         candidate, index = name, 1
@@ -64,7 +77,7 @@ class Emitter:
         return node
 
     def dequantize(self, quantized: ir.Value, scale: ir.Value, zero_point: ir.Value, like: ir.Value, axis: int | None = None) -> ir.Value:
-        output = ir.Value(name=self.unique(f"{like.name}_dequantized"), type=like.type, shape=like.shape)
+        output = ir.Value(name=self.unique(f"{like.name}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=like.shape)
         self.node("DequantizeLinear", [quantized, scale, zero_point], output, axis)
         return output
 
@@ -72,19 +85,58 @@ class Emitter:
         if not value.uses() and not value.is_graph_output() and value.name in self.graph.initializers:
             self.graph.initializers.pop(value.name)
 
+    def names(self) -> set[str]:
+        """The taken names, to share with the emitter of another graph of the same model."""
+        return self._names
+
+
+class _Emitters:
+    """One ``Emitter`` per graph of a model (main graph and bodies), sharing one set of names."""
+
+    def __init__(self, model: ir.Model) -> None:
+        main = Emitter(model.graph)
+        self._by_graph = {model.graph: main}
+        self._names = main.names()
+
+    def __getitem__(self, graph: ir.Graph) -> Emitter:
+        if graph not in self._by_graph:
+            self._by_graph[graph] = Emitter(graph, self._names)
+        return self._by_graph[graph]
+
+    def remove_if_unused(self, value: ir.Value) -> None:
+        graph = owning_graph(value)
+        if graph is not None:
+            self[graph].remove_if_unused(value)
+
+
+class _Dequantized:
+    """The dequantized form of one integer tensor: a DequantizeLinear in each graph that reads
+    it, made on first request, so that each sits beside its consumers (the integer tensor and
+    its scale may live in an outer graph)."""
+
+    def __init__(self, emitters: _Emitters, quantized: ir.Value, scale: ir.Value, zero_point: ir.Value,
+                 like: ir.Value, axis: int | None = None) -> None:
+        self._emitters = emitters
+        self._inputs = (quantized, scale, zero_point)
+        self._like, self._axis = like, axis
+        self._by_graph: dict[ir.Graph, ir.Value] = {}
+
+    def in_graph(self, graph: ir.Graph) -> ir.Value:
+        if graph not in self._by_graph:
+            self._by_graph[graph] = self._emitters[graph].dequantize(*self._inputs, self._like, self._axis)
+        return self._by_graph[graph]
+
+    def replace_uses(self, value: ir.Value) -> None:
+        """Every consumer of ``value``, in any graph, reads the dequantized tensor instead."""
+        for consumer, slot in list(value.uses()):
+            consumer.replace_input_with(slot, self.in_graph(consumer.graph))
+
 
 @dataclasses.dataclass
 class RewriteReport:
     """What the rewrite had to adjust beyond the plan."""
 
     notes: list[str]
-
-
-def _replace_uses(value: ir.Value, replacement: ir.Value) -> None:
-    """Nodes read ``replacement`` instead of the constant ``value``; a graph output that is
-    ``value`` itself (a model may return a weight) keeps returning it."""
-    for node, slot in list(value.uses()):
-        node.replace_input_with(slot, replacement)
 
 
 def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
@@ -99,7 +151,7 @@ def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
 
 
 def _quantize_weights_and_biases(
-    emitter: Emitter, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
+    emitters: _Emitters, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
 ) -> None:
     uses: dict[ir.Value, list[ir.Node]] = {}
     for node, decision in plan.decisions.items():
@@ -121,35 +173,39 @@ def _quantize_weights_and_biases(
                 )
             scale = fitted.weight_scale
         params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
-        quantized = emitter.initializer(f"{weight.name}_quantized", quantize(array, params))
-        dequantized = emitter.dequantize(quantized, *emitter.params(weight.name, params), weight, params.axis)
-        _replace_uses(weight, dequantized)
-        emitter.remove_if_unused(weight)
+        owner = emitters[owning_graph(weight)]
+        stored = owner.initializer(f"{weight.name}_quantized", quantize(array, params))
+        _Dequantized(emitters, stored, *owner.params(weight.name, params), weight, params.axis).replace_uses(weight)
+        emitters.remove_if_unused(weight)
+        del array
+        release_mapped(weight.const_value)  # a big model's float weight, mapped from disk, is done with
         for node, slot in biased:
             bias = node.inputs[slot]
             fitted = quantize_bias(bias.const_value.numpy(), _input_scale(plan, node), scale)
             bias_params = QuantParams(fitted.scale, np.zeros(fitted.scale.shape, np.int32))
+            emitter = emitters[node.graph]
             values = emitter.initializer(f"{bias.name}_quantized", fitted.values)
             bias_axis = 0 if fitted.scale.ndim else None
             node.replace_input_with(
                 slot, emitter.dequantize(values, *emitter.params(bias.name, bias_params), bias, bias_axis)
             )
-            emitter.remove_if_unused(bias)
+            emitters.remove_if_unused(bias)
 
 
 def _input_scale(plan: QuantPlan, node: ir.Node) -> np.ndarray:
     return plan.params[node.inputs[0]].scale
 
 
-def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
-    shared_params: dict[int, tuple[ir.Value, ir.Value]] = {}
+def _quantize_activations(emitters: _Emitters, plan: QuantPlan) -> None:
+    shared_params: dict[tuple[int, ir.Graph], tuple[ir.Value, ir.Value]] = {}
     for value, params in plan.params.items():
-        if id(params) not in shared_params:
-            shared_params[id(params)] = emitter.params(value.name, params)
-        scale, zero_point = shared_params[id(params)]
+        emitter = emitters[owning_graph(value)]
+        if (id(params), emitter.graph) not in shared_params:  # a group's scale, once per graph
+            shared_params[id(params), emitter.graph] = emitter.params(value.name, params)
+        scale, zero_point = shared_params[id(params), emitter.graph]
         if is_constant(value):
             stored = emitter.initializer(f"{value.name}_quantized", quantize(value.const_value.numpy(), params))
-            _replace_uses(value, emitter.dequantize(stored, scale, zero_point, value))
+            _Dequantized(emitters, stored, scale, zero_point, value).replace_uses(value)
             emitter.remove_if_unused(value)
             continue
         quantized = ir.Value(
@@ -158,30 +214,31 @@ def _quantize_activations(emitter: Emitter, plan: QuantPlan) -> None:
             shape=value.shape,
         )
         quantize_node = emitter.node("QuantizeLinear", [value, scale, zero_point], quantized)
-        dequantized = emitter.dequantize(quantized, scale, zero_point, value)
+        dequantized = _Dequantized(emitters, quantized, scale, zero_point, value)
         produced_quantized = value in plan.quantized_outputs
         for consumer, slot in list(value.uses()):
             if consumer is quantize_node:
                 continue
             decision = plan.decisions.get(consumer)
             if produced_quantized or (decision is not None and slot in decision.activation_slots):
-                consumer.replace_input_with(slot, dequantized)
+                consumer.replace_input_with(slot, dequantized.in_graph(consumer.graph))
         if produced_quantized and value.is_graph_output():
+            output_value = dequantized.in_graph(emitter.graph)
             name = value.name
             value.name = emitter.unique(f"{name}_float")
-            dequantized.name = name
+            output_value.name = name
             outputs = emitter.graph.outputs
             for index, output in enumerate(outputs):
                 if output is value:
-                    outputs[index] = dequantized
+                    outputs[index] = output_value
 
 
 def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:
-    """Rewrite ``model``'s main graph in place to the QDQ form ``plan`` describes; the weights of
-    ``reduced_range`` nodes get 7 bits."""
-    emitter = Emitter(model.graph)
+    """Rewrite ``model`` (main graph and bodies) in place to the QDQ form ``plan`` describes;
+    the weights of ``reduced_range`` nodes get 7 bits."""
+    emitters = _Emitters(model)
     notes: list[str] = []
-    _quantize_weights_and_biases(emitter, plan, notes, set(reduced_range))
-    _quantize_activations(emitter, plan)
+    _quantize_weights_and_biases(emitters, plan, notes, set(reduced_range))
+    _quantize_activations(emitters, plan)
     model.graph.sort()
     return RewriteReport(notes)

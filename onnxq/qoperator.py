@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxq.plan import constant_array
 from onnxq.qdq import Emitter
 from onnxq.quant_math import QuantParams, dequantize, quantize, quantize_bias
+from onnxq.subgraphs import CONTROL_FLOW, all_nodes, bodies
 
 MS_DOMAIN = "com.microsoft"
 
@@ -126,10 +127,13 @@ def _absorbed_exactly(node: ir.Node, params: QuantParams) -> bool:
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model) -> None:
+    """Applies the rules to one graph of ``model`` (its main graph, or an If/Loop/Scan body);
+    ``names`` are the names taken across the model, shared by the rewriters of its graphs."""
+
+    def __init__(self, model: ir.Model, graph: ir.Graph | None = None, names: set[str] | None = None) -> None:
         self.model = model
-        self.graph = model.graph
-        self.emitter = Emitter(model.graph)
+        self.graph = model.graph if graph is None else graph
+        self.emitter = Emitter(self.graph, names)
         self.unique = self.emitter.unique
         self.initializer = self.emitter.initializer
         self.notes: list[str] = []
@@ -356,26 +360,35 @@ def _same(a: QuantParams, b: QuantParams) -> bool:
 def has_quantize_nodes(model: ir.Model) -> bool:
     """Whether the model is already quantized (holds Quantize/Dequantize or QLinear nodes)."""
     quantized_ops = {"QuantizeLinear", "DequantizeLinear"} | {op for _, op in QLINEAR.values()}
-    return any(node.op_type in quantized_ops for node in model.graph)
+    return any(node.op_type in quantized_ops for node in all_nodes(model.graph))
+
+
+def _rewriters(model: ir.Model) -> list[_Rewriter]:
+    """A rewriter for the main graph and one for each If/Loop/Scan body, sharing one set of names."""
+    main = _Rewriter(model)
+    graphs = [body for node in all_nodes(model.graph) if node.op_type in CONTROL_FLOW for _, body in bodies(node)]
+    return [main] + [_Rewriter(model, graph, main.emitter.names()) for graph in graphs]
 
 
 def normalize_qdq(model: ir.Model) -> list[str]:
-    """Complete a QDQ model in place (rules 1 and 3): constants stored quantized, int32 biases.
-    Returns notes on what changed."""
-    rewriter = _Rewriter(model)
-    rewriter.fold_constant_identities()
-    rewriter.fold_constant_quantize()
-    rewriter.quantize_float_biases()
+    """Complete a QDQ model in place (rules 1 and 3): constants stored quantized, int32 biases;
+    in If/Loop/Scan bodies too. Returns notes on what changed."""
+    notes = []
+    for rewriter in _rewriters(model):
+        rewriter.fold_constant_identities()
+        rewriter.fold_constant_quantize()
+        rewriter.quantize_float_biases()
+        notes += rewriter.notes
     model.graph.sort()
-    return rewriter.notes
+    return notes
 
 
 def to_qoperator(model: ir.Model) -> list[str]:
-    """Rewrite ``model`` (QDQ form) in place to operator form; returns notes on what changed."""
+    """Rewrite ``model`` (QDQ form, bodies included) in place to operator form; returns notes
+    on what changed."""
     notes = normalize_qdq(model)
-    rewriter = _Rewriter(model)
-    count = rewriter.run()
-    if any(node.domain == MS_DOMAIN for node in model.graph):
+    count = sum(rewriter.run() for rewriter in _rewriters(model))
+    if any(node.domain == MS_DOMAIN for node in all_nodes(model.graph)):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     model.graph.sort()
     return notes + [f"{count} node groups rewritten to QLinear operators"]

@@ -63,11 +63,12 @@ def weight_scale(weight: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX) 
     channel is zero): any positive scale represents its zeros exactly, and a typical one keeps
     the resolution of a bias added to that channel.
     """
-    w = np.abs(weight.astype(np.float64))
+    # max|w| as max(max w, -min w): exact, and no copy of a big weight
     if axis is None:
-        amax = np.array(w.max() if w.size else 0.0)
+        amax = np.array(np.maximum(weight.max(), -weight.min()) if weight.size else 0.0, np.float64)
     else:
-        amax = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1)
+        others = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+        amax = np.maximum(weight.max(axis=others), -weight.min(axis=others)).astype(np.float64)
     scale = amax / qmax
     nonzero = scale > 0
     fill = np.median(scale[nonzero]) if nonzero.any() else 1.0
@@ -82,14 +83,30 @@ def _broadcast_shape(params: QuantParams, ndim: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+_BLOCK_ELEMENTS = 1 << 22  # quantize works in blocks of about this many elements
+
+
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
-    """``saturate(round_half_to_even(x / scale) + zero_point)``, as ONNX QuantizeLinear."""
+    """``saturate(round_half_to_even(x / scale) + zero_point)``, as ONNX QuantizeLinear, to an
+    8-bit type (saturated in float32, where the zero point and the range are exact).
+
+    Big arrays go in blocks along their first axis, so that the temporaries stay small.
+    """
     shape = _broadcast_shape(params, x.ndim)
     scale = params.scale.astype(np.float32).reshape(shape)
-    zero_point = params.zero_point.astype(np.int64).reshape(shape)
+    zero_point = params.zero_point.astype(np.float32).reshape(shape)
     qmin, qmax = _QRANGE[params.dtype]
-    q = np.rint(x.astype(np.float32) / scale).astype(np.int64) + zero_point
-    return np.clip(q, qmin, qmax).astype(params.dtype)
+    if x.ndim == 0:
+        return np.clip(np.rint(np.float32(x) / scale) + zero_point, qmin, qmax).astype(params.dtype)
+    out = np.empty(x.shape, params.dtype)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, x[0].size))
+    per_row = scale.ndim > 0 and scale.shape[0] > 1  # per-channel along the first axis
+    for start in range(0, x.shape[0], rows):
+        block = slice(start, start + rows)
+        q = np.rint(x[block].astype(np.float32, copy=False) / (scale[block] if per_row else scale))
+        q += zero_point[block] if per_row else zero_point
+        out[block] = np.clip(q, qmin, qmax, out=q)
+    return out
 
 
 def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:

@@ -6,10 +6,13 @@ with an instruction that adds pairs of products into int16, saturating above 327
 8-bit weights (up to 127) and activations up to 255, a pair can reach 64770. Weights of 7 bits
 (up to 63) cannot saturate, but lose resolution everywhere ("reduce_range"). Rules:
 1. CPUs with VNNI or AMX (x86) or dot-product instructions (ARM) do not saturate: nothing to do.
-2. Otherwise each uint8 Conv/Gemm/MatMul layer is run on a calibration batch twice, as ONNX
-   Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same quantized input.
+2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch
+   twice, as ONNX Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same
+   quantized input.
 3. A layer whose saturation error (fused vs exact, in output steps) has more power than its own
    rounding noise (1/12 step squared) gets 7-bit weights.
+4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
+   a CPU that saturates, every uint8 one gets 7-bit weights (the safe side).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import onnx.utils
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxq.calibrate import session_options
 from onnxq.plan import QuantPlan
 
 _NO_SATURATION_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
@@ -49,9 +53,8 @@ def cpu_saturates() -> bool:
     return saturates(platform.machine(), cpuinfo)
 
 
-def _session(model: onnx.ModelProto, fused: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+def _session(model: onnx.ModelProto, fused: bool, external_folder: Path | None) -> ort.InferenceSession:
+    options = session_options(external_folder)
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -78,27 +81,31 @@ def _layer_boundaries(model: ir.Model, plan: QuantPlan) -> dict[ir.Node, tuple[s
     return boundaries
 
 
-def saturating_layers(qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.ndarray]) -> set[ir.Node]:
+def saturating_layers(
+    qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.ndarray], external_folder: Path | None = None
+) -> set[ir.Node]:
     """The layers of ``plan`` (rewritten to QDQ as ``qdq_model``) that lose accuracy to
-    saturation on this CPU, measured on ``feed``."""
+    saturation on this CPU, measured on ``feed``; ``external_folder`` holds the external data
+    files the model's tensors reference, if any."""
     if not cpu_saturates():
         return set()
     boundaries = _layer_boundaries(qdq_model, plan)
+    hurt = {node for node in boundaries if node.graph is not qdq_model.graph}  # in bodies: assumed
+    boundaries = {node: pair for node, pair in boundaries.items() if node not in hurt}
     if not boundaries:
-        return set()
+        return hurt
     proto = ir.to_proto(qdq_model)
     exposed = onnx.ModelProto()
     exposed.CopyFrom(proto)
     names = sorted({name for pair in boundaries.values() for name in pair})
     present = {o.name for o in exposed.graph.output}
     exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    values = dict(zip(names, _session(exposed, fused=False).run(names, feed)))
+    values = dict(zip(names, _session(exposed, False, external_folder).run(names, feed)))
     extractor = onnx.utils.Extractor(proto)
-    hurt = set()
     for node, (source, target) in boundaries.items():
         layer = extractor.extract_model([source], [target])
-        exact = _session(layer, fused=False).run(None, {source: values[source]})[0].astype(np.int32)
-        fused = _session(layer, fused=True).run(None, {source: values[source]})[0].astype(np.int32)
+        exact = _session(layer, False, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
+        fused = _session(layer, True, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
         if np.mean((fused - exact).astype(np.float64) ** 2) > 1 / 12:
             hurt.add(node)
     return hurt

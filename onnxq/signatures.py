@@ -9,7 +9,11 @@ Node names and tensor names change between exports of the same network; stored d
    signatures of its producers (per input slot and output index) and of its consumers.
 3. Nodes with equal final signatures are told apart by their occurrence index in topological
    order.
-A tensor is keyed by its producer's key and output index; a graph input by its position.
+4. Nodes inside subgraphs (If branches, Loop and Scan bodies) are keyed within their own graph
+   as above, prefixed with their parent node's key and the attribute that holds the graph, so
+   the keys of a body do not depend on the rest of the model and never collide with others.
+A tensor is keyed by its producer's key and output index; a graph input by its position (in a
+body: below the parent node's key).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import hashlib
 
 import onnx_ir as ir
+
+from onnxq.subgraphs import bodies
 
 DEPTH = 4
 
@@ -55,8 +61,7 @@ def _local(node: ir.Node) -> str:
     )
 
 
-def node_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
-    """A key per node of ``graph`` that is stable under renaming of nodes and tensors."""
+def _graph_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
     nodes = list(graph)
     signature = {node: _local(node) for node in nodes}
     for _ in range(DEPTH):
@@ -81,12 +86,24 @@ def node_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
     return keys
 
 
-def tensor_keys(graph: ir.Graph) -> dict[str, str]:
-    """Map each tensor name of ``graph`` (graph inputs and node outputs) to its structural key."""
-    keys = {value.name: f"input:{index}" for index, value in enumerate(graph.inputs)}
-    for node, key in node_signatures(graph).items():
+def node_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
+    """A key per node of ``graph`` and of its subgraphs, stable under renaming of nodes and tensors."""
+    keys = _graph_signatures(graph)
+    for node, key in list(keys.items()):
+        for label, body in bodies(node):
+            keys.update((inner, f"{key}/{label}/{inner_key}") for inner, inner_key in node_signatures(body).items())
+    return keys
+
+
+def tensor_keys(graph: ir.Graph, prefix: str = "") -> dict[str, str]:
+    """Map each tensor name of ``graph`` and its subgraphs (graph inputs and node outputs) to
+    its structural key."""
+    keys = {value.name: f"{prefix}input:{index}" for index, value in enumerate(graph.inputs)}
+    for node, key in _graph_signatures(graph).items():
         for index, value in enumerate(node.outputs):
-            keys[value.name] = f"{key}/{index}"
+            keys[value.name] = f"{prefix}{key}/{index}"
+        for label, body in bodies(node):
+            keys.update(tensor_keys(body, f"{prefix}{key}/{label}/"))
     return keys
 
 

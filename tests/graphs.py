@@ -71,3 +71,70 @@ def fused_op_types(path: str) -> list[str]:
     options.log_severity_level = 3
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return [node.op_type for node in onnx.load(optimized).graph.node]
+
+
+def attention_block(mask_value: float = float(np.finfo(np.float32).min), dim: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """One self-attention layer as exporters write it: Q/K/V projections, scaled scores plus an
+    additive mask ``(1 - mask) * mask_value`` from an int64 ``attention_mask``, Softmax, output
+    projection, residual Add and a decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return rng.normal(0, 1 / np.sqrt(shape[0]), size=shape).astype(np.float32)
+
+    n = oh.make_node
+    nodes = [
+        n("MatMul", ["x", "wq"], ["q"], name="attn_q"),
+        n("MatMul", ["x", "wk"], ["k"], name="attn_k"),
+        n("MatMul", ["x", "wv"], ["v"], name="attn_v"),
+        n("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="attn_kt"),
+        n("MatMul", ["q", "kt"], ["scores"], name="attn_scores"),
+        n("Div", ["scores", "sqrt_d"], ["scaled"], name="attn_scale"),
+        n("Cast", ["attention_mask"], ["mask_f"], to=FLOAT, name="mask_cast"),
+        n("Sub", ["one", "mask_f"], ["inverted"], name="mask_invert"),
+        n("Mul", ["inverted", "mask_value"], ["mask_add"], name="mask_scale"),
+        n("Unsqueeze", ["mask_add", "axis1"], ["mask_3d"], name="mask_unsqueeze"),
+        n("Add", ["scaled", "mask_3d"], ["masked"], name="attn_mask_add"),
+        n("Softmax", ["masked"], ["probs"], axis=-1, name="attn_softmax"),
+        n("MatMul", ["probs", "v"], ["context"], name="attn_context"),
+        n("MatMul", ["context", "wo"], ["projected"], name="attn_out"),
+        n("Add", ["x", "projected"], ["residual"], name="residual_add"),
+        n("ReduceMean", ["residual"], ["mean"], axes=[-1], name="ln_mean"),
+        n("Sub", ["residual", "mean"], ["centered"], name="ln_sub"),
+        n("Pow", ["centered", "two"], ["squared"], name="ln_pow"),
+        n("ReduceMean", ["squared"], ["variance"], axes=[-1], name="ln_var"),
+        n("Add", ["variance", "eps"], ["variance_eps"], name="ln_eps"),
+        n("Sqrt", ["variance_eps"], ["std"], name="ln_sqrt"),
+        n("Div", ["centered", "std"], ["normalized"], name="ln_div"),
+        n("Mul", ["normalized", "gamma"], ["scaled_ln"], name="ln_gamma"),
+        n("Add", ["scaled_ln", "beta"], ["y"], name="ln_beta"),
+    ]
+    inits = {
+        "wq": w(dim, dim), "wk": w(dim, dim), "wv": w(dim, dim), "wo": w(dim, dim),
+        "sqrt_d": np.array(np.sqrt(dim), np.float32), "one": np.array(1.0, np.float32),
+        "mask_value": np.array(mask_value, np.float32), "axis1": np.array([1], np.int64),
+        "two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32),
+        "gamma": (1 + 0.1 * rng.normal(size=dim)).astype(np.float32), "beta": (0.1 * rng.normal(size=dim)).astype(np.float32),
+    }
+    graph = oh.make_graph(
+        nodes, "attention",
+        [oh.make_tensor_value_info("x", FLOAT, [1, "T", dim]),
+         oh.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, [1, "T"])],
+        [oh.make_tensor_value_info("y", FLOAT, [1, "T", dim])],
+        [onh.from_array(array, name) for name, array in inits.items()],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def attention_data(samples: int, length: int = 8, dim: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Samples for ``attention_block``: random tokens, the last 0-4 positions padded (mask 0)."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(samples):
+        mask = np.ones((1, length), np.int64)
+        mask[0, length - rng.integers(0, 5):] = 0
+        data.append({"x": rng.normal(0, 1, (1, length, dim)).astype(np.float32), "attention_mask": mask})
+    return data

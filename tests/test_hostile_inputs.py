@@ -291,8 +291,8 @@ def test_hostile_input_is_a_one_line_error_and_writes_nothing(outcomes, name):
 
 def test_external_data_inside_the_model_folder_still_loads(tmp_path):
     args = _external("weights.bin")(tmp_path)
-    proto = load_model(args[0])
-    np.testing.assert_array_equal(onh.to_array(proto.graph.initializer[0]), WEIGHT)
+    proto = load_model(args[0])  # the data stays on disk, inside the model's folder
+    np.testing.assert_array_equal(onh.to_array(proto.graph.initializer[0], base_dir=str(args[0].parent)), WEIGHT)
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf])
