@@ -1,6 +1,6 @@
 """onnxq against ONNX Runtime's quantizer on real models, side by side in one run.
 
-``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec] [--calibration N] [--eval N]
+``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec,encoder] [--calibration N] [--eval N]
 [--calibration-model yolov8n] [--no-big-model] [--output benchmarks/RESULTS.md]``. Each tool converts each model
 in its own fresh process (time and peak RSS measured there) from the same calibration data; the
 outputs are then compared with the float model on held-out inputs, and timed against it at
@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
-from benchmarks.workloads import WORKLOADS, Workload
+from benchmarks.workloads import WORKLOADS, BundledWorkload, Workload
 
 # (tool, output format, activations) -> name in the tables
 TOOLS = {
@@ -75,7 +75,7 @@ def _convert(tool: str, form: str, activations: str, model: Path, output: Path, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: int, latency_runs: int) -> list[dict]:
+def bench_model(workload: Workload | BundledWorkload, folder: Path, n_calibration: int, n_eval: int, latency_runs: int) -> list[dict]:
     model = workload.model_path()
     calibration = workload.calibration_inputs(n_calibration)
     evaluation = workload.eval_inputs(n_eval)
@@ -99,6 +99,7 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
             row["size_ratio"] = output.stat().st_size / model.stat().st_size
             row["sqnr_db"] = _sqnr_db([o[0] for o in float_outputs], [o[0] for o in outputs])
             row["task_metric"] = workload.task_metric(float_outputs, outputs)
+            row["extra"] = workload.extra_metrics(float_outputs, outputs)
             sessions[label] = session
         rows.append(row)
     for batch in BATCHES:
@@ -116,6 +117,11 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def _note(row: dict) -> str:
+    """The error, or else the workload's secondary metrics."""
+    return row["error"] or "; ".join(f"{name} {value:.3f}" for name, value in row.get("extra", {}).items())
 
 
 def _latency(row: dict, batch: int) -> str:
@@ -166,7 +172,7 @@ def render(rows: list[dict], settings: str) -> str:
         lines.append(
             f"| {row['model']} | {row['tool']} | {_fmt(row['seconds'], '.1f')} | {_fmt(row['peak_rss_mb'], '.0f')} "
             f"| {_fmt(row.get('size_ratio'), '.3f')} | {_fmt(row.get('sqnr_db'), '.1f')} "
-            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {row['error'] or ''} |"
+            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {_note(row)} |"
         )
     lines += [
         "",

