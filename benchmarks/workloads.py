@@ -87,6 +87,13 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
 class _Scored:
     """The task metric and secondary metrics of a workload (fields ``metric`` and ``extras``)."""
 
+    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
+        return float(self.metric(float_outputs, quant_outputs))
+
+    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
+        """Secondary agreement figures by name."""
+        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
 
 
 @dataclass(frozen=True)
