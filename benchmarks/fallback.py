@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 
 import onnxq
+from benchmarks.timing import latencies_ms, session, sqnr_db
 from benchmarks.workloads import WORKLOADS, Workload
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FALLBACK_SEARCH = 32  # evaluation inputs the search sees (results are on other held-out inputs)
+FALLBACK_TRIALS = 96
 
 
 def task_metric(workload: Workload):
@@ -43,10 +46,8 @@ def _compute_int8(result: onnxq.ConversionResult) -> tuple[int, int]:
 
 
 def bench_fallback(workload: Workload, folder: Path, n_calibration: int, n_search: int, n_test: int,
-                   max_drop: float, latency_runs: int) -> dict:
+                   max_drop: float, max_trials: int, latency_runs: int) -> dict:
     """Plain int8 and ``max_drop`` results for one workload, measured on ``n_test`` held-out inputs."""
-    from benchmarks.run import _latencies_ms, _session, _sqnr_db
-
     model = workload.model_path()
     calibration = workload.calibration_inputs(n_calibration)
     evaluation = workload.eval_inputs(n_search + n_test)
@@ -59,18 +60,19 @@ def bench_fallback(workload: Workload, folder: Path, n_calibration: int, n_searc
     # the same workspace: calibration is reused, only the sensitivity and the search run
     tuned = onnxq.convert(
         model, folder / f"{workload.name}.auto.onnx", calibration, eval_data=search, workspace=workspace, resume=True,
-        fallback=onnxq.FallbackOptions(max_drop=max_drop, metric=task_metric(workload)),
+        fallback=onnxq.FallbackOptions(max_drop=max_drop, metric=task_metric(workload), max_trials=max_trials),
     )
     search_s = time.perf_counter() - start
-    sessions = {"float": _session(model), "plain": _session(plain.output), "auto": _session(tuned.output)}
-    outputs = {name: [s.run(None, feed) for feed in test] for name, s in sessions.items()}
+    sessions = {"float": session(model), "plain": session(plain.output), "auto": session(tuned.output)}
+    outputs = {name: [run.run(None, feed) for feed in test] for name, run in sessions.items()}
     row = {"model": workload.name, "metric_name": workload.metric_name, "plain_s": plain_s, "search_s": search_s,
            "report": tuned.fallback, "compute_plain": _compute_int8(plain), "compute_auto": _compute_int8(tuned),
            "size_plain": plain.size_ratio, "size_auto": tuned.size_ratio}
     for name in ("plain", "auto"):
         row[f"metric_{name}"] = workload.task_metric(outputs["float"], outputs[name])
-        row[f"sqnr_{name}"] = _sqnr_db([o[0] for o in outputs["float"]], [o[0] for o in outputs[name]])
-    times = _latencies_ms(sessions, test[0], latency_runs)
+        row[f"extra_{name}"] = workload.extra_metrics(outputs["float"], outputs[name])
+        row[f"sqnr_{name}"] = sqnr_db([o[0] for o in outputs["float"]], [o[0] for o in outputs[name]])
+    times = latencies_ms(sessions, test[0], latency_runs)
     row["latency_ms"] = {name: statistics.median(t) for name, t in times.items()}
     return row
 
@@ -83,8 +85,8 @@ def render_fallback(rows: list[dict], max_drop: float, n_search: int, n_test: in
         f"searched on {n_search} evaluation inputs; every number below is on {n_test} other held-out inputs.",
         "Calibration is shared: the search resumes the plain conversion's workspace. Latency: batch 1, median ms.",
         "",
-        "| model | plain int8 metric | auto metric | SQNR dB plain / auto | kept float for accuracy | compute ops int8 plain / auto | size plain / auto | trials | search s | ms float / plain / auto |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | plain int8 metric | auto metric | met on the search inputs (score) | SQNR dB plain / auto | kept float for accuracy | compute ops int8 plain / auto | size plain / auto | trials | search s | ms float / plain / auto |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         report = row["report"]
@@ -92,7 +94,7 @@ def render_fallback(rows: list[dict], max_drop: float, n_search: int, n_test: in
         ms = row["latency_ms"]
         lines.append(
             f"| {row['model']} | {row['metric_plain']:.3f} | {row['metric_auto']:.3f} "
-            f"| {row['sqnr_plain']:.1f} / {row['sqnr_auto']:.1f} | {len(accuracy_kept)} "
+            f"| {'yes' if report.met else 'no'} ({report.final_score:.3f}) | {row['sqnr_plain']:.1f} / {row['sqnr_auto']:.1f} | {len(accuracy_kept)} "
             f"| {row['compute_plain'][0]}/{row['compute_plain'][1]} / {row['compute_auto'][0]}/{row['compute_auto'][1]} "
             f"| {row['size_plain']:.3f} / {row['size_auto']:.3f} | {report.trials} | {row['search_s']:.0f} "
             f"| {ms['float']:.1f} / {ms['plain']:.1f} / {ms['auto']:.1f} |"
@@ -100,7 +102,9 @@ def render_fallback(rows: list[dict], max_drop: float, n_search: int, n_test: in
     lines += ["", "Nodes kept float for accuracy (most sensitive first):", ""]
     for row in rows:
         kept = [f"{k.name} ({k.op})" for k in row["report"].kept if k.reason == "accuracy fallback"]
-        lines.append(f"- **{row['model']}** ({row['metric_name']}): {', '.join(kept) if kept else 'none'}")
+        extras = "".join(f"; {name}: plain {row['extra_plain'][name]:.3f}, auto {row['extra_auto'][name]:.3f}"
+                         for name in row["extra_plain"])
+        lines.append(f"- **{row['model']}** ({row['metric_name']}{extras}): {', '.join(kept) if kept else 'none'}")
     return "\n".join(lines) + "\n"
 
 
@@ -108,16 +112,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS))
     parser.add_argument("--calibration", type=int, default=64)
-    parser.add_argument("--search", type=int, default=16, help="evaluation inputs the search uses")
+    parser.add_argument("--search", type=int, default=FALLBACK_SEARCH, help="evaluation inputs the search uses")
     parser.add_argument("--test", type=int, default=32, help="held-out inputs the results are measured on")
     parser.add_argument("--max-drop", type=float, default=0.02)
+    parser.add_argument("--max-trials", type=int, default=FALLBACK_TRIALS)
     parser.add_argument("--latency-runs", type=int, default=20)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             rows.append(bench_fallback(WORKLOADS[name], Path(tmp), args.calibration, args.search, args.test,
-                                       args.max_drop, args.latency_runs))
+                                       args.max_drop, args.max_trials, args.latency_runs))
             print(render_fallback(rows, args.max_drop, args.search, args.test), flush=True)
 
 

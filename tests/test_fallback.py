@@ -184,7 +184,7 @@ def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
 
     ranking = list(rank_units(units, gain_of))
     assert ranking[:3] == [("n37",), ("n80",), ("n81",)]
-    assert len(measured) <= 10 + 3 * 10  # groups of 10, then three groups unit by unit
+    assert len(measured) <= 10 + 6 * 10  # groups of 10, then six groups unit by unit
     few = [(f"m{i}",) for i in range(5)]
     assert list(rank_units(few, lambda nodes: float(sorted(nodes)[0][1:]))) == few[::-1]
 
