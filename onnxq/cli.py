@@ -29,7 +29,7 @@ from onnxq.images import ImageFolder, image_files
 from onnxq.inspect import Inspection, InspectionPair, inspect_model, inspect_pair
 from onnxq.observers import METHODS
 from onnxq.rules import parse_rule
-from onnxq.tuning import FallbackOptions
+from onnxq.tuning import SENSITIVITY_MODES, FallbackOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -56,6 +56,7 @@ Resize = _choices("Resize", ("stretch", "letterbox", "crop"))
 ChannelOrder = _choices("ChannelOrder", ("rgb", "bgr"))
 Layout = _choices("Layout", ("auto", "nchw", "nhwc"))
 FallbackDtype = _choices("FallbackDtype", ("fp32", "fp16"))
+Sensitivity = _choices("Sensitivity", SENSITIVITY_MODES)
 
 
 ModelArgument = Annotated[Path, typer.Argument(help="Float ONNX model.")]
@@ -255,6 +256,9 @@ def convert(
     save_rules: Annotated[Optional[Path], typer.Option(
         "--save-rules", help="Write the final keep-float set as a rules file (reusable on re-exports).")] = None,
     max_trials: Annotated[int, typer.Option(help="Most models evaluated by the --max-drop search.")] = 64,
+    sensitivity: Annotated[Sensitivity, typer.Option(
+        help="Per-node sensitivity: the error removed with only that node float, or added with only it quantized.")]
+        = Sensitivity["only-float"],
     sensitivity_samples: Annotated[int, typer.Option(
         help="Evaluation samples per-node sensitivity is measured on.")] = 4,
     quiet: QuietOption = False,
@@ -273,7 +277,7 @@ def convert(
         )
         fallback = FallbackOptions(
             keep_float=tuple(parse_rule(rule) for rule in keep_float or ()), max_drop=max_drop, metric=metric,
-            dtype=fallback_dtype.value, sensitivity_samples=sensitivity_samples, max_trials=max_trials,
+            dtype=fallback_dtype.value, sensitivity=sensitivity.value, sensitivity_samples=sensitivity_samples, max_trials=max_trials,
             save_rules=None if save_rules is None else str(save_rules),
         )
         with _progress(not quiet, "calibrating", max_samples) as progress, _phases(not quiet) as phases:

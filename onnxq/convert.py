@@ -616,25 +616,35 @@ def _tune(
         report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)],
                                 scores[frozenset(base)], True, len(scores), _kept_nodes(loaded, plain.kept_float, gains))
         return base, report
-    # 1. sensitivity: output error with each quantized node alone kept float
+    # 1. sensitivity of each unit: output error with it alone float, or alone quantized
     recorded = [
         step for step in space.steps()
         if step.kind == "sensitivity" and step.payload["calibration_step"] == calibration_index
         and step.payload["eval"] == eval_id and step.payload["base"] == sorted(base)
-        and step.payload["samples"] == samples
+        and step.payload["samples"] == samples and step.payload.get("mode", "only-float") == options.sensitivity
     ]
     if recorded:
         gains_by_unit = {tuple(k.split("|")): v for k, v in recorded[-1].payload["gains"].items()}
     else:
-        baseline = relative_error(outputs_of(frozenset(base), subset), subset_reference)
+        def error_of(keys: frozenset[str]) -> float:
+            return relative_error(outputs_of(keys, subset), subset_reference)
 
-        def gain_of(nodes: frozenset[str]) -> float:
-            return baseline - relative_error(outputs_of(frozenset(base) | nodes, subset), subset_reference)
+        if options.sensitivity == "only-float":
+            baseline = error_of(frozenset(base))
+
+            def gain_of(nodes: frozenset[str]) -> float:
+                return baseline - error_of(frozenset(base) | nodes)
+        else:  # only-quantized: the error one unit adds to the model with every unit float
+            all_float = frozenset(base).union(*plain.units)
+            baseline = error_of(all_float)
+
+            def gain_of(nodes: frozenset[str]) -> float:
+                return error_of(all_float - nodes) - baseline
 
         report = None if progress is None else (lambda done, total: progress("sensitivity", done, total))
         gains_by_unit = rank_units(plain.units, gain_of, progress=report)
         space.append("sensitivity", {"calibration_step": calibration_index, "eval": eval_id, "base": sorted(base),
-                                     "samples": samples, "baseline": baseline,
+                                     "samples": samples, "mode": options.sensitivity, "baseline": baseline,
                                      "gains": {"|".join(unit): gain for unit, gain in gains_by_unit.items()}})
     ranked = list(gains_by_unit)
     for unit, gain in gains_by_unit.items():  # a node is as sensitive as its most sensitive unit

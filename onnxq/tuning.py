@@ -5,7 +5,8 @@
    at least ``reference - max_drop * |reference|``.
 2. Sensitivity of a unit of nodes: the model-output error (noise power over signal power,
    averaged over outputs) with only that unit kept float, subtracted from the error of the
-   plain int8 model; measured on a few evaluation samples. Large graphs are measured in groups
+   plain int8 model (``only-float``), or the error with only that unit quantized, less the
+   error with every unit float (``only-quantized``); measured on a few evaluation samples. Large graphs are measured in groups
    of neighbouring units first, and only the most sensitive groups unit by unit
    (``rank_units``), which keeps the number of trial models near 7 sqrt(n).
    Nodes are kept float in units: a quantized tensor is float only when its producer and all
@@ -29,6 +30,7 @@ from onnxq.errors import ConfigError
 Outputs = dict[str, np.ndarray]
 Metric = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
 METRICS = ("auto", "sqnr", "cosine", "top1")
+SENSITIVITY_MODES = ("only-float", "only-quantized")
 
 
 def relative_error(outputs: Outputs, reference: Outputs) -> float:
@@ -212,8 +214,10 @@ class FallbackOptions:
     evaluation data, keep the most sensitive nodes float until the metric is within this
     relative drop of the float model's (``None``: no search). ``metric``: ``auto``, ``sqnr``,
     ``cosine``, ``top1``, ``file.py:func`` or a callable (see ``resolve_metric``).
-    ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity_samples``: evaluation
-    samples the per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
+    ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity``: ``only-float``
+    (the error each unit removes when it alone is float) or ``only-quantized`` (the error each
+    unit adds when it alone is quantized). ``sensitivity_samples``: evaluation samples the
+    per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
     the search. ``save_rules``: write the final keep-float set as a rules file there.
     """
 
@@ -221,6 +225,7 @@ class FallbackOptions:
     max_drop: float | None = None
     metric: str | Metric = "auto"
     dtype: str = "fp32"
+    sensitivity: str = "only-float"
     sensitivity_samples: int = 4
     max_trials: int = 64
     save_rules: str | None = None
@@ -228,6 +233,8 @@ class FallbackOptions:
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
             raise ConfigError(f"fallback dtype must be fp32 or fp16, not {self.dtype!r}")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {self.sensitivity!r}")
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
         if self.sensitivity_samples < 1 or self.max_trials < 1:

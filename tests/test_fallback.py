@@ -119,6 +119,32 @@ def test_resume_reuses_sensitivity_and_trials(tuned):
     assert again.output.read_bytes() == result.output.read_bytes()
 
 
+def test_only_quantized_sensitivity_is_the_error_of_each_unit_alone_in_int8(tuned, tmp_path):
+    folder, model, result, _ = tuned
+    again = onnxq.convert(
+        model, tmp_path / "q1.onnx", None, eval_data=_data(1), workspace=folder / "ws", resume=True,
+        fallback=onnxq.FallbackOptions(max_drop=MAX_DROP, metric="sqnr", sensitivity="only-quantized",
+                                       sensitivity_samples=64),
+    )
+    assert again.fallback.met and {k.name for k in again.fallback.kept} == {k.name for k in result.fallback.kept}
+    steps = [json.loads(p.read_text()) for p in sorted((folder / "ws" / "steps").glob("*-sensitivity.json"))]
+    measured = steps[-1]["payload"]
+    assert measured["mode"] == "only-quantized"
+    units = [unit.split("|") for unit in measured["gains"]]
+    every_key = set().union(*units)
+    reference = run(model, _data(1))[0].astype(np.float64)
+    for unit, gain in zip(units, measured["gains"].values()):
+        # the same model built from rules: every other unit float; its error recomputed with numpy
+        others = tuple(f"sig:{key}" for key in sorted(every_key - set(unit)))
+        alone = onnxq.convert(model, tmp_path / "alone.onnx", _data(0), workspace=tmp_path / "ws_alone",
+                              fallback=onnxq.FallbackOptions(keep_float=others))
+        error = float(np.sum((reference - run(alone.output, _data(1))[0]) ** 2) / np.sum(reference**2))
+        assert gain + measured["baseline"] == pytest.approx(error, rel=1e-3, abs=1e-9)
+    # the outlier layers' units add by far the most error when quantized alone
+    top = max(measured["gains"], key=measured["gains"].get)
+    assert measured["gains"][top] > 10 * min(measured["gains"].values())
+
+
 def test_saved_rules_reproduce_the_fallback_without_a_search(tuned, tmp_path):
     folder, model, result, _ = tuned
     replay = onnxq.convert(model, tmp_path / "replay.onnx", _data(0), workspace=tmp_path / "ws",
