@@ -124,6 +124,10 @@ class Workload(_Scored):
         """``n`` eval feeds, disjoint from the calibration feeds."""
         return self._inputs(n, _EVAL_STREAM)
 
+    def eval_available(self) -> int | None:
+        """How many eval feeds exist (``None``: as many as asked for, they are generated)."""
+        return None
+
     def calibration_stream(self, n: int) -> Iterator[np.ndarray]:
         """The first ``n`` calibration samples, one at a time (nothing kept)."""
         for i in range(n):
@@ -164,6 +168,11 @@ class BundledWorkload(_Scored):
     def eval_inputs(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first ``n`` eval feeds, disjoint from the calibration feeds."""
         return _npz_feeds(MODELS_DIR / self.eval_file, n)
+
+    def eval_available(self) -> int:
+        """How many eval feeds the ``.npz`` holds."""
+        with np.load(MODELS_DIR / self.eval_file) as data:
+            return len(data[next(key for key in data.files if key != LABEL_KEY)])
 
 
 
