@@ -147,7 +147,8 @@ PATTERNS = {
     "Gather": ([oh.make_node("Gather", ["a", "idx"], ["mid"], axis=1)], [("idx", np.array([3, 0, 1, 2], np.int64))], None),
     "Sigmoid": ([oh.make_node("Sigmoid", ["a"], ["mid"])], [], None),
     "Add": ([oh.make_node("Add", ["a", "a"], ["mid"])], [], None),
-    "Mul": ([oh.make_node("Mul", ["a", "k"], ["mid"])], [("k", np.full((1, 4, 1, 1), 0.7, np.float32))], None),
+    # a constant that is not per-channel, so that the Mul is not folded into c2
+    "Mul": ([oh.make_node("Mul", ["a", "k"], ["mid"])], [("k", np.full((1, 1, 8, 8), 0.7, np.float32))], None),
     "Concat": ([oh.make_node("Concat", ["a", "x"], ["mid"], axis=1)], [], 8),
     "GlobalAveragePool": ([oh.make_node("GlobalAveragePool", ["a"], ["mid"])], [], None),
 }
