@@ -251,6 +251,8 @@ def convert(
         "this relative drop of float (0.01 = 1%).")] = None,
     metric: Annotated[str, typer.Option(
         help="Metric for --max-drop: auto (top1 with labels, else sqnr), sqnr, cosine, top1, or file.py:func.")] = "auto",
+    check_halves: Annotated[bool, typer.Option(
+        help="--max-drop must also hold on each half of the evaluation batches (with 8 or more).")] = True,
     fallback_dtype: Annotated[FallbackDtype, typer.Option(
         help="Precision of the nodes left float: fp32, or fp16 (GPU targets).")] = FallbackDtype.fp32,
     save_rules: Annotated[Optional[Path], typer.Option(
@@ -277,6 +279,7 @@ def convert(
         )
         fallback = FallbackOptions(
             keep_float=tuple(parse_rule(rule) for rule in keep_float or ()), max_drop=max_drop, metric=metric,
+            check_halves=check_halves,
             dtype=fallback_dtype.value, sensitivity=sensitivity.value, sensitivity_samples=sensitivity_samples, max_trials=max_trials,
             save_rules=None if save_rules is None else str(save_rules),
         )

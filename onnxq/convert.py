@@ -53,7 +53,8 @@ from onnxq.rules import resolve_rules, save_rules
 from onnxq.shapes import correct_declared_shapes
 from onnxq.signatures import graph_fingerprint, node_signatures, tensor_keys
 from onnxq.tuning import (
-    FallbackOptions, FallbackReport, KeptNode, passes, rank_units, relative_error, resolve_metric, search_fallback,
+    MIN_BATCHES_TO_SPLIT, FallbackOptions, FallbackReport, KeptNode, rank_units, relative_error,
+    resolve_metric, search_fallback, target,
 )
 from onnxq.subgraphs import all_nodes, control_flow_notes, owning_graph, proto_bodies, quantizable_nodes
 from onnxq.workspace import Workspace
@@ -537,10 +538,15 @@ def _convert_quantized(loaded: _Loaded, model: ModelInput, output_path: Path, co
     )
 
 
-def _run_all(session, batches: list[Batch]) -> dict[str, np.ndarray]:
-    """Every output of ``session`` over ``batches``, concatenated along the sample axis."""
+def _run_all(session, batches: list[Batch], parts: tuple[slice, ...] = (slice(None),)) -> list[dict[str, np.ndarray]]:
+    """Every output of ``session`` over ``batches``, concatenated along the sample axis, once per
+    slice of the batches in ``parts`` (default: one dict, of all of them)."""
     names = [output.name for output in session.get_outputs()]
     runs = [session.run(names, batch.feed) for batch in batches]
+    return [_concatenate(names, runs[part]) for part in parts]
+
+
+def _concatenate(names: list[str], runs: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
     try:
         return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
     except ValueError as exc:
@@ -566,12 +572,14 @@ def _tune(
     then search the smallest set to keep float; returns it (key: why) and the report.
     Sensitivity and every trial are workspace steps, and a resumed run reuses them."""
     float_session = create_session(loaded.proto, "the float model", external_folder=loaded.external_folder)
-    reference = _run_all(float_session, batches)
-    labels = None
-    if all(batch.labels is not None for batch in batches):
-        labels = np.concatenate([batch.labels.reshape(-1) for batch in batches])
-    metric_name, metric = resolve_metric(options.metric, labels is not None)
-    float_score = float(metric(reference, reference, labels))
+    # the whole evaluation set, and with check_halves its two halves: the target must hold on each
+    middle = len(batches) // 2 if options.check_halves and len(batches) >= MIN_BATCHES_TO_SPLIT else 0
+    parts = (slice(None),) + ((slice(0, middle), slice(middle, None)) if middle else ())
+    references = _run_all(float_session, batches, parts)
+    has_labels = all(batch.labels is not None for batch in batches)
+    labels = [np.concatenate([b.labels.reshape(-1) for b in batches[part]]) if has_labels else None for part in parts]
+    metric_name, metric = resolve_metric(options.metric, has_labels)
+    float_scores = [float(metric(ref, ref, lab)) for ref, lab in zip(references, labels)]
     subset, samples = [], 0
     for batch in batches:
         if samples >= options.sensitivity_samples:
@@ -579,42 +587,50 @@ def _tune(
         subset.append(batch)
         samples += batch.samples
     eval_id = hashlib.sha256("".join(_batch_fingerprint(b) for b in batches).encode()).hexdigest()
-    subset_reference = _run_all(float_session, subset)
+    [subset_reference] = _run_all(float_session, subset)
 
     def keep_of(keys: frozenset[str]) -> dict[str, str]:
         return {k: base.get(k, "accuracy fallback") for k in keys}
 
-    def outputs_of(keys: frozenset[str], data: list[Batch]) -> dict[str, np.ndarray]:
+    def outputs_of(keys: frozenset[str], data: list[Batch], data_parts=(slice(None),)) -> list[dict[str, np.ndarray]]:
         with _session_of(loaded, _build(loaded, state, config, layers, keep_of(keys), options.dtype).model) as session:
-            return _run_all(session, data)
+            return _run_all(session, data, data_parts)
 
     plain = _build(loaded, state, config, layers, base, options.dtype)  # its units and what it keeps float
-    scores: dict[frozenset[str], float] = {}
+    scores: dict[frozenset[str], list[float]] = {}  # the whole set's score, then the halves'
     for step in space.steps():
         if step.kind == "trial" and step.payload["calibration_step"] == calibration_index and step.payload["eval"] == eval_id \
-                and step.payload["metric"] == metric_name and step.payload["fallback_dtype"] == options.dtype:
-            scores[frozenset(step.payload["keep_float"])] = step.payload["score"]
+                and step.payload["metric"] == metric_name and step.payload["fallback_dtype"] == options.dtype \
+                and len(step.payload.get("half_scores", [])) == len(parts) - 1:
+            scores[frozenset(step.payload["keep_float"])] = [step.payload["score"], *step.payload.get("half_scores", [])]
 
-    def accept(value: float) -> bool:
-        return passes(value, float_score, options.max_drop)
+    def worst_margin(values: list[float]) -> float:
+        return min(value - target(reference, options.max_drop) for value, reference in zip(values, float_scores))
 
-    def score(keys: frozenset[str]) -> float:
+    def margin(keys: frozenset[str]) -> float:
+        """How far the worst part's score is above its target (the search accepts >= 0)."""
         if keys not in scores:
-            value = float(metric(outputs_of(keys, batches), reference, labels))
+            outputs = outputs_of(keys, batches, parts)
+            scores[keys] = [float(metric(out, ref, lab)) for out, ref, lab in zip(outputs, references, labels)]
             space.append("trial", {
                 "calibration_step": calibration_index, "eval": eval_id, "metric": metric_name,
                 "fallback_dtype": options.dtype, "keep_float": sorted(keys), "reasons": plain.kept_float | keep_of(keys),
-                "score": value, "float_score": float_score, "passes": accept(value),
+                "score": scores[keys][0], "half_scores": scores[keys][1:], "float_score": float_scores[0],
+                "passes": accept(worst_margin(scores[keys])),
             })
-            scores[keys] = value
         if progress is not None:
             progress("fallback search", len(scores), options.max_trials)
-        return scores[keys]
+        return worst_margin(scores[keys])
+
+    def accept(value: float) -> bool:
+        return value >= 0
 
     gains: dict[str, float] = {}
-    if accept(score(frozenset(base))):
-        report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)],
-                                scores[frozenset(base)], True, len(scores), _kept_nodes(loaded, plain.kept_float, gains))
+    base_margin = margin(frozenset(base))
+    base_score = scores[frozenset(base)][0]
+    if accept(base_margin):
+        report = FallbackReport(metric_name, options.max_drop, float_scores[0], base_score, base_score, True,
+                                len(scores), _kept_nodes(loaded, plain.kept_float, gains))
         return base, report
     # 1. sensitivity of each unit: output error with it alone float, or alone quantized
     recorded = [
@@ -627,7 +643,7 @@ def _tune(
         gains_by_unit = {tuple(k.split("|")): v for k, v in recorded[-1].payload["gains"].items()}
     else:
         def error_of(keys: frozenset[str]) -> float:
-            return relative_error(outputs_of(keys, subset), subset_reference)
+            return relative_error(outputs_of(keys, subset)[0], subset_reference)
 
         if options.sensitivity == "only-float":
             baseline = error_of(frozenset(base))
@@ -651,10 +667,10 @@ def _tune(
         for key in unit:
             gains[key] = max(gain, gains.get(key, -math.inf))
 
-    # 2. the search, on the whole evaluation set
-    result = search_fallback([frozenset(u) for u in ranked], frozenset(base), gains, score, accept, options.max_trials)
+    # 2. the search, on the whole evaluation set (and its halves)
+    result = search_fallback([frozenset(u) for u in ranked], frozenset(base), gains, margin, accept, options.max_trials)
     final = plain.kept_float | keep_of(result.keep_float)
-    report = FallbackReport(metric_name, options.max_drop, float_score, scores[frozenset(base)], result.score,
+    report = FallbackReport(metric_name, options.max_drop, float_scores[0], base_score, scores[result.keep_float][0],
                             result.met, len(scores), _kept_nodes(loaded, final, gains))
     return keep_of(result.keep_float), report
 

@@ -11,7 +11,8 @@
    (``rank_units``), which keeps the number of trial models near 7 sqrt(n).
    Nodes are kept float in units: a quantized tensor is float only when its producer and all
    its quantized readers are, so a unit is a compute node with the compute nodes that read it.
-3. The search keeps the most sensitive units float: it doubles a prefix of the ranking until the
+3. A candidate passes when the metric meets the target on the whole evaluation set and on each
+   of its halves (``check_halves``). The search keeps the most sensitive units float: it doubles a prefix of the ranking until the
    metric passes, bisects down to the shortest passing prefix, then tries to re-quantize chunks
    of its units (least sensitive first, halving the chunk size) and finally single nodes,
    keeping every change the metric allows, within ``max_trials`` evaluated models.
@@ -31,6 +32,7 @@ Outputs = dict[str, np.ndarray]
 Metric = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
 METRICS = ("auto", "sqnr", "cosine", "top1")
 SENSITIVITY_MODES = ("only-float", "only-quantized")
+MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
 
 
 def relative_error(outputs: Outputs, reference: Outputs) -> float:
@@ -127,9 +129,9 @@ def rank_units(
     return dict(sorted(gains.items(), key=lambda item: -item[1]))
 
 
-def passes(score: float, reference: float, max_drop: float) -> bool:
-    """Whether ``score`` is within ``max_drop`` (relative) of the float model's ``reference``."""
-    return score >= reference - max_drop * abs(reference)
+def target(reference: float, max_drop: float) -> float:
+    """The lowest passing score: within ``max_drop`` (relative) of the float model's ``reference``."""
+    return reference - max_drop * abs(reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +216,9 @@ class FallbackOptions:
     evaluation data, keep the most sensitive nodes float until the metric is within this
     relative drop of the float model's (``None``: no search). ``metric``: ``auto``, ``sqnr``,
     ``cosine``, ``top1``, ``file.py:func`` or a callable (see ``resolve_metric``).
-    ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity``: ``only-float``
+    ``check_halves``: the target must also hold on each half of the evaluation batches (with at
+    least ``MIN_BATCHES_TO_SPLIT``), so that a set that barely passes on the whole set by
+    chance is not chosen. ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity``: ``only-float``
     (the error each unit removes when it alone is float) or ``only-quantized`` (the error each
     unit adds when it alone is quantized). ``sensitivity_samples``: evaluation samples the
     per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
@@ -224,6 +228,7 @@ class FallbackOptions:
     keep_float: tuple = ()
     max_drop: float | None = None
     metric: str | Metric = "auto"
+    check_halves: bool = True
     dtype: str = "fp32"
     sensitivity: str = "only-float"
     sensitivity_samples: int = 4
