@@ -110,12 +110,11 @@ def _try_fold_after_conv(graph: ir.Graph, node: ir.Node) -> bool:
     values = _per_channel(constant, weight.shape[0], weight.ndim)  # the output's rank is the weight's
     if values is None:
         return False
-    bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
     if kind == "offset":
-        _set_conv_parts(graph, conv, None, bias + values)
+        _set_conv_parts(graph, conv, None, values if bias is None else bias + values)
     else:
         scaled = weight * values.reshape((-1,) + (1,) * (weight.ndim - 1))
-        _set_conv_parts(graph, conv, scaled, None if len(conv.inputs) < 3 or conv.inputs[2] is None else bias * values)
+        _set_conv_parts(graph, conv, scaled, None if bias is None else bias * values)
     output = node.outputs[0]
     output.replace_all_uses_with(conv_out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
