@@ -28,7 +28,9 @@ import onnxruntime as ort
 from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
 from benchmarks.timing import latencies_ms, session, sqnr_db
-from benchmarks.fallback import FALLBACK_SEARCH, FALLBACK_TEST, FALLBACK_TRIALS, bench_fallback, render_fallback
+from benchmarks.fallback import (
+    FALLBACK_MAX_DROP, FALLBACK_SEARCH, FALLBACK_TEST, FALLBACK_TRIALS, bench_fallback, render_fallback,
+)
 from benchmarks.workloads import WORKLOADS, BundledWorkload, Workload
 
 # (tool, output format, activations) -> name in the tables
@@ -189,7 +191,7 @@ def main() -> None:
                         help="also convert a generated 2.47 GB model (needs about 6 GB of free disk)")
     parser.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the mixed-precision section (benchmarks.fallback) on every model")
-    parser.add_argument("--max-drop", type=float, default=0.01,
+    parser.add_argument("--max-drop", type=float, default=FALLBACK_MAX_DROP,
                         help="search target of the mixed-precision section (its goal is 98%% of float on held-out inputs)")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()

@@ -279,8 +279,8 @@ def convert(
         )
         fallback = FallbackOptions(
             keep_float=tuple(parse_rule(rule) for rule in keep_float or ()), max_drop=max_drop, metric=metric,
-            check_halves=check_halves,
-            dtype=fallback_dtype.value, sensitivity=sensitivity.value, sensitivity_samples=sensitivity_samples, max_trials=max_trials,
+            check_halves=check_halves, dtype=fallback_dtype.value, sensitivity=sensitivity.value,
+            sensitivity_samples=sensitivity_samples, max_trials=max_trials,
             save_rules=None if save_rules is None else str(save_rules),
         )
         with _progress(not quiet, "calibrating", max_samples) as progress, _phases(not quiet) as phases:
