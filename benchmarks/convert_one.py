@@ -49,8 +49,8 @@ def _convert_onnxq(model: str, output: str, calibration: str, method: str, form:
 
     import onnxq
 
-    pipeline = importlib.import_module("onnxq.convert")  # the module; onnxq.convert is the function
-    pipeline.calibrate = _timed(pipeline.calibrate)
+    runner = importlib.import_module("onnxq.calibration.runner")
+    runner.calibrate = _timed(runner.calibrate)
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
     config = onnxq.QuantConfig(method=method, device="cpu", format=form, activations=activations)
     onnxq.convert(model, output, data, config)

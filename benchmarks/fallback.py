@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 import onnxq
+from onnxq.ops import WEIGHTED
 from benchmarks.timing import latencies_ms, session, sqnr_db
 from benchmarks.workloads import WORKLOADS, Workload
 
-COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FALLBACK_SEARCH = 96  # evaluation inputs the search sees
 FALLBACK_TEST = 64  # other held-out inputs the results are measured on
 FALLBACK_TRIALS = 256
@@ -44,7 +44,7 @@ def task_metric(workload: Workload):
 
 
 def _compute_int8(result: onnxq.ConversionResult) -> tuple[int, int]:
-    counts = [result.op_counts[op] for op in COMPUTE_OPS if op in result.op_counts]
+    counts = [result.op_counts[op] for op in WEIGHTED if op in result.op_counts]
     return sum(c.quantized for c in counts), sum(c.quantized + c.float for c in counts)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from onnxq.data import LABEL_KEY
+from onnxq.calibration.data import LABEL_KEY
 
 CACHE_ENV = "ONNXQ_CACHE"
 """Environment variable overriding the model cache directory."""

@@ -1,8 +1,11 @@
 """onnxq: ONNX float model in, accurate int8 ONNX model out."""
 
-from onnxq.compare import Comparison, LayerFidelity, compare
+from onnxq._version import __version__
+from onnxq.analysis.rules import parse_rule, save_rules
+from onnxq.api import ConversionResult, convert, recover
+from onnxq.rewrite.build import OpCount
+from onnxq.calibration.images import ImageFolder
 from onnxq.config import QuantConfig
-from onnxq.convert import ConversionResult, OpCount, convert, recover
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
@@ -10,12 +13,9 @@ from onnxq.errors import (
     OnnxqError,
     OutputError,
 )
-from onnxq.evaluate import Fidelity, OutputFidelity
-from onnxq.images import ImageFolder
-from onnxq.rules import parse_rule, save_rules
-from onnxq.tuning import FallbackOptions, FallbackReport, KeptNode
-
-from onnxq._version import __version__
+from onnxq.report.compare import Comparison, LayerFidelity, compare
+from onnxq.report.evaluate import Fidelity, OutputFidelity
+from onnxq.tune.fallback import FallbackOptions, FallbackReport, KeptNode
 
 __all__ = [
     "CalibrationDataError",

@@ -1,5 +1,5 @@
 """``python -m onnxq`` runs the CLI."""
 
-from onnxq.cli import app
+from onnxq.cli.commands import app
 
 app(prog_name="onnxq")

@@ -1,14 +1,26 @@
-"""The op registry: one small rule per op type saying how its QDQ form is built.
+"""The op registry: everything onnxq knows about an op type, in one table (``OPS``) that every
+stage reads.
 
-Kinds of rule:
-1. ``compute``: DequantizeLinear on every activation input, QuantizeLinear on the output with
-   the output's own range; a constant weight slot gets int8 weights (per channel on the output
-   channel axis) and a constant bias slot an int32 bias with scale ``s_x * s_w``.
-2. ``shared``: data-movement ops. Quantized only when their input already is (its producer is
-   quantized); the output reuses the input's scale and zero point, so the op runs on integers.
-3. ``concat``: inputs and output share one scale.
-4. ``activation``: Relu/Clip right after a quantized compute op are absorbed: the Q goes after
-   them, with their (non-negative / clipped) range.
+Per standard-domain op type (``OpInfo``):
+1. ``kind``, how onnxq's own plan quantizes it (``None``: it stays float):
+   - ``compute``: DequantizeLinear on its activation inputs, QuantizeLinear on its output with
+     the output's own range; a constant ``weight_input`` gets int8 weights (per channel on the
+     axis ``weight_axis`` gives) and a constant ``bias_input`` an int32 bias with scale ``s_x * s_w``;
+   - ``shared``: data movement, quantized only when its input already is; the output reuses the
+     input's scale and zero point, so the op runs on integers;
+   - ``concat``: inputs and output share one scale;
+   - ``activation``: Relu/Clip right after a quantized compute op are absorbed (the Q goes after
+     them, with their clipped range).
+2. ``qlinear``: its QLinear operator (domain, op type), which ONNX Runtime's CPU provider fuses
+   QDQ groups into and ``--format qoperator`` writes. LeakyRelu and Softmax have one but no
+   quantization rule: their QDQ groups come only from models quantized by other tools.
+3. ``compute``: it computes new values; a quantized one that still reads a DequantizeLinear
+   after ONNX Runtime's optimizations runs unfused (``onnxq.tune.fusion``).
+4. ``data_movement``: it only moves values, so in QOperator form it runs on the integer tensor
+   when its input and output share a scale.
+5. ``fp16_safe``: whether it may compute in float16 in an fp16 island; reductions,
+   exponentials and normalizations overflow float16 long before their inputs do.
+6. ``normalization``: a normalization op (``pattern:normalization`` keeps it float).
 """
 
 from __future__ import annotations
@@ -19,49 +31,74 @@ from typing import Literal
 import onnx_ir as ir
 
 RuleKind = Literal["compute", "shared", "concat", "activation"]
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass(frozen=True)
-class OpRule:
-    """How one op type is quantized; ``activation_inputs=None`` means every input."""
+class OpInfo:
+    """What onnxq knows about one op type (see the module docstring)."""
 
-    kind: RuleKind
-    activation_inputs: tuple[int, ...] | None = (0,)
+    kind: RuleKind | None = None  # the quantization rule; None: onnxq's plan leaves it float
+    activation_inputs: tuple[int, ...] | None = (0,)  # None: every input
     weight_input: int | None = None
     bias_input: int | None = None
+    qlinear: tuple[str, str] | None = None
+    compute: bool = False
+    data_movement: bool = False
+    fp16_safe: bool = True
+    normalization: bool = False
 
 
-_COMPUTE_WITH_WEIGHTS = OpRule("compute", (0,), weight_input=1, bias_input=2)
-_SHARED = OpRule("shared", (0,))
+def _weighted(qlinear: tuple[str, str] | None, bias: bool = True) -> OpInfo:
+    return OpInfo("compute", (0,), 1, 2 if bias else None, qlinear, compute=True)
 
-RULES: dict[str, OpRule] = {
-    "Conv": _COMPUTE_WITH_WEIGHTS,
-    "ConvTranspose": _COMPUTE_WITH_WEIGHTS,
-    "Gemm": _COMPUTE_WITH_WEIGHTS,
-    "MatMul": OpRule("compute", (0,), weight_input=1),
-    "Add": OpRule("compute", (0, 1)),
-    "Mul": OpRule("compute", (0, 1)),
-    "AveragePool": OpRule("compute"),
-    "GlobalAveragePool": OpRule("compute"),
-    "Sigmoid": OpRule("compute"),
-    "Concat": OpRule("concat", None),
-    "Relu": OpRule("activation"),
-    "Clip": OpRule("activation"),
-    **{
-        op: _SHARED
-        for op in (
-            "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
-            "Resize", "Split", "Slice", "Gather", "Pad",
-        )
-    },
+
+def _compute(qlinear_op: str, activation_inputs: tuple[int, ...] | None = (0,)) -> OpInfo:
+    return OpInfo("compute", activation_inputs, qlinear=(MS_DOMAIN, qlinear_op), compute=True)
+
+
+_SHARED = OpInfo("shared", data_movement=True)
+_FP32 = OpInfo(fp16_safe=False)
+_NORMALIZATION = OpInfo(fp16_safe=False, normalization=True)
+
+OPS: dict[str, OpInfo] = {
+    "Conv": _weighted(("", "QLinearConv")),
+    "ConvTranspose": _weighted(None),
+    "Gemm": _weighted((MS_DOMAIN, "QGemm")),
+    "MatMul": _weighted(("", "QLinearMatMul"), bias=False),
+    "Add": _compute("QLinearAdd", (0, 1)),
+    "Mul": _compute("QLinearMul", (0, 1)),
+    "AveragePool": _compute("QLinearAveragePool"),
+    "GlobalAveragePool": _compute("QLinearGlobalAveragePool"),
+    "Sigmoid": _compute("QLinearSigmoid"),
+    "Concat": OpInfo("concat", None, qlinear=(MS_DOMAIN, "QLinearConcat"), compute=True),
+    "LeakyRelu": OpInfo(qlinear=(MS_DOMAIN, "QLinearLeakyRelu"), compute=True),
+    "Softmax": OpInfo(qlinear=(MS_DOMAIN, "QLinearSoftmax"), compute=True, fp16_safe=False),
+    "Relu": OpInfo("activation"),
+    "Clip": OpInfo("activation"),
+    **{op: _SHARED for op in ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
+                              "Split", "Slice", "Gather", "Pad")},
+    "Identity": OpInfo(data_movement=True),
+    **{op: _FP32 for op in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow",
+                            "Sqrt", "Reciprocal", "Exp", "Log", "LogSoftmax", "CumSum")},
+    **{op: _NORMALIZATION for op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization",
+                                     "BatchNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                                     "SkipLayerNormalization")},
 }
 
+QLINEAR_OPS = {info.qlinear[1]: op for op, info in OPS.items() if info.qlinear}  # QLinear op -> float op
+FUSION_CHECKED = frozenset(op for op, info in OPS.items() if info.compute)
+WEIGHTED = tuple(op for op, info in OPS.items() if info.weight_input is not None)
+FP32_ONLY = frozenset(op for op, info in OPS.items() if not info.fp16_safe)
+NORMALIZATION_OPS = frozenset(op for op, info in OPS.items() if info.normalization)
 
-def rule_for(node: ir.Node) -> OpRule | None:
-    """The rule for a node of the standard domain, or ``None`` when it stays float."""
+
+def rule_for(node: ir.Node) -> OpInfo | None:
+    """The quantization rule of a node of the standard domain, or ``None`` when it stays float."""
     if node.domain not in ("", "ai.onnx"):
         return None
-    return RULES.get(node.op_type)
+    info = OPS.get(node.op_type)
+    return info if info is not None and info.kind is not None else None
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
@@ -90,6 +127,16 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
     if op == "MatMul" and weight_rank >= 2:
         return weight_rank - 1
     return None
+
+
+def output_channels(node: ir.Node, weight_shape: tuple[int, ...]) -> int:
+    """How many output channels a node with a weight of ``weight_shape`` has (its bias length)."""
+    op = node.op_type
+    if op == "ConvTranspose":
+        return weight_shape[1] * _int_attr(node, "group", 1)
+    if op == "Gemm":
+        return weight_shape[0] if _int_attr(node, "transB", 0) else weight_shape[1]
+    return weight_shape[0] if op == "Conv" else weight_shape[-1]
 
 
 def bias_is_foldable(node: ir.Node) -> bool:

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq.calibrate import CUDA, calibration_providers, cuda_unavailable_reason
+from onnxq.runtime import calibration_providers, CUDA, cuda_unavailable_reason
 from onnxq.errors import DeviceError
 from tests.graphs import initializers, run
 from tests.test_cli_errors import DEMO, ROOT, onnxq as run_cli

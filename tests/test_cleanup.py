@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
-from onnxq.cleanup import clean_up
+from onnxq.analysis.cleanup import clean_up
 from tests.graphs import make_model, run
 
 RNG = np.random.default_rng(9)

@@ -15,12 +15,12 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.convert import candidate_tensors
-from onnxq.inspect import inspect_model
-from onnxq.plan import plan_quantization
-from onnxq.saturation import cpu_saturates
-from onnxq.signatures import node_signatures
-from onnxq.subgraphs import control_flow_notes
+from onnxq.calibration.candidates import candidate_tensors
+from onnxq.report.inspect import inspect_model
+from onnxq.rewrite.plan import plan_quantization
+from onnxq.tune.saturation import cpu_saturates
+from onnxq.analysis.signatures import node_signatures
+from onnxq.analysis.subgraphs import control_flow_notes
 from tests.graphs import run, sqnr_db
 
 FLOAT, INT64, BOOL = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.data import InputSpec, iter_batches
+from onnxq.calibration.data import InputSpec, iter_batches
 from onnxq.errors import CalibrationDataError
 
 IMAGE = InputSpec("image", np.dtype(np.float32), (None, 3, 4, 4))

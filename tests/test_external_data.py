@@ -15,14 +15,14 @@ import pytest
 
 import onnxq
 from onnxq.errors import ModelError, OutputError
-from onnxq.model_io import write_with_external_data
+from onnxq.files import write_with_external_data
 from tests.graphs import sqnr_db
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "digits_cnn.onnx"
 CALIBRATION = ROOT / "models" / "calib.npz"
 CONFIG = onnxq.QuantConfig(device="cpu", max_samples=16)
-pipeline = importlib.import_module("onnxq.convert")  # the module; onnxq.convert is the function
+output_writer = importlib.import_module("onnxq.save.output")  # where the single-file limit is applied
 
 
 def outputs(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -68,7 +68,7 @@ def test_always_puts_the_weights_beside_the_output_and_changes_nothing_else(tmp_
     feed = demo_feed()
     for ours, reference in zip(outputs(output, feed), outputs(single_file, feed)):
         np.testing.assert_array_equal(ours, reference)
-    from onnxq.inspect import inspect_model
+    from onnxq.report.inspect import inspect_model
 
     inspected, expected = inspect_model(output), inspect_model(single_file)
     assert (inspected.op_counts(), inspected.unfused) == (expected.op_counts(), expected.unfused)
@@ -121,7 +121,7 @@ def test_never_writes_an_external_data_model_as_one_file_when_it_fits(tmp_path, 
 
 
 def test_never_refuses_a_model_over_the_single_file_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "SINGLE_FILE_LIMIT", 1000)  # the demo's weights then count as too big
+    monkeypatch.setattr(output_writer, "SINGLE_FILE_LIMIT", 1000)  # the demo's weights then count as too big
     output = tmp_path / "demo.int8.onnx"
     with pytest.raises(OutputError, match="--external-data auto or always"):
         onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="never"))
@@ -132,7 +132,7 @@ def test_never_refuses_a_model_over_the_single_file_limit(tmp_path, monkeypatch)
 
 
 def test_auto_switches_to_external_data_over_the_single_file_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "SINGLE_FILE_LIMIT", 1000)
+    monkeypatch.setattr(output_writer, "SINGLE_FILE_LIMIT", 1000)
     output = tmp_path / "demo.int8.onnx"
     onnxq.convert(DEMO, output, CALIBRATION, CONFIG)
     assert external_locations(output) == {"demo.int8.onnx.data"}
@@ -254,7 +254,7 @@ def test_hard_linked_external_data_is_refused(tmp_path, external_input):
 
 
 def test_inspect_reads_external_weights_from_the_model_folder(external_input):
-    from onnxq.inspect import inspect_model
+    from onnxq.report.inspect import inspect_model
 
     ours, reference = inspect_model(external_input), inspect_model(DEMO)
     assert ours.bytes_by_dtype == reference.bytes_by_dtype

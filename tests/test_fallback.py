@@ -223,7 +223,7 @@ def test_the_target_must_also_hold_on_each_half_of_the_evaluation_data(tmp_path)
 
 
 def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
-    from onnxq.tuning import rank_units
+    from onnxq.tune.sensitivity import rank_units
 
     units = [(f"n{i}",) for i in range(100)]
     true_gain = {f"n{i}": 0.001 for i in range(100)} | {"n37": 1.0, "n80": 0.5, "n81": 0.2}
@@ -241,7 +241,7 @@ def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
 
 
 def test_search_finds_the_needed_nodes_and_prunes_the_rest():
-    from onnxq.tuning import search_fallback
+    from onnxq.tune.search import search_fallback
 
     ranked = [frozenset({f"n{i}"}) for i in (3, 1, 2, 4, 5, 6, 7, 8, 9, 10, 17, 11, 12)]
     needed = {"n3", "n17"}

@@ -7,7 +7,7 @@ import onnx
 import onnx.helper as oh
 
 import onnxq
-from onnxq.fusion import unfused_nodes
+from onnxq.tune.fusion import unfused_nodes
 from tests.graphs import fused_op_types, make_model
 from tests.test_cli_errors import DEMO, ROOT
 from tests.test_op_patterns import _w

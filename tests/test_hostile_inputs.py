@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 
 import onnxq
 from onnxq.errors import ModelError, OnnxqError
-from onnxq.model_io import load_model
+from onnxq.load.model import load_model
 from tests.graphs import make_model, run
 from tests.test_cli_errors import assert_clean_failure
 

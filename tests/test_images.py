@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import onnxq
-from onnxq.data import InputSpec, iter_batches
+from onnxq.calibration.data import InputSpec, iter_batches
 from tests.test_cli_errors import DEMO, onnxq as run_cli
 
 RGB_INPUT = InputSpec("images", np.dtype(np.float32), (None, 3, 6, 8))

@@ -11,7 +11,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from onnxq.inspect import inspect_model
+from onnxq.report.inspect import inspect_model
 from tests.graphs import make_model
 from tests.test_cli_errors import DEMO, ROOT, onnxq as run_cli
 from tests.test_fusion import _conv_transpose_model, _data

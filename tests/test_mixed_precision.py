@@ -13,10 +13,10 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
-from onnxq.convert import load_prepared
-from onnxq.inspect import inspect_model
-from onnxq.rules import parse_rule, resolve_rules
-from onnxq.signatures import node_signatures
+from onnxq.load.prepare import load_prepared
+from onnxq.report.inspect import inspect_model
+from onnxq.analysis.rules import parse_rule, resolve_rules
+from onnxq.analysis.signatures import node_signatures
 from tests.graphs import attention_block, attention_data, make_model, run, sqnr_db
 
 CALIBRATION = attention_data(24)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from onnxq.observers import METHODS, HistogramObserver, make_observer, observer_from_dict
+from onnxq.calibration.observers import METHODS, HistogramObserver, make_observer, observer_from_dict
 
 RNG = np.random.default_rng(7)
 

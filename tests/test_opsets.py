@@ -10,7 +10,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from onnxq.model_io import MIN_OPSET, default_opset, runtime_opset
+from onnxq.load.opset import default_opset, MIN_OPSET, runtime_opset
 from tests.graphs import consumers, producer, run, sqnr_db
 from tests.test_cli_errors import assert_clean_failure, onnxq as run_cli
 

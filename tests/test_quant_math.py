@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnxq.quant_math import (
+from onnxq.rewrite.quant_math import (
     INT32_MAX,
     QuantParams,
     activation_params,

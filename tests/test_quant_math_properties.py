@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import assume, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxq.quant_math import INT32_MAX, QuantParams, activation_params, dequantize, quantize, quantize_bias, weight_scale
+from onnxq.rewrite.quant_math import INT32_MAX, QuantParams, activation_params, dequantize, quantize, quantize_bias, weight_scale
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 bounds = st.floats(-1e4, 1e4, allow_nan=False, allow_subnormal=False, width=32)

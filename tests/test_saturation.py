@@ -8,7 +8,7 @@ import onnx.helper as oh
 import pytest
 
 import onnxq
-from onnxq.saturation import cpu_saturates, saturates
+from onnxq.tune.saturation import cpu_saturates, saturates
 from tests.graphs import initializers, make_model, run, sqnr_db
 
 

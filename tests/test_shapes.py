@@ -10,9 +10,9 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from onnxq.observers import METHODS
-from onnxq.quant_math import activation_params
-from onnxq.shapes import correct_declared_shapes
+from onnxq.calibration.observers import METHODS
+from onnxq.rewrite.quant_math import activation_params
+from onnxq.load.shapes import correct_declared_shapes
 from tests.graphs import initializers, make_model, run, sqnr_db
 
 rng = np.random.default_rng(0)

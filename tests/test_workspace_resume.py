@@ -16,7 +16,7 @@ import onnx.numpy_helper
 import pytest
 
 import onnxq
-from onnxq.workspace import Workspace
+from onnxq.workspace.store import Workspace
 from tests.graphs import make_model, run
 from tests.test_cli_errors import DEMO, onnxq as run_cli
 

@@ -1,0 +1,291 @@
+"""The Python API: ``convert`` and ``recover``. They orchestrate the stages and nothing else:
+
+``load`` -> ``analysis`` (clean-up, signatures, keep-float rules) -> ``calibration`` ->
+``tune.layers`` (saturation, fusion, sentinels) -> ``tune.fallback`` (with ``max_drop``) ->
+``rewrite.build`` -> ``save`` -> ``report.evaluate``, each result recorded in the workspace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from onnxq.analysis.rules import resolve_rules, save_rules
+from onnxq.calibration.data import BatchSource, DataSource, model_inputs
+from onnxq.calibration.runner import ProgressCallback, calibrate_model
+from onnxq.calibration.state import CalibrationState
+from onnxq.config import QuantConfig
+from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
+from onnxq.files import check_writable, external_data_path
+from onnxq.load.prepare import LoadedModel, ModelInput, load
+from onnxq.report.evaluate import Fidelity, compare_models
+from onnxq.report.inspect import inspect_model
+from onnxq.rewrite.build import BuiltModel, OpCount, build_model
+from onnxq.rewrite.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
+from onnxq.runtime import create_session
+from onnxq.save.output import WrittenModel, write_output
+from onnxq.tune.fallback import (
+    FallbackOptions,
+    FallbackReport,
+    TuningProgress,
+    fallback_notes,
+    tune_fallback,
+)
+from onnxq.tune.layers import measure_layers
+from onnxq.workspace.manifest import build_manifest, default_workspace
+from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
+from onnxq.workspace.store import Step, Workspace
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert`` or ``recover`` produced: the output, sizes, per-op counts, notes,
+    calibration samples, the workspace and its step the model was built from, fidelity."""
+
+    output: Path
+    float_bytes: int
+    quantized_bytes: int
+    op_counts: dict[str, OpCount]
+    notes: tuple[str, ...]
+    calibration_samples: int
+    workspace: Path | None
+    calibration_step: int | None
+    fidelity: Fidelity | None = None
+    fallback: FallbackReport | None = None
+
+    @property
+    def size_ratio(self) -> float:
+        return self.quantized_bytes / self.float_bytes
+
+
+def _convert_quantized(loaded: LoadedModel, output_path: Path, config: QuantConfig) -> ConversionResult:
+    """An already quantized model (QDQ from another tool, a QAT export, or onnxq): completed
+    (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
+    notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
+    notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
+    written = write_output(loaded, loaded.model, output_path, config)
+    counts = inspect_model(output_path, fusion=False).op_counts()
+    return ConversionResult(
+        output=output_path,
+        float_bytes=loaded.float_bytes,
+        quantized_bytes=written.size,
+        op_counts={op: OpCount(c["int8"], c["float"]) for op, c in counts.items()},
+        notes=tuple(notes),
+        calibration_samples=0,
+        workspace=None,
+        calibration_step=None,
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """A conversion in progress: its workspace, the calibration state found there (if any),
+    whether it resumes, and the notes so far."""
+
+    space: Workspace
+    state: CalibrationState | None
+    resume: bool
+    notes: list[str]
+
+
+def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSource | None, path: Path,
+                    resume: bool) -> _Run:
+    """Create the workspace, or open and check the one to resume (a new one when there is none)."""
+    manifest = build_manifest(loaded.model.graph, config, None if source is None else source.first)
+    notes = []
+    if resume and not (path / "manifest.json").is_file():
+        notes.append(f"nothing to resume in {path}: started a new run")
+        resume = False
+    if not resume:
+        return _Run(Workspace.create(path, manifest), None, False, notes)
+    space = Workspace.open(path)
+    space.check_matches(manifest)
+    step = space.latest(CalibrationStep)
+    state = None if step is None else CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    return _Run(space, state, True, notes)
+
+
+def _calibrated(run: _Run, loaded: LoadedModel, config: QuantConfig, source: BatchSource | None,
+                progress: ProgressCallback | None) -> tuple[CalibrationState, Step]:
+    """Finish calibration (unless the workspace holds a complete one); returns the final state
+    and its workspace step."""
+    state = run.state
+    if state is None or not state.complete:
+        if source is None:
+            raise CalibrationDataError(
+                f"calibration in {run.space.path} is not finished; pass the same --calibration-data to resume it"
+            )
+        state, notes = calibrate_model(loaded, source, config, state, lambda s: run.space.append(s.to_step()),
+                                       progress)
+        run.notes += notes
+    step = run.space.latest(CalibrationStep)
+    if step is None:  # pragma: no cover - calibration always records the final state
+        raise WorkspaceError(f"workspace {run.space.path} lost its calibration state; start a new run")
+    return state, step
+
+
+def _layer_choices(run: _Run, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
+                   source: BatchSource | None, calibration_step: int) -> LayersStep:
+    """The per-layer choices of this calibration step: recorded when resuming, else measured."""
+    recorded = run.space.latest(LayersStep) if run.resume else None
+    if recorded is not None:
+        layers = recorded.read(LayersStep)
+        if layers.calibration_step == calibration_step:
+            return layers
+    layers = measure_layers(loaded, state, config, source, calibration_step)
+    run.space.append(layers)
+    return layers
+
+
+def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, eval_source: BatchSource) -> Fidelity:
+    """Fidelity of the written model on the evaluation data; evaluation data the models fail
+    on removes the output (exit 2 leaves no output behind)."""
+    try:
+        return compare_models(
+            loaded.float_session(),
+            create_session(output_path if written.data is None else written.data, "the quantized model"),
+            eval_source(),
+        )
+    except OnnxqError:
+        output_path.unlink(missing_ok=True)
+        if written.data is None:
+            external_data_path(output_path).unlink(missing_ok=True)
+        raise
+
+
+def _save_rules(path: str, loaded: LoadedModel, built: BuiltModel) -> None:
+    by_key = {key: node for node, key in loaded.keys.nodes.items()}
+    kept = {by_key[k]: reason for k, reason in built.kept_float.items() if k in by_key}
+    save_rules(path, kept, loaded.keys.nodes)
+
+
+def convert(
+    model: ModelInput,
+    output: str | os.PathLike,
+    calibration_data: DataSource | None,
+    config: QuantConfig | None = None,
+    *,
+    eval_data: DataSource | None = None,
+    fallback: FallbackOptions | None = None,
+    workspace: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    tuning_progress: TuningProgress | None = None,
+) -> ConversionResult:
+    """Quantize ``model`` to int8 (QDQ or QOperator form, per ``config.format``), calibrated on
+    ``calibration_data``; write ``output``. A model that is already quantized is converted
+    without calibration.
+
+    Calibration is checkpointed in ``workspace`` (default ``OUTPUT.onnxq/``); ``resume=True``
+    continues a run that was killed, and gives the same model as an uninterrupted run
+    (``calibration_data`` may then be ``None`` if calibration had finished). ``eval_data``
+    (same formats) measures fidelity after conversion, with top-1 accuracy when it has a
+    ``label`` array. ``fallback`` keeps nodes float by rules and, with ``max_drop`` and
+    ``eval_data``, by measured sensitivity until the metric is met. Bad input raises an
+    ``OnnxqError`` subclass, and nothing is written then.
+    """
+    config = config or QuantConfig()
+    fallback = fallback or FallbackOptions()
+    if fallback.max_drop is not None and eval_data is None:
+        raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
+    loaded = load(model)
+    output_path = check_writable(output)
+    if has_quantize_nodes(loaded.model):
+        return _convert_quantized(loaded, output_path, config)
+    ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
+    base = {loaded.keys.nodes[node]: reason for node, reason in ruled.items()}
+    inputs = model_inputs(loaded.proto)
+    source = None
+    if calibration_data is not None:
+        source = BatchSource(calibration_data, inputs, config.batch_size, config.max_samples)
+    elif not resume:
+        raise CalibrationDataError("no calibration data; pass --calibration-data (an .npz file, a folder or a loader)")
+    eval_source = None if eval_data is None else BatchSource(eval_data, inputs, config.batch_size)
+
+    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
+    run = _open_workspace(loaded, config, source, workspace_path, resume)
+    run.notes[:0] = list(loaded.notes) + rule_notes
+    state, calibration_step = _calibrated(run, loaded, config, source, progress)
+    layers = _layer_choices(run, loaded, state, config, source, calibration_step.index)
+    report, keep = None, base
+    if fallback.max_drop is not None:
+        keep, report = tune_fallback(loaded, state, config, layers, base, fallback, list(eval_source()), run.space,
+                                     tuning_progress)
+        run.notes += fallback_notes(report)
+    if base:
+        run.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
+    built = build_model(loaded, state, config, layers, keep, fallback.dtype)
+    written = write_output(loaded, built.model, output_path, config)
+    run.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
+    if fallback.save_rules is not None:
+        _save_rules(fallback.save_rules, loaded, built)
+    fidelity = None if eval_source is None else _evaluate(loaded, written, output_path, eval_source)
+    return ConversionResult(
+        output=output_path,
+        float_bytes=loaded.float_bytes,
+        quantized_bytes=written.size,
+        op_counts=built.op_counts,
+        notes=tuple(run.notes + built.notes),
+        calibration_samples=state.samples_seen,
+        workspace=workspace_path,
+        calibration_step=calibration_step.index,
+        fidelity=fidelity,
+        fallback=report,
+    )
+
+
+def _recorded_model(space: Workspace, index: int | None) -> tuple[Step, dict[str, str], str]:
+    """The calibration step of the recorded model to rebuild (step ``index``, else the last
+    model written, else the last calibration step), its keep-float set and fallback dtype."""
+    step = space.step(index) if index is not None else space.latest(QuantizedStep) or space.latest(CalibrationStep)
+    if step is None:
+        raise WorkspaceError(f"workspace {space.path} has no intact calibration step to recover from")
+    keep_float, fallback_dtype = {}, "fp32"
+    if step.kind == QuantizedStep.KIND:
+        quantized = step.read(QuantizedStep)
+        keep_float, fallback_dtype, step = quantized.keep_float, quantized.fallback_dtype, space.step(quantized.calibration_step)
+    elif step.kind == TrialStep.KIND:
+        trial = step.read(TrialStep)
+        keep_float = trial.reasons or {key: "recorded" for key in trial.keep_float}
+        fallback_dtype, step = trial.fallback_dtype, space.step(trial.calibration_step)
+    if step.kind != CalibrationStep.KIND:
+        raise WorkspaceError(f"step {step.index} of {space.path} is a {step.kind} step; give a calibration, "
+                             "trial or quantized step")
+    return step, keep_float, fallback_dtype
+
+
+def recover(
+    model: ModelInput,
+    workspace: str | os.PathLike,
+    output: str | os.PathLike,
+    index: int | None = None,
+    external_data: str = "auto",
+) -> ConversionResult:
+    """Rebuild a recorded model from the float model and the workspace alone, without
+    calibrating: by default the last one written (else the last calibration step); with
+    ``index``, that step (a calibration step, a fallback trial, or a written model).
+    ``external_data`` as in ``QuantConfig``."""
+    loaded = load(model)
+    output_path = check_writable(output)
+    space = Workspace.open(workspace)
+    config = QuantConfig(**space.manifest["config"], external_data=external_data)
+    space.check_matches(build_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
+    step, keep_float, fallback_dtype = _recorded_model(space, index)
+    state = CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    recorded = space.latest(LayersStep)
+    layers = measure_layers(loaded, state, config, None, step.index) if recorded is None else recorded.read(LayersStep)
+    built = build_model(loaded, state, config, layers, keep_float, fallback_dtype)
+    written = write_output(loaded, built.model, output_path, config)
+    partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} "
+                                         f"of {len(state.passes)}, {state.samples_done} samples in)"]
+    return ConversionResult(
+        output=output_path,
+        float_bytes=loaded.float_bytes,
+        quantized_bytes=written.size,
+        op_counts=built.op_counts,
+        notes=tuple(list(loaded.notes) + partial + built.notes),
+        calibration_samples=state.samples_seen,
+        workspace=Path(workspace),
+        calibration_step=step.index,
+    )

@@ -1,0 +1,348 @@
+"""Calibration and evaluation data: where it comes from, checks against the model, batching.
+
+Data contract (shared/DESIGN.md section 2): a *chunk* is a dict ``{input_name: array}`` whose
+arrays hold samples on axis 0. An array with the input's rank is batched along axis 0; one with
+a rank more holds complete inputs, fed one by one. Keys starting with ``__`` and the key
+``label`` are metadata, never inputs. Chunks come from an ``.npz`` file, a folder of ``.npz``
+(or, for single-input models, ``.npy``) files, a folder of images (``onnxq.calibration.images``), a loader
+``file.py:func`` / ``pkg.mod:func`` returning an iterable of chunks, or, in the Python API, a
+dict or any iterable of dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnx.helper
+
+from onnxq.calibration.images import ImageFolder, image_files
+from onnxq.errors import CalibrationDataError, OnnxqError, first_line
+
+LABEL_KEY = "label"
+
+DataSource = Union[str, os.PathLike, ImageFolder, Mapping[str, Any], Iterable[Mapping[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, element dtype and dims (``None`` for a symbolic dim)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def model_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that must be fed (initializers listed as inputs are not)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor_type.shape.dim
+        )
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as exc:
+        raise CalibrationDataError(
+            f"cannot read {path} as .npz ({type(exc).__name__}: {exc}); save it with numpy.savez"
+        ) from exc
+
+
+def _load_npy(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    if len(inputs) != 1:
+        raise CalibrationDataError(
+            f"{path}: .npy files only work for single-input models; this model has inputs "
+            f"{[spec.name for spec in inputs]}, so save .npz files keyed by input name"
+        )
+    try:
+        return {inputs[0].name: np.load(path, allow_pickle=False)}
+    except Exception as exc:
+        raise CalibrationDataError(
+            f"cannot read {path} as .npy ({type(exc).__name__}: {exc}); save it with numpy.save"
+        ) from exc
+
+
+def load_callable(spec: str, what: str, error: type[OnnxqError] = CalibrationDataError) -> Callable:
+    """The function named by ``file.py:func`` or ``pkg.mod:func``; ``what`` names it in errors."""
+    target, _, func_name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise error(f"{what} file not found: {path}; check the path")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        raise error(f"cannot import {what} {target} ({type(exc).__name__}: {exc}); fix the module") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise error(f"{target} has no function {func_name!r}; name the {what} function as file.py:func")
+    return func
+
+
+def _call_loader(spec: str) -> Any:
+    func = load_callable(spec, "calibration loader")
+    try:
+        return func()
+    except Exception as exc:
+        raise CalibrationDataError(
+            f"calibration loader {spec} raised {type(exc).__name__}: {exc}; fix the loader"
+        ) from exc
+
+
+def _guarded(items: Iterable) -> Iterator:
+    """The items of a user's iterable; an exception it raises midway (a loader's generator
+    failing) becomes a ``CalibrationDataError`` saying after how many items."""
+    iterator = iter(items)
+    count = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except OnnxqError:
+            raise
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"the data source raised {type(exc).__name__} after {count} item(s): {first_line(exc)}; fix the loader"
+            ) from exc
+        count += 1
+        yield item
+
+
+def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, Mapping]]:
+    """Yield ``(origin, chunk)`` pairs; ``origin`` names where a chunk came from in errors."""
+    if isinstance(source, Mapping):
+        yield "data", source
+        return
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and image_files(Path(source)):
+        if not any(Path(source).glob("*.np[yz]")):
+            source = ImageFolder(Path(source))
+    if isinstance(source, ImageFolder):
+        if len(inputs) != 1:
+            raise CalibrationDataError(
+                f"image folders feed single-input models; this model has inputs {[s.name for s in inputs]}, "
+                "so give .npz files or a loader"
+            )
+        yield from source.chunks(inputs[0].name, inputs[0].dims, inputs[0].dtype)
+        return
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text)
+        if path.is_file() and path.suffix == ".npz":
+            yield str(path), _load_npz(path)
+            return
+        if path.is_file() and path.suffix == ".npy":
+            yield str(path), _load_npy(path, inputs)
+            return
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+            if not files:
+                raise CalibrationDataError(
+                    f"folder {path} holds no .npz or .npy files; put calibration samples there"
+                )
+            for file in files:
+                loaded = _load_npz(file) if file.suffix == ".npz" else _load_npy(file, inputs)
+                yield str(file), loaded
+            return
+        if ":" in text and not path.exists():
+            source = _call_loader(text)
+            if isinstance(source, Mapping):
+                yield text, source
+                return
+        else:
+            raise CalibrationDataError(
+                f"calibration data not found: {text}; give an .npz file, a folder of .npz "
+                "files, or a loader as file.py:function"
+            )
+    if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+        raise CalibrationDataError(
+            f"calibration data must be an iterable of {{input_name: array}} dicts, not "
+            f"{type(source).__name__}"
+        )
+    for index, chunk in enumerate(_guarded(source)):
+        if not isinstance(chunk, Mapping):
+            raise CalibrationDataError(
+                f"calibration item {index} is a {type(chunk).__name__}, not a dict of "
+                "{input_name: array}; make the loader yield dicts"
+            )
+        yield f"item {index}", chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one chunk's arrays feed the model: samples per run and which arrays are stacked."""
+
+    samples: int
+    step: int
+    stacked: frozenset[str]
+
+
+def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int) -> tuple[dict, _Layout]:
+    names = {spec.name for spec in inputs}
+    arrays = {}
+    for key, value in chunk.items():
+        if key.startswith("__") or key == LABEL_KEY:
+            continue
+        if key not in names:
+            raise CalibrationDataError(
+                f"{origin}: {key!r} is not an input of the model (inputs: {sorted(names)}); "
+                "rename it, or prefix it with __ to mark it as metadata"
+            )
+        arrays[key] = np.asarray(value)
+    missing = sorted(names - arrays.keys())
+    if missing:
+        raise CalibrationDataError(
+            f"{origin}: no data for model input(s) {missing}; add an array for each input"
+        )
+    stacked, counts, fixed_batches = set(), {}, set()
+    for spec in inputs:
+        array = arrays[spec.name]
+        if spec.dtype == np.dtype(object) and array.dtype.kind not in "USO":
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} is {array.dtype} but the model expects strings; "
+                "give an array of str (numpy dtype <U)"
+            )
+        if spec.dtype != np.dtype(object) and array.dtype != spec.dtype:
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} is {array.dtype} but the model expects "
+                f"{spec.dtype}; convert it with .astype(numpy.{spec.dtype})"
+            )
+        rank = len(spec.dims)
+        if array.ndim == rank + 1:
+            stacked.add(spec.name)
+            per_sample, expected = array.shape[1:], spec.dims
+        elif array.ndim == rank and rank > 0:
+            per_sample, expected = array.shape[1:], spec.dims[1:]
+            if spec.dims[0] is not None:
+                fixed_batches.add(spec.dims[0])
+        else:
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} has rank {array.ndim} but the model input "
+                f"{spec.shape_text()} has rank {rank}; give rank {rank} (samples on axis 0) or "
+                f"{rank + 1} (a stack of complete inputs)"
+            )
+        for got, want in zip(per_sample, expected):
+            if want is not None and got != want:
+                raise CalibrationDataError(
+                    f"{origin}: input {spec.name!r} has per-sample shape {tuple(per_sample)} but "
+                    f"the model expects {spec.shape_text()}; resize the data to match"
+                )
+        counts[spec.name] = array.shape[0]
+    if len(set(counts.values())) > 1:
+        raise CalibrationDataError(
+            f"{origin}: inputs hold different numbers of samples {counts}; give the same number for each"
+        )
+    if len(fixed_batches) > 1 or (stacked and fixed_batches - {1}):
+        raise CalibrationDataError(
+            f"{origin}: the model's inputs have fixed batch sizes {sorted(fixed_batches)} that "
+            "cannot be fed together; store those inputs as stacks of complete inputs (one more axis)"
+        )
+    samples = next(iter(counts.values()))
+    fixed_step = not stacked and bool(fixed_batches)
+    step = 1 if stacked else (fixed_batches.pop() if fixed_step else batch_size)
+    if fixed_step and samples % step:
+        raise CalibrationDataError(
+            f"{origin}: {samples} samples do not fill batches of the model's fixed batch size "
+            f"{step}; give a multiple of {step}"
+        )
+    for spec in inputs:
+        array = arrays[spec.name]
+        if np.issubdtype(array.dtype, np.floating) and array.size:
+            finite = np.isfinite(array.reshape(samples, -1)).all(axis=1)
+            if not finite.all():
+                bad = int(np.flatnonzero(~finite)[0])
+                raise CalibrationDataError(
+                    f"{origin}: input {spec.name!r} sample {bad} contains NaN or Inf; clean or "
+                    "drop that sample"
+                )
+    return arrays, _Layout(samples, step, frozenset(stacked))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One model run's feed ``{input_name: array}``, its sample count and its labels, if any."""
+
+    feed: dict[str, np.ndarray]
+    samples: int
+    labels: np.ndarray | None = None
+
+
+class BatchSource:
+    """Batches that can be read again for another pass; the first batch is read, and so
+    checked, when the source is made. A one-shot iterator gives its batches only once."""
+
+    def __init__(self, data: DataSource, inputs: list[InputSpec], batch_size: int = 1, max_samples: int | None = None):
+        self._restart = lambda: iter_batches(data, inputs, batch_size, max_samples)
+        self._one_shot = isinstance(data, Iterator)
+        stream = self._restart()
+        self.first = next(stream)
+        self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
+
+    def __call__(self) -> Iterator[Batch]:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
+        return iter(()) if self._one_shot else self._restart()
+
+
+def iter_batches(
+    source: DataSource,
+    inputs: list[InputSpec],
+    batch_size: int = 1,
+    max_samples: int | None = None,
+) -> Iterator[Batch]:
+    """Yield the batches to run, with the matching slice of the chunk's ``label`` array.
+
+    Every chunk is checked before it is fed; the first problem raises ``CalibrationDataError``
+    naming the chunk, input and sample.
+    """
+    fed = 0
+    for origin, chunk in _chunks(source, inputs):
+        arrays, layout = _check_chunk(origin, chunk, inputs, batch_size)
+        labels = chunk.get(LABEL_KEY)
+        labels = None if labels is None else np.asarray(labels)
+        for start in range(0, layout.samples, layout.step):
+            stop = min(start + layout.step, layout.samples)
+            if max_samples is not None:
+                stop = min(stop, start + max_samples - fed)
+            feed = {
+                name: np.asarray(array[start]) if name in layout.stacked else array[start:stop]  # 0-d stays an array
+                for name, array in arrays.items()
+            }
+            yield Batch(feed, stop - start, None if labels is None else labels[start:stop])
+            fed += stop - start
+            if max_samples is not None and fed >= max_samples:
+                return
+    if fed == 0:
+        raise CalibrationDataError(
+            "the data holds no samples; give at least one sample per input"
+        )

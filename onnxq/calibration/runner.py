@@ -1,0 +1,206 @@
+"""Calibration: run the float model over the data and observe the ranges of chosen tensors.
+
+Rules:
+1. A copy of the model exposes exactly the requested tensors (``onnxq.calibration.augment``):
+   for ``minmax`` as two scalars each, for histogram methods as values, reduced into their
+   observer at once and dropped.
+2. Memory holds one batch's exposed tensors, never the data set's. When those would exceed the
+   memory budget, the tensors are split into passes, each a full run over the data.
+3. Observer state is keyed by topology signature, checkpointed at most every
+   ``checkpoint_interval_s`` seconds and at the end of each pass; a resumed run skips the
+   samples a checkpoint already covers, so its result equals the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx.shape_inference
+import onnx_ir as ir
+
+from onnxq.calibration.augment import augmented_model, carries_body_values
+from onnxq.calibration.candidates import candidate_tensors
+from onnxq.calibration.data import Batch, BatchSource
+from onnxq.calibration.observers import make_observer
+from onnxq.calibration.state import CalibrationState
+from onnxq.config import QuantConfig
+from onnxq.errors import CalibrationDataError, ModelError, first_line
+from onnxq.load.prepare import LoadedModel
+from onnxq.runtime import calibration_providers, create_session
+
+ProgressCallback = Callable[[int], None]
+Checkpoint = Callable[[CalibrationState], None]
+
+
+def _tensor_bytes(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
+    """Estimated bytes of each tensor for a batch like ``feed`` (unknown sizes: the largest known)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[value.name].shape):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph
+    except Exception:
+        inferred = fixed.graph
+    sizes = {}
+    for info in [*inferred.value_info, *inferred.output, *inferred.input]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[info.name] = int(np.prod([d.dim_value for d in dims])) * 4
+    largest = max(sizes.values(), default=4)
+    return {name: sizes.get(name, largest) for name in names}
+
+
+def _split_into_passes(keys: list[str], sizes: list[int], budget_bytes: float) -> list[list[str]]:
+    passes: list[list[str]] = [[]]
+    used = 0
+    for key, size in zip(keys, sizes):
+        if passes[-1] and used + size > budget_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(key)
+        used += size
+    return passes
+
+
+class _Checkpoints:
+    """Records the state at most every ``interval`` seconds, and whenever asked to."""
+
+    def __init__(self, checkpoint: Checkpoint | None, state: CalibrationState, interval: float) -> None:
+        self._checkpoint, self._state, self._interval = checkpoint, state, interval
+        self._last = time.monotonic()
+
+    def record(self) -> None:
+        if self._checkpoint is not None:
+            self._checkpoint(self._state)
+        self._last = time.monotonic()
+
+    def maybe_record(self) -> None:
+        if time.monotonic() - self._last >= self._interval:
+            self.record()
+
+
+def _observe(state: CalibrationState, tensors: dict[str, str], names: list[str], inputs: set[str],
+             exposed: dict[str, dict[str, str]], values: dict[str, np.ndarray], batch: Batch) -> None:
+    """Update the observers of ``names`` with one batch's exposed values."""
+    for name in names:
+        observer = state.observers[tensors[name]]
+        sources = {"values": None} if name in inputs else exposed.get(name, {})
+        if "min" in sources:
+            low, high = values[sources["min"]], values[sources["max"]]
+            if low.size:
+                observer.update_bounds(float(low.min()), float(high.max()))
+            continue
+        if "values" not in sources:
+            continue  # not reachable from the main graph: never observed, stays float
+        array = batch.feed[name] if name in inputs else values[sources["values"]]
+        if isinstance(array, np.ndarray) and array.dtype == np.float32:
+            observer.update(array)
+
+
+def _run(session, outputs: list[str], batch: Batch, exposed: dict[str, dict[str, str]]) -> dict[str, np.ndarray]:
+    try:
+        return dict(zip(outputs, session.run(outputs, batch.feed)))
+    except Exception as exc:
+        hint = "check that the data matches what the model was exported for"
+        if any(carries_body_values(name, sources) for name, sources in exposed.items()):
+            hint += (
+                ", and note that with histogram methods a tensor inside a Loop or Scan body "
+                "must keep its size across iterations (--method minmax has no such limit)"
+            )
+        raise ModelError(f"the float model fails on the calibration data: {first_line(exc)}; {hint}") from exc
+
+
+def calibrate(
+    proto: onnx.ModelProto,
+    tensors: dict[str, str],
+    float_tensors: dict[str, int | None],
+    batches: BatchSource,
+    config: QuantConfig,
+    state: CalibrationState | None = None,
+    checkpoint: Checkpoint | None = None,
+    progress: ProgressCallback | None = None,
+    external_folder=None,
+) -> tuple[CalibrationState, list[str]]:
+    """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
+    state and notes. ``float_tensors`` maps the names known to be float32 to their rank (others
+    are checked on each batch). ``batches`` gives a fresh pass over the data each time it is called.
+    ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
+    ``external_folder`` holds the external data files ``proto`` references, if any.
+    """
+    providers, device_note = calibration_providers(config.device)
+    names_of = {key: name for name, key in tensors.items()}
+    # the fed inputs: an initializer listed as a graph input is a default the data need not give
+    inputs = {value.name for value in proto.graph.input} - {init.name for init in proto.graph.initializer}
+    reduce_in_graph = {}
+    if config.method == "minmax":
+        reduce_in_graph = {name: rank for name, rank in float_tensors.items() if name not in inputs}
+    if state is None:
+        keys = list(tensors.values())
+        sizes = _tensor_bytes(proto, batches.first.feed, list(tensors))
+        per_batch = [0 if names_of[k] in reduce_in_graph else sizes[names_of[k]] for k in keys]
+        passes = _split_into_passes(keys, per_batch, config.memory_budget_mb * 2**20)
+        state = CalibrationState({k: make_observer(config.method, config.percentile) for k in keys}, passes)
+    notes: list[str] = [device_note] if device_note else []
+    if len(state.passes) > 1:
+        notes.append(f"calibrated in {len(state.passes)} passes to stay within {config.memory_budget_mb:g} MB")
+    checkpoints = _Checkpoints(checkpoint, state, config.checkpoint_interval_s)
+    while state.pass_index < len(state.passes):
+        names = [names_of[key] for key in state.passes[state.pass_index]]
+        model, exposed = augmented_model(proto, [n for n in names if n not in inputs], reduce_in_graph)
+        outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
+        session = create_session(model, "the float model", providers, external_folder)
+        skip, seen = state.samples_done, 0
+        for batch in batches():
+            seen += batch.samples
+            if seen <= skip:
+                continue
+            if seen - batch.samples < skip:
+                raise CalibrationDataError(
+                    "the calibration data is batched differently from the run being resumed; "
+                    "resume with the same data and --batch-size"
+                )
+            _observe(state, tensors, names, inputs, exposed, _run(session, outputs, batch, exposed), batch)
+            state.samples_done = seen
+            if state.pass_index == 0:
+                state.samples_seen = seen
+            if progress is not None:
+                progress(batch.samples)
+            checkpoints.maybe_record()
+        if seen == 0:
+            raise CalibrationDataError(
+                "the calibration data gave no samples on a later pass; pass a path, a loader or a "
+                "list rather than a one-shot iterator when calibrating in several passes"
+            )
+        state.pass_index += 1
+        state.samples_done = 0
+        state.complete = state.pass_index == len(state.passes)
+        checkpoints.record()
+    return state, notes
+
+
+def calibrate_model(
+    loaded: LoadedModel,
+    source: BatchSource,
+    config: QuantConfig,
+    state: CalibrationState | None,
+    checkpoint: Checkpoint | None,
+    progress: ProgressCallback | None,
+) -> tuple[CalibrationState, list[str]]:
+    """Calibrate the cleaned-up graph of ``loaded`` (see ``calibrate``) on the tensors whose
+    ranges a quantization decision may need (``candidate_tensors``)."""
+    graph = loaded.model.graph
+    candidates = candidate_tensors(graph, config.method)
+    float_ranks = {
+        v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
+    }
+    tensors = {v.name: loaded.keys.tensors[v.name] for v in candidates}
+    return calibrate(loaded.cleaned, tensors, float_ranks, source, config, state, checkpoint, progress,
+                     loaded.external_folder)

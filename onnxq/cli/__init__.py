@@ -1,0 +1,5 @@
+"""The ``onnxq`` command line."""
+
+from onnxq.cli.commands import app
+
+__all__ = ["app"]

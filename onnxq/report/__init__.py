@@ -1,0 +1,1 @@
+"""Reports on models: fidelity against the float model (``evaluate``, ``compare``) and ``inspect``."""

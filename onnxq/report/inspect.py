@@ -1,0 +1,209 @@
+"""What a model holds, for ``onnxq inspect``: per-node precision, sizes by dtype, weight
+sparsity, and quantized groups ONNX Runtime would not fuse.
+
+It answers "why is my quantized model not smaller (or not faster)?": float weights left beside
+quantized ones show in the size breakdown, unfused groups in the fusion list. Nodes and
+initializers inside subgraphs (If branches, Loop and Scan bodies) are counted like the main
+graph's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
+
+from onnxq.graph import proto_bodies
+from onnxq.load.model import external_data_folder, load_model
+from onnxq.load.model import model_bytes as bytes_on_disk
+from onnxq.ops import OPS, QLINEAR_OPS
+from onnxq.tune.fusion import unfused_nodes
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """One node: name, op type (the float op for QLinear operators), precision, output dtypes."""
+
+    name: str
+    op_type: str
+    precision: str  # "int8" or "float"
+    output_dtypes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """One initializer with at least two dimensions: dtype, bytes, exact zeros (count and share)
+    among its elements, 2:4 pattern."""
+
+    name: str
+    dtype: str
+    bytes: int
+    zero_fraction: float
+    two_four_sparse: bool
+    elements: int
+    zeros: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """Everything ``onnxq inspect`` reports about a model."""
+
+    nodes: tuple[NodeInfo, ...]
+    bytes_by_dtype: dict[str, int]
+    weights: tuple[WeightInfo, ...]
+    unfused: tuple[str, ...]
+    quantize_nodes: int
+    dequantize_nodes: int
+    model_bytes: int  # the file (or serialized ModelProto)
+
+    @property
+    def weight_zero_fraction(self) -> float:
+        """Share of exact zeros over the elements of every weight (initializers of 2+ dims)."""
+        elements = sum(w.elements for w in self.weights)
+        return sum(w.zeros for w in self.weights) / elements if elements else 0.0
+
+    def op_counts(self) -> dict[str, dict[str, int]]:
+        """``{op_type: {"int8": n, "float": m}}``."""
+        counts: dict[str, dict[str, int]] = {}
+        for node in self.nodes:
+            counts.setdefault(node.op_type, {"int8": 0, "float": 0})[node.precision] += 1
+        return dict(sorted(counts.items()))
+
+
+def _dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def _is_two_four(array: np.ndarray) -> bool:
+    """At least 2 exact zeros in every group of 4 consecutive values along the last axis."""
+    if array.shape[-1] % 4:
+        return False
+    groups = (array.reshape(-1, 4) == 0).sum(axis=1)
+    return bool((groups >= 2).all())
+
+
+def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> bool:
+    """A QLinear operator, or (QDQ form) an op that reads a DequantizeLinear and whose outputs
+    reach a QuantizeLinear, directly or through a Relu/Clip."""
+    if node.op_type in QLINEAR_OPS:
+        return True
+    info = OPS.get(node.op_type)
+    if info is None or (info.kind is None and not info.compute):
+        return False  # no integer kernel: a dequantize -> float op -> quantize island
+    if not any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input):
+        return False
+    for output in node.output:
+        uses = consumers.get(output, [])
+        if len(uses) == 1 and uses[0].op_type in ("Relu", "Clip"):
+            uses = consumers.get(uses[0].output[0], [])
+        if not uses or any(use.op_type != "QuantizeLinear" for use in uses):
+            return False
+    return True
+
+
+def _array(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray:
+    """A tensor's values; external data is read from ``folder`` into a copy of the tensor, so that
+    the model's protobuf never takes in the weights."""
+    if folder is None or not onnx.external_data_helper.uses_external_data(tensor):
+        return onnx.numpy_helper.to_array(tensor)
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return onnx.numpy_helper.to_array(copy, str(folder))
+
+
+def _used_inside(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name that the nodes of ``graph`` and of its subgraphs read."""
+    names = {name for node in graph.node for name in node.input}
+    for node in graph.node:
+        for body in proto_bodies(node):
+            names |= _used_inside(body)
+    return names
+
+
+def _graphs(
+    graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto], outer_types: dict[str, int]
+) -> list[tuple[onnx.GraphProto, dict, dict, dict]]:
+    """``graph`` and its subgraphs (recursively), each with its producers, consumers and types,
+    a body seeing the tensors of the graphs around it. A tensor that a body reads counts as
+    read by the body's parent node."""
+    producers = outer_producers | {output: node for node in graph.node for output in node.output}
+    types = outer_types | {
+        info.name: info.type.tensor_type.elem_type for info in [*graph.value_info, *graph.output, *graph.input]
+    }
+    types.update({init.name: init.data_type for init in graph.initializer})
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) | {n for body in proto_bodies(node) for n in _used_inside(body)}:
+            consumers.setdefault(name, []).append(node)
+    found = [(graph, producers, consumers, types)]
+    for node in graph.node:
+        for body in proto_bodies(node):
+            found += _graphs(body, producers, types)
+    return found
+
+
+def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = True) -> Inspection:
+    """Inspect a model given as a path or a ModelProto, the bodies of If/Loop/Scan nodes (any
+    subgraph) included; ``fusion=False`` skips asking ONNX Runtime which quantized groups it
+    would fuse."""
+    proto = load_model(model)
+    folder = external_data_folder(model, proto)
+    graphs = _graphs(proto.graph, {}, {})
+    all_nodes = [node for graph, *_ in graphs for node in graph.node]
+    nodes = []
+    for graph, producers, consumers, types in graphs:
+        for node in graph.node:
+            if node.op_type in QDQ_OPS:
+                continue
+            precision = "int8" if _runs_quantized(node, producers, consumers) else "float"
+            dtypes = tuple(_dtype_name(types[o]) if types.get(o) else "?" for o in node.output)
+            nodes.append(NodeInfo(node.name, QLINEAR_OPS.get(node.op_type, node.op_type), precision, dtypes))
+    bytes_by_dtype: collections.Counter = collections.Counter()
+    weights = []
+    for init in (init for graph, *_ in graphs for init in graph.initializer):
+        array = _array(init, folder)
+        bytes_by_dtype[array.dtype.name] += array.nbytes
+        if array.ndim >= 2:
+            zeros = int((array == 0).sum())
+            weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros / array.size if array.size else 0.0,
+                                      _is_two_four(array), array.size, zeros))
+    quantized = any(node.op_type == "DequantizeLinear" for node in all_nodes)
+    return Inspection(
+        nodes=tuple(nodes),
+        bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
+        weights=tuple(weights),
+        unfused=tuple(unfused_nodes(proto, folder)) if quantized and fusion else (),
+        quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in all_nodes),
+        dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in all_nodes),
+        model_bytes=proto.ByteSize() if isinstance(model, onnx.ModelProto) else bytes_on_disk(Path(model), proto),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectionPair:
+    """A float model and its quantized form inspected side by side (``onnxq inspect FLOAT QUANT``)."""
+
+    before: Inspection
+    after: Inspection
+
+    def bytes_by_dtype(self) -> dict[str, tuple[int, int]]:
+        """``{dtype: (bytes before, bytes after)}`` over the dtypes of either model, largest first."""
+        dtypes = {*self.before.bytes_by_dtype, *self.after.bytes_by_dtype}
+        rows = {d: (self.before.bytes_by_dtype.get(d, 0), self.after.bytes_by_dtype.get(d, 0)) for d in dtypes}
+        return dict(sorted(rows.items(), key=lambda item: -max(item[1])))
+
+
+def inspect_pair(
+    float_model: str | os.PathLike | onnx.ModelProto, quantized_model: str | os.PathLike | onnx.ModelProto
+) -> InspectionPair:
+    """Inspect a float model and its quantized form: sizes by precision and weight sparsity,
+    before and after."""
+    return InspectionPair(inspect_model(float_model, fusion=False), inspect_model(quantized_model))

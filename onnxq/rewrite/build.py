@@ -1,0 +1,179 @@
+"""Building one quantized model from calibrated state: plan, QDQ rewrite, fp16 islands and
+QOperator form, on a fresh copy of the cleaned-up graph (``onnxq.save`` checks and writes it)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx_ir as ir
+
+from onnxq.analysis.subgraphs import control_flow_notes
+from onnxq.calibration.state import CalibrationState
+from onnxq.config import QuantConfig
+from onnxq.graph import all_nodes
+from onnxq.load.prepare import LoadedModel
+from onnxq.ops import rule_for
+from onnxq.rewrite.fp16 import to_fp16_islands
+from onnxq.rewrite.plan import QuantPlan, plan_quantization
+from onnxq.rewrite.qdq import apply_qdq
+from onnxq.rewrite.qoperator import to_qoperator
+from onnxq.workspace.steps import LayersStep
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCount:
+    """How many nodes of one op type were quantized and how many stayed float."""
+
+    quantized: int
+    float: int
+
+
+def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
+    quantized, total = collections.Counter(), collections.Counter()
+    for node in all_nodes(graph):
+        total[node.op_type] += 1
+        quantized[node.op_type] += node in plan.decisions
+    return {op: OpCount(quantized[op], total[op] - quantized[op]) for op in sorted(total)}
+
+
+def plan_for_state(
+    graph: ir.Graph, tensor_keys: dict[str, str], state: CalibrationState, config: QuantConfig, sentinel=(),
+    keep_float=frozenset(),
+) -> QuantPlan:
+    """The plan for ``graph`` from the calibrated ranges (by tensor key), leaving the
+    ``sentinel`` tensors and the ``keep_float`` nodes float."""
+    by_key = state.ranges()
+    excluded = set(sentinel)
+    ranges = {name: by_key[key] for name, key in tensor_keys.items() if key in by_key and key not in excluded}
+    return plan_quantization(graph, ranges, config, keep_float)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltModel:
+    """One quantized model, not yet checked: the rewritten graph, per-op counts, notes, its
+    fallback units (see ``_fallback_units``) and the nodes it kept float on purpose (key: why)."""
+
+    model: ir.Model
+    op_counts: dict[str, OpCount]
+    notes: list[str]
+    units: tuple[tuple[str, ...], ...]
+    kept_float: dict[str, str]
+
+
+def _fallback_units(graph: ir.Graph, plan: QuantPlan, keys: dict[ir.Node, str]) -> tuple[tuple[str, ...], ...]:
+    """The node sets a fallback keeps float together, one per quantized tensor source: a tensor
+    is float only when its producer and every quantized reader are, so a unit is a quantized
+    compute node (or a graph input) with the compute nodes reading its output, through the
+    data-movement ops that share its scale."""
+    candidates = {n for n, d in plan.decisions.items() if d.rule.kind in ("compute", "concat")}
+
+    def readers(values) -> set[ir.Node]:
+        found, stack = set(), list(values)
+        while stack:
+            for use in stack.pop().uses():
+                if use.node in candidates:
+                    found.add(use.node)
+                elif use.node in plan.decisions:
+                    stack.extend(use.node.outputs)
+        return found
+
+    units: dict[tuple[str, ...], None] = {}
+    sources = [({}, [value]) for value in graph.inputs] + [({node}, node.outputs) for node in all_nodes(graph) if node in candidates]
+    for own, values in sources:
+        unit = tuple(sorted(keys[n] for n in set(own) | readers(values)))
+        if unit:
+            units[unit] = None
+    return tuple(units)
+
+
+def _keep_unfused_float(graph: ir.Graph, keys: dict[ir.Node, str], unfused: set[str], keep_float: dict[str, str]) -> list[str]:
+    """Add the nodes ONNX Runtime would not fuse to ``keep_float``; returns the note."""
+    nodes = [node for node in all_nodes(graph) if keys[node] in unfused and keys[node] not in keep_float]
+    keep_float.update((keys[node], "not fused by ONNX Runtime") for node in nodes)
+    if not nodes:
+        return []
+    ops = collections.Counter(node.op_type for node in nodes)
+    return [
+        f"kept float {len(nodes)} node(s) that ONNX Runtime's CPU provider would not fuse into "
+        f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
+        "--quantize-unfused quantizes them anyway"
+    ]
+
+
+def _sentinel_notes(sentinel_names: list[str]) -> list[str]:
+    if not sentinel_names:
+        return []
+    names = sorted(sentinel_names)
+    return [
+        f"kept float {len(names)} tensor(s) whose range is dominated by sentinel values (attention masks "
+        f"such as -1e9, the float minimum or -inf), and the nodes that read or write them: {', '.join(names[:6])}"
+        + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    ]
+
+
+def _reduced_notes(graph: ir.Graph, reduced: set[ir.Node]) -> list[str]:
+    names = ", ".join(sorted(node.name or node.op_type for node in reduced)[:8])
+    more = f" and {len(reduced) - 8} more" if len(reduced) > 8 else ""
+    notes = [
+        f"7-bit weights on {len(reduced)} layer(s) whose 8-bit form this CPU's integer kernels "
+        f"would saturate (no VNNI): {names}{more}"
+    ]
+    in_bodies = sum(node.graph is not graph for node in reduced)
+    if in_bodies:
+        notes.append(
+            f"{in_bodies} of those are inside If/Loop/Scan bodies, where saturation cannot be "
+            "measured: they get 7-bit weights to be safe"
+        )
+    return notes
+
+
+def _fp16_islands(graph: ir.Graph, plan: QuantPlan, kept: frozenset[ir.Node], sentinel_names: set[str]) -> set[ir.Node]:
+    """The main-graph nodes left float that run in fp16: kept on purpose or quantizable but not
+    quantized, and touching no sentinel tensor."""
+    return {
+        node for node in graph
+        if (node in kept or rule_for(node) is not None) and node not in plan.decisions
+        and not any(v is not None and v.name in sentinel_names for v in (*node.inputs, *node.outputs))
+    }
+
+
+def build_model(
+    loaded: LoadedModel,
+    state: CalibrationState,
+    config: QuantConfig,
+    layers: LayersStep,
+    keep_float: dict[str, str] | None = None,
+    fallback_dtype: str = "fp32",
+) -> BuiltModel:
+    """A quantized model from calibrated state, on a fresh copy of the graph: plan and rewrite.
+    Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
+    ``layers.unfused``; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
+    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
+    model = loaded.fresh()
+    graph = model.graph
+    keys = loaded.keys.for_copy(graph)
+    keep_float = dict(keep_float or {})
+    notes = _keep_unfused_float(graph, keys, set(layers.unfused), keep_float)
+    kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
+    plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel, kept)
+    sentinel = set(layers.sentinel)
+    sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
+    notes += _sentinel_notes(sentinel_names)
+    op_counts = _op_counts(graph, plan)
+    units = _fallback_units(graph, plan, keys)
+    if config.reduce_range == "always":
+        reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
+    else:
+        wanted = set(layers.reduced)
+        reduced = {node for node in plan.decisions if keys[node] in wanted}
+    islands = _fp16_islands(graph, plan, kept, set(sentinel_names)) if fallback_dtype == "fp16" else set()
+    notes += control_flow_notes(graph, config.method, set(plan.decisions))
+    notes += plan.notes + apply_qdq(model, plan, reduced).notes
+    if reduced and config.reduce_range == "auto":
+        notes += _reduced_notes(graph, reduced)
+    if islands:
+        notes += to_fp16_islands(model, islands)
+    if config.format == "qoperator":
+        notes += to_qoperator(model)
+    return BuiltModel(model, op_counts, notes, units, keep_float)

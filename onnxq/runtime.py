@@ -1,0 +1,129 @@
+"""ONNX Runtime sessions: quiet options, execution providers (CUDA only when it really loads),
+and running a session over batches."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxq.calibration.data import Batch
+from onnxq.errors import CalibrationDataError, DeviceError, ModelError, first_line
+from onnxq.files import offloaded
+
+CPU = "CPUExecutionProvider"
+
+
+CUDA = "CUDAExecutionProvider"
+
+
+def session_options(external_folder: Path | None = None) -> ort.SessionOptions:
+    """Quiet session options (failures reach the user as one-line errors, not as log lines);
+    ``external_folder`` is where the external data files of a model given as bytes lie. Its
+    weights are then mapped from there in place: neither copied into the bytes nor into
+    prepacked buffers, so that memory stays near the size of the weights."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def create_session(
+    model: onnx.ModelProto | bytes | Path,
+    what: str,
+    providers: tuple[str, ...] = (CPU,),
+    external_folder: Path | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of a model given as a proto, bytes or a file path (see
+    ``session_options`` for ``external_folder``); a model it refuses is reported as ``ModelError``."""
+    options = session_options(external_folder)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    data = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(data, options, providers=list(providers))
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from exc
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or ``None`` when its CUDA provider loads.
+
+    A tiny model is loaded with the CUDA provider first in line; CUDA counts only if the
+    session really uses it (ONNX Runtime otherwise falls back to the CPU quietly).
+    """
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+    probe = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("Identity", ["x"], ["y"])], "probe",
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[oh.make_opsetid("", 13)],
+    )
+    ort.set_default_logger_severity(4)  # the failed load is expected; don't print it
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA, CPU])
+        loaded = session.get_providers()[0] == CUDA
+    except Exception:
+        loaded = False
+    finally:
+        ort.set_default_logger_severity(2)
+    if loaded:
+        return None
+    return "ONNX Runtime's CUDA execution provider did not load (no GPU, or CUDA/cuDNN libraries missing)"
+
+
+def calibration_providers(device: str) -> tuple[tuple[str, ...], str | None]:
+    """Execution providers for calibration, and a note when ``auto`` fell back to the CPU.
+
+    ``cuda`` raises ``DeviceError`` with the reason when CUDA cannot be used.
+    """
+    if device == "cpu":
+        return (CPU,), None
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return (CUDA, CPU), None
+    if device == "cuda":
+        raise DeviceError(f"cannot calibrate on CUDA: {reason}; use --device cpu or auto")
+    return (CPU,), f"calibrating on CPU: {reason}"
+
+
+@contextlib.contextmanager
+def session_of(model: ir.Model, offload: bool, what: str = "a trial model") -> Iterator[ort.InferenceSession]:
+    """An ONNX Runtime session of ``model`` (a rewritten copy, not written yet); with ``offload``
+    (a big model) it goes with its weights in a temporary file, which ``model`` then refers to
+    until the block ends."""
+    if not offload:
+        yield create_session(ir.to_proto(model).SerializeToString(), what)
+        return
+    with offloaded(model) as folder:
+        yield create_session(ir.to_proto(model), what, external_folder=folder)
+
+
+def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tuple[slice, ...] = (slice(None),)) -> list[dict[str, np.ndarray]]:
+    """Every output of ``session`` over ``batches``, concatenated along the sample axis, once per
+    slice of the batches in ``parts`` (default: one dict, of all of them)."""
+    names = [output.name for output in session.get_outputs()]
+    runs = [session.run(names, batch.feed) for batch in batches]
+    return [_concatenate(names, runs[part]) for part in parts]
+
+
+def _concatenate(names: list[str], runs: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    try:
+        return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+    except ValueError as exc:
+        raise CalibrationDataError(
+            f"the model's outputs differ in shape across evaluation batches ({exc}); "
+            "give evaluation samples of one shape"
+        ) from exc

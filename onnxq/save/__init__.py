@@ -1,0 +1,1 @@
+"""The save stage: checks every output passes and its atomic write."""

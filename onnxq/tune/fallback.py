@@ -1,0 +1,291 @@
+"""The accuracy-driven fallback: measure each unit's sensitivity, then search the smallest set
+of units to keep float so that the metric meets its target (see ``onnxq.tune``). Sensitivity
+and every trial are workspace steps; a resumed run reuses them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxq.calibration.data import Batch
+from onnxq.calibration.state import CalibrationState
+from onnxq.config import QuantConfig
+from onnxq.errors import ConfigError
+from onnxq.load.prepare import LoadedModel
+from onnxq.rewrite.build import BuiltModel, build_model
+from onnxq.runtime import run_all, session_of
+from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
+from onnxq.tune.search import search_fallback
+from onnxq.tune.sensitivity import SENSITIVITY_MODES, rank_units
+from onnxq.workspace.manifest import batch_fingerprint
+from onnxq.workspace.steps import LayersStep, SensitivityStep, TrialStep
+from onnxq.workspace.store import Workspace
+
+TuningProgress = Callable[[str, int, int], None]  # phase, done, total
+
+
+MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackOptions:
+    """Mixed-precision choices that do not change calibration.
+
+    ``keep_float``: rules (``onnxq.analysis.rules``) for nodes that stay float. ``max_drop``: with
+    evaluation data, keep the most sensitive nodes float until the metric is within this
+    relative drop of the float model's (``None``: no search). ``metric``: ``auto``, ``sqnr``,
+    ``cosine``, ``top1``, ``file.py:func`` or a callable (see ``resolve_metric``).
+    ``check_halves``: the target must also hold on each half of the evaluation batches (with at
+    least ``MIN_BATCHES_TO_SPLIT``), so that a set that barely passes on the whole set by
+    chance is not chosen. ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity``: ``only-float``
+    (the error each unit removes when it alone is float) or ``only-quantized`` (the error each
+    unit adds when it alone is quantized). ``sensitivity_samples``: evaluation samples the
+    per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
+    the search. ``save_rules``: write the final keep-float set as a rules file there.
+    """
+
+    keep_float: tuple = ()
+    max_drop: float | None = None
+    metric: str | Metric = "auto"
+    check_halves: bool = True
+    dtype: str = "fp32"
+    sensitivity: str = "only-float"
+    sensitivity_samples: int = 4
+    max_trials: int = 64
+    save_rules: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise ConfigError(f"fallback dtype must be fp32 or fp16, not {self.dtype!r}")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {self.sensitivity!r}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
+        if self.sensitivity_samples < 1 or self.max_trials < 1:
+            raise ConfigError("sensitivity samples and max trials must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptNode:
+    """A node left float: its name, op, why, and its measured sensitivity (when measured)."""
+
+    name: str
+    op: str
+    reason: str
+    sensitivity: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackReport:
+    """The outcome of the accuracy-driven search: metric, float and int8 scores, the final
+    score, whether it met ``max_drop``, how many trials, and the nodes kept float."""
+
+    metric: str
+    max_drop: float
+    float_score: float
+    int8_score: float
+    final_score: float
+    met: bool
+    trials: int
+    kept: tuple[KeptNode, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalSet:
+    """The evaluation data as the search sees it: the batches, the parts the target must hold
+    on (the whole set, and with ``check_halves`` its two halves), the float model's outputs
+    and score on each part, the labels, the metric, and the first batches that sensitivity
+    is measured on with their float outputs."""
+
+    batches: list[Batch]
+    parts: tuple[slice, ...]
+    references: list[Outputs]
+    labels: list[np.ndarray | None]
+    metric_name: str
+    metric: Metric
+    float_scores: list[float]
+    eval_id: str
+    subset: list[Batch]
+    subset_reference: Outputs
+    samples: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, batches: list[Batch], options: FallbackOptions) -> _EvalSet:
+        float_session = loaded.float_session()
+        middle = len(batches) // 2 if options.check_halves and len(batches) >= MIN_BATCHES_TO_SPLIT else 0
+        parts = (slice(None),) + ((slice(0, middle), slice(middle, None)) if middle else ())
+        references = run_all(float_session, batches, parts)
+        has_labels = all(batch.labels is not None for batch in batches)
+        labels = [np.concatenate([b.labels.reshape(-1) for b in batches[part]]) if has_labels else None for part in parts]
+        metric_name, metric = resolve_metric(options.metric, has_labels)
+        float_scores = [float(metric(ref, ref, lab)) for ref, lab in zip(references, labels)]
+        subset, samples = [], 0
+        for batch in batches:
+            if samples >= options.sensitivity_samples:
+                break
+            subset.append(batch)
+            samples += batch.samples
+        eval_id = hashlib.sha256("".join(batch_fingerprint(b) for b in batches).encode()).hexdigest()
+        [subset_reference] = run_all(float_session, subset)
+        return cls(batches, parts, references, labels, metric_name, metric, float_scores, eval_id, subset,
+                   subset_reference, samples)
+
+
+class _Search:
+    """One fallback search: trial models built from the calibrated state, scored on the
+    evaluation set, each recorded as a workspace step."""
+
+    def __init__(self, loaded: LoadedModel, state: CalibrationState, config: QuantConfig, layers: LayersStep,
+                 base: dict[str, str], options: FallbackOptions, data: _EvalSet, space: Workspace,
+                 progress: TuningProgress | None) -> None:
+        self.loaded, self.state, self.config, self.layers = loaded, state, config, layers
+        self.base, self.options, self.data, self.space, self.progress = base, options, data, space, progress
+        self.calibration_step = layers.calibration_step
+        self.plain: BuiltModel = self.build(base)  # its units and what it keeps float
+        self.scores: dict[frozenset[str], list[float]] = self._recorded_scores()  # whole set, then halves
+
+    def build(self, keep_float: dict[str, str]) -> BuiltModel:
+        return build_model(self.loaded, self.state, self.config, self.layers, keep_float, self.options.dtype)
+
+    def keep_of(self, keys: frozenset[str]) -> dict[str, str]:
+        return {k: self.base.get(k, "accuracy fallback") for k in keys}
+
+    def outputs_of(self, keys: frozenset[str], batches: list[Batch], parts=(slice(None),)) -> list[Outputs]:
+        with session_of(self.build(self.keep_of(keys)).model, self.loaded.offload) as session:
+            return run_all(session, batches, parts)
+
+    def _recorded_scores(self) -> dict[frozenset[str], list[float]]:
+        scores = {}
+        for step in self.space.steps():
+            if step.kind != TrialStep.KIND:
+                continue
+            trial = step.read(TrialStep)
+            if trial.calibration_step == self.calibration_step and trial.eval == self.data.eval_id \
+                    and trial.metric == self.data.metric_name and trial.fallback_dtype == self.options.dtype \
+                    and len(trial.half_scores) == len(self.data.parts) - 1:
+                scores[frozenset(trial.keep_float)] = [trial.score, *trial.half_scores]
+        return scores
+
+    def worst_margin(self, values: list[float]) -> float:
+        return min(value - target(reference, self.options.max_drop)
+                   for value, reference in zip(values, self.data.float_scores))
+
+    def margin(self, keys: frozenset[str]) -> float:
+        """How far the worst part's score is above its target (the search accepts >= 0)."""
+        data = self.data
+        if keys not in self.scores:
+            outputs = self.outputs_of(keys, data.batches, data.parts)
+            self.scores[keys] = [float(data.metric(out, ref, lab))
+                                 for out, ref, lab in zip(outputs, data.references, data.labels)]
+            self.space.append(TrialStep(
+                calibration_step=self.calibration_step, eval=data.eval_id, metric=data.metric_name,
+                fallback_dtype=self.options.dtype, keep_float=sorted(keys),
+                reasons=self.plain.kept_float | self.keep_of(keys), score=self.scores[keys][0],
+                half_scores=self.scores[keys][1:], float_score=data.float_scores[0],
+                passes=accept(self.worst_margin(self.scores[keys])),
+            ))
+        if self.progress is not None:
+            self.progress("fallback search", len(self.scores), self.options.max_trials)
+        return self.worst_margin(self.scores[keys])
+
+    def sensitivity(self) -> dict[tuple[str, ...], float]:
+        """Each unit's gain (error removed with it float, or added with it quantized), most
+        sensitive first: read back from the workspace, or measured and recorded."""
+        base, options, data = frozenset(self.base), self.options, self.data
+        for step in reversed(self.space.steps()):
+            if step.kind != SensitivityStep.KIND:
+                continue
+            recorded = step.read(SensitivityStep)
+            if recorded.calibration_step == self.calibration_step and recorded.eval == data.eval_id \
+                    and recorded.base == sorted(base) and recorded.samples == data.samples \
+                    and recorded.mode == options.sensitivity:
+                return {tuple(k.split("|")): v for k, v in recorded.gains.items()}
+
+        def error_of(keys: frozenset[str]) -> float:
+            return relative_error(self.outputs_of(keys, data.subset)[0], data.subset_reference)
+
+        if options.sensitivity == "only-float":
+            baseline = error_of(base)
+
+            def gain_of(nodes: frozenset[str]) -> float:
+                return baseline - error_of(base | nodes)
+        else:  # only-quantized: the error one unit adds to the model with every unit float
+            all_float = base.union(*self.plain.units)
+            baseline = error_of(all_float)
+
+            def gain_of(nodes: frozenset[str]) -> float:
+                return error_of(all_float - nodes) - baseline
+
+        report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
+        gains = rank_units(self.plain.units, gain_of, progress=report)
+        self.space.append(SensitivityStep(
+            calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
+            mode=options.sensitivity, baseline=baseline, gains={"|".join(unit): gain for unit, gain in gains.items()},
+        ))
+        return gains
+
+    def report(self, keep_float: frozenset[str], met: bool, gains: dict[str, float]) -> FallbackReport:
+        data = self.data
+        kept = _kept_nodes(self.loaded, self.plain.kept_float | self.keep_of(keep_float), gains)
+        return FallbackReport(data.metric_name, self.options.max_drop, data.float_scores[0],
+                              self.scores[frozenset(self.base)][0], self.scores[keep_float][0], met,
+                              len(self.scores), kept)
+
+
+def accept(margin: float) -> bool:
+    """Whether a candidate passes: its worst part meets the target."""
+    return margin >= 0
+
+
+def tune_fallback(
+    loaded: LoadedModel,
+    state: CalibrationState,
+    config: QuantConfig,
+    layers: LayersStep,
+    base: dict[str, str],
+    options: FallbackOptions,
+    batches: list[Batch],
+    space: Workspace,
+    progress: TuningProgress | None,
+) -> tuple[dict[str, str], FallbackReport]:
+    """Accuracy-driven fallback: rank the quantized units by sensitivity, then search the
+    smallest set to keep float; returns it (key: why) and the report."""
+    search = _Search(loaded, state, config, layers, base, options, _EvalSet.of(loaded, batches, options), space,
+                     progress)
+    if accept(search.margin(frozenset(base))):
+        return base, search.report(frozenset(base), True, {})
+    gains_by_unit = search.sensitivity()
+    gains: dict[str, float] = {}
+    for unit, gain in gains_by_unit.items():  # a node is as sensitive as its most sensitive unit
+        for key in unit:
+            gains[key] = max(gain, gains.get(key, -math.inf))
+    ranked = [frozenset(unit) for unit in gains_by_unit]
+    result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials)
+    return search.keep_of(result.keep_float), search.report(result.keep_float, result.met, gains)
+
+
+def _kept_nodes(loaded: LoadedModel, kept_float: dict[str, str], gains: dict[str, float]) -> tuple[KeptNode, ...]:
+    """The nodes kept float (key: why), most sensitive first, with names from the float model."""
+    by_key = {key: node for node, key in loaded.keys.nodes.items()}
+    ordered = sorted(kept_float.items(), key=lambda item: -gains.get(item[0], math.inf))
+    return tuple(
+        KeptNode(by_key[key].name or key, by_key[key].op_type, reason, gains.get(key))
+        for key, reason in ordered if key in by_key
+    )
+
+
+def fallback_notes(report: FallbackReport) -> list[str]:
+    """The summary's lines on the search: scores, verdict, trials, the nodes kept float."""
+    chosen = [k for k in report.kept if k.reason == "accuracy fallback"]
+    listed = ", ".join(f"{k.name} ({k.op})" for k in chosen[:8]) + (f" and {len(chosen) - 8} more" if len(chosen) > 8 else "")
+    verdict = "met" if report.met else "NOT met (every candidate was tried; the closest model was written)"
+    return [
+        f"accuracy-driven fallback, metric {report.metric}: float {report.float_score:.4f}, plain int8 "
+        f"{report.int8_score:.4f}, final {report.final_score:.4f}; target (drop <= {report.max_drop:g}) {verdict}; "
+        f"{report.trials} model(s) evaluated",
+        f"kept float for accuracy: {len(chosen)} node(s){': ' + listed if chosen else ''}",
+    ]

@@ -1,0 +1,51 @@
+"""Per-layer choices measured once after calibration: sentinel tensors, layers that need 7-bit
+weights on this CPU, and quantized nodes ONNX Runtime would not fuse."""
+
+from __future__ import annotations
+
+import contextlib
+
+import onnx_ir as ir
+
+from onnxq.analysis.sentinels import sentinel_tensors
+from onnxq.calibration.data import BatchSource
+from onnxq.calibration.state import CalibrationState
+from onnxq.config import QuantConfig
+from onnxq.files import offloaded
+from onnxq.load.prepare import LoadedModel
+from onnxq.ops import FUSION_CHECKED
+from onnxq.rewrite.build import plan_for_state
+from onnxq.rewrite.qdq import apply_qdq
+from onnxq.tune.fusion import unfused_nodes
+from onnxq.tune.saturation import saturating_layers
+from onnxq.workspace.steps import LayersStep
+
+
+def measure_layers(
+    loaded: LoadedModel, state: CalibrationState, config: QuantConfig, source: BatchSource | None,
+    calibration_step: int,
+) -> LayersStep:
+    """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given);
+    then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
+    saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
+    sentinel = tuple(sentinel_tensors(loaded, state, source))
+    feed = None if source is None else source.first.feed
+    if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
+        return LayersStep(calibration_step, sentinel=sentinel)
+    model = loaded.fresh()
+    keys = loaded.keys.for_copy(model.graph)
+    plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
+    apply_qdq(model, plan)
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if loaded.offload:  # a big model goes to ONNX Runtime with its weights in a file
+            folder = stack.enter_context(offloaded(model))
+        reduced = []
+        if config.reduce_range == "auto" and feed is not None:
+            reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed, folder))
+        unfused = []
+        if not config.quantize_unfused:
+            by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
+            names = unfused_nodes(ir.to_proto(model), folder)
+            unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
+    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel)

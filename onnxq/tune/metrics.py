@@ -1,0 +1,78 @@
+"""Metrics that score a model's outputs against the float model's (higher is better)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxq.calibration.data import load_callable
+from onnxq.errors import ConfigError
+
+Outputs = dict[str, np.ndarray]
+
+
+Metric = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
+
+
+METRICS = ("auto", "sqnr", "cosine", "top1")
+
+
+def relative_error(outputs: Outputs, reference: Outputs) -> float:
+    """Noise power over signal power, averaged over the outputs (0 for identical outputs)."""
+    errors = []
+    for name, ref in reference.items():
+        f = ref.astype(np.float64).ravel()
+        q = outputs[name].astype(np.float64).ravel()
+        errors.append(float(np.sum((f - q) ** 2)) / max(float(f @ f), 1e-30))
+    return float(np.mean(errors))
+
+
+def sqnr_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """``1 - noise/signal``: 1 for the float model; a drop of 0.01 is an SQNR of 20 dB."""
+    return 1.0 - relative_error(outputs, reference)
+
+
+def cosine_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Per-sample cosine similarity to the float outputs, averaged over samples and outputs."""
+    scores = []
+    for name, ref in reference.items():
+        f = ref.astype(np.float64).reshape(len(ref), -1)
+        q = outputs[name].astype(np.float64).reshape(len(ref), -1)
+        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
+        dots = np.einsum("ij,ij->i", f, q)
+        scores.append(np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0).mean())
+    return float(np.mean(scores))
+
+
+def top1_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Top-1 accuracy of the first output against ``labels``; without labels, agreement of its
+    arg-max (over the last axis) with the float model's."""
+    name = next(iter(reference))
+    predicted = outputs[name].argmax(axis=-1).reshape(-1)
+    if labels is not None and labels.size == predicted.size:
+        return float((predicted == labels.reshape(-1)).mean())
+    return float((predicted == reference[name].argmax(axis=-1).reshape(-1)).mean())
+
+
+_BUILTIN = {"sqnr": sqnr_score, "cosine": cosine_score, "top1": top1_score}
+
+
+def resolve_metric(metric: str | Metric, has_labels: bool) -> tuple[str, Metric]:
+    """A metric's name and function: ``auto`` (top1 with labels, else sqnr), a builtin name, a
+    loader spec ``file.py:func`` / ``pkg.mod:func``, or a callable
+    ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
+    if callable(metric):
+        return getattr(metric, "__name__", "custom"), metric
+    if metric == "auto":
+        metric = "top1" if has_labels else "sqnr"
+    if metric in _BUILTIN:
+        return metric, _BUILTIN[metric]
+    if ":" in metric:
+        return metric, load_callable(metric, "metric", ConfigError)
+    raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or file.py:func")
+
+
+def target(reference: float, max_drop: float) -> float:
+    """The lowest passing score: within ``max_drop`` (relative) of the float model's ``reference``."""
+    return reference - max_drop * abs(reference)

@@ -1,0 +1,109 @@
+"""Saturation-aware weights: 7-bit weights only on the layers where the CPU's int8 kernels
+would otherwise lose accuracy.
+
+On x86 CPUs without VNNI (AVX2 only), ONNX Runtime multiplies uint8 activations by int8 weights
+with an instruction that adds pairs of products into int16, saturating above 32767: with
+8-bit weights (up to 127) and activations up to 255, a pair can reach 64770. Weights of 7 bits
+(up to 63) cannot saturate, but lose resolution everywhere ("reduce_range"). Rules:
+1. CPUs with VNNI or AMX (x86) or dot-product instructions (ARM) do not saturate: nothing to do.
+2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch
+   twice, as ONNX Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same
+   quantized input.
+3. A layer whose saturation error (fused vs exact, in output steps) has more power than its own
+   rounding noise (1/12 step squared) gets 7-bit weights.
+4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
+   a CPU that saturates, every uint8 one gets 7-bit weights (the safe side).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxq.graph import with_outputs
+from onnxq.rewrite.plan import QuantPlan
+from onnxq.runtime import session_options
+
+_NO_SATURATION_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+
+
+def saturates(machine: str, cpuinfo: str | None) -> bool:
+    """Whether u8 x s8 kernels saturate on a CPU of ``machine`` type with ``/proc/cpuinfo`` text
+    ``cpuinfo`` (``None`` when unknown): x86 without VNNI/AMX does, ARM does not."""
+    if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False  # ARM: dot-product kernels accumulate in 32 bits
+    if cpuinfo is None:
+        return True  # unknown x86: assume the common AVX2 path
+    return not set(cpuinfo.split()) & _NO_SATURATION_FLAGS
+
+
+@functools.cache
+def cpu_saturates() -> bool:
+    """Whether this CPU's u8 x s8 integer kernels can saturate."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = None
+    return saturates(platform.machine(), cpuinfo)
+
+
+def _session(model: onnx.ModelProto, fused: bool, external_folder: Path | None) -> ort.InferenceSession:
+    options = session_options(external_folder)
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _layer_boundaries(model: ir.Model, plan: QuantPlan) -> dict[ir.Node, tuple[str, str]]:
+    """For each candidate layer of the QDQ ``model``: (its quantized input, its quantized output)."""
+    boundaries = {}
+    for node, decision in plan.decisions.items():
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or decision.weight_slot is None:
+            continue
+        dequantize = node.inputs[0].producer()
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        if dequantize.inputs[0].dtype != ir.DataType.UINT8:
+            continue  # int8 activations go through other kernels
+        output = node.outputs[0]
+        uses = output.uses()
+        if len(uses) == 1 and uses[0].node.op_type in ("Relu", "Clip"):
+            output = uses[0].node.outputs[0]
+        quantize = [u.node for u in output.uses() if u.node.op_type == "QuantizeLinear"]
+        if quantize:
+            boundaries[node] = (dequantize.inputs[0].name, quantize[0].outputs[0].name)
+    return boundaries
+
+
+def saturating_layers(
+    qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.ndarray], external_folder: Path | None = None
+) -> set[ir.Node]:
+    """The layers of ``plan`` (rewritten to QDQ as ``qdq_model``) that lose accuracy to
+    saturation on this CPU, measured on ``feed``; ``external_folder`` holds the external data
+    files the model's tensors reference, if any."""
+    if not cpu_saturates():
+        return set()
+    boundaries = _layer_boundaries(qdq_model, plan)
+    hurt = {node for node in boundaries if node.graph is not qdq_model.graph}  # in bodies: assumed
+    boundaries = {node: pair for node, pair in boundaries.items() if node not in hurt}
+    if not boundaries:
+        return hurt
+    proto = ir.to_proto(qdq_model)
+    names = sorted({name for pair in boundaries.values() for name in pair})
+    exposed = with_outputs(proto, names)
+    values = dict(zip(names, _session(exposed, False, external_folder).run(names, feed)))
+    extractor = onnx.utils.Extractor(proto)
+    for node, (source, target) in boundaries.items():
+        layer = extractor.extract_model([source], [target])
+        exact = _session(layer, False, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
+        fused = _session(layer, True, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
+        if np.mean((fused - exact).astype(np.float64) ** 2) > 1 / 12:
+            hurt.add(node)
+    return hurt

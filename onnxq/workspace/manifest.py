@@ -1,0 +1,64 @@
+"""What ties a workspace to one run: fingerprints of the model's structure and weights, the
+result-affecting options and the calibration data, and the default workspace path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxq._version import __version__
+from onnxq.analysis.signatures import graph_fingerprint
+from onnxq.calibration.data import Batch
+from onnxq.config import QuantConfig
+from onnxq.errors import ModelError
+
+
+def _tensor_digest(tensor: ir.TensorProtocol) -> str:
+    """sha256 of a tensor's bytes; external data is read from its file in blocks, not mapped."""
+    digest = hashlib.sha256()
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.tofile(types.SimpleNamespace(write=digest.update))
+        except (OSError, ValueError) as exc:  # a short file; onnx_ir refuses links out of the folder and hard links
+            raise ModelError(
+                f"cannot read the external data of tensor {tensor.name!r}: {exc}; keep the weights as plain "
+                "files inside the model's folder"
+            ) from exc
+    else:
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()
+
+
+def _weights_fingerprint(graph: ir.Graph) -> str:
+    digests = sorted(_tensor_digest(v.const_value) for v in graph.initializers.values())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def batch_fingerprint(batch: Batch) -> str:
+    """sha256 of a batch's input names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(batch.feed):
+        array = batch.feed[name]
+        digest.update(f"{name}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def build_manifest(graph: ir.Graph, config: QuantConfig, first_batch: Batch | None) -> dict:
+    """The manifest of a run on ``graph`` (the cleaned-up float graph) with ``config``."""
+    return {
+        "onnxq_version": __version__,
+        "model": {"structure": graph_fingerprint(graph), "weights": _weights_fingerprint(graph)},
+        "config": config.result_options(),
+        "data": None if first_batch is None else {"first_batch_sha256": batch_fingerprint(first_batch)},
+    }
+
+
+def default_workspace(output: str | os.PathLike) -> Path:
+    """``OUTPUT.onnxq/`` next to the output."""
+    output = Path(output)
+    return output.with_name(output.name + ".onnxq")

@@ -1,0 +1,134 @@
+"""Typed workspace steps: what each kind of step records, checked against its schema on read.
+
+Each step type is a frozen dataclass with a ``KIND`` (the kind in its file name), written as a
+JSON payload by ``to_payload`` and read back by ``from_payload``, which refuses a payload with a
+missing field or a field of the wrong JSON type (``WorkspaceError``). Fields with a default may
+be absent (payloads of earlier onnxq versions). The calibration step is
+``onnxq.calibration.runner.CalibrationState``, whose observers need the percentile to be read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar
+
+from onnxq.errors import WorkspaceError
+
+_JSON_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), tuple: (list,), list: (list,), dict: (dict,)}
+
+
+def _json_types(annotation: Any) -> tuple[type, ...]:
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(annotation) for t in _json_types(arg))
+    if annotation is type(None):
+        return (type(None),)
+    return _JSON_TYPES[origin]
+
+
+class StepRecord:
+    """Base of the step types: payload conversion and the schema check."""
+
+    KIND: ClassVar[str]
+
+    def to_payload(self) -> dict:
+        payload = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            payload[field.name] = list(value) if isinstance(value, tuple) else value
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict):
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for field in dataclasses.fields(cls):
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            if field.name not in payload:
+                if required:
+                    raise WorkspaceError(f"a {cls.KIND} step lacks {field.name!r}; the workspace is damaged, start a new run")
+                continue
+            value = payload[field.name]
+            if isinstance(value, bool) and bool not in _json_types(hints[field.name]) or \
+                    not isinstance(value, _json_types(hints[field.name])):
+                raise WorkspaceError(
+                    f"a {cls.KIND} step's {field.name!r} is a {type(value).__name__}; the workspace is damaged, "
+                    "start a new run"
+                )
+            values[field.name] = tuple(value) if typing.get_origin(hints[field.name]) is tuple else value
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationStep(StepRecord):
+    """Observer states by tensor key (each observer's ``to_dict``), the tensor keys of each pass
+    over the data, the pass in progress, samples done in it, whether all passes are done, and
+    the samples in the data (counted on the first pass)."""
+
+    KIND: ClassVar[str] = "calibration"
+    observers: dict
+    passes: list
+    pass_index: int
+    samples_done: int
+    complete: bool
+    samples_seen: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayersStep(StepRecord):
+    """Per-layer choices measured after the calibration step ``calibration_step``, by topology
+    key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
+    and tensors whose range is dominated by sentinel values."""
+
+    KIND: ClassVar[str] = "layers"
+    calibration_step: int
+    reduced: tuple[str, ...] = ()
+    unfused: tuple[str, ...] = ()
+    sentinel: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityStep(StepRecord):
+    """Per-unit sensitivity (unit keys joined by ``|`` -> gain) measured on ``samples`` samples
+    of the evaluation set ``eval``, with the ``base`` keep-float set, in ``mode``."""
+
+    KIND: ClassVar[str] = "sensitivity"
+    calibration_step: int
+    eval: str
+    base: list
+    samples: int
+    baseline: float
+    gains: dict
+    mode: str = "only-float"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialStep(StepRecord):
+    """One model of the fallback search: its keep-float set (and why each node is in it), its
+    score on the whole evaluation set and on each half, and whether it passed."""
+
+    KIND: ClassVar[str] = "trial"
+    calibration_step: int
+    eval: str
+    metric: str
+    fallback_dtype: str
+    keep_float: list
+    score: float
+    float_score: float
+    passes: bool
+    reasons: dict = dataclasses.field(default_factory=dict)
+    half_scores: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedStep(StepRecord):
+    """A written model: the calibration step it came from, its keep-float set (key: why), the
+    precision of its float nodes and the SHA-256 of what was written."""
+
+    KIND: ClassVar[str] = "quantized"
+    calibration_step: int
+    output_sha256: str
+    keep_float: dict
+    fallback_dtype: str = "fp32"
