@@ -52,8 +52,8 @@ def _convert_onnxq(model: str, output: str, calibration: str, method: str, form:
     runner = importlib.import_module("onnxq.calibration.runner")
     runner.calibrate = _timed(runner.calibrate)
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
-    config = onnxq.QuantConfig(method=method, device="cpu", format=form, activations=activations)
-    onnxq.convert(model, output, data, config)
+    config = onnxq.QuantConfig(method=method, format=form, activations=activations)
+    onnxq.convert(model, output, data, config, run=onnxq.RunOptions(device="cpu"))
 
 
 def _float_pass(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:

@@ -48,8 +48,11 @@ def _worker(code_root: str, models: str, case: str, folder: str) -> None:
 
     assert Path(onnxq.__file__).resolve().is_relative_to(Path(code_root).resolve()), f"onnxq from {onnxq.__file__}"
     model, output, default = f"{models}/digits_cnn.onnx", f"{folder}/{case}.onnx", f"{folder}/default.onnx"
-    config = onnxq.QuantConfig(device="cpu", **CASES[case])
     calibration, options = f"{models}/calib.npz", {}
+    if hasattr(onnxq, "RunOptions"):  # the calibration device moved out of QuantConfig in the restructuring
+        config, options["run"] = onnxq.QuantConfig(**CASES[case]), onnxq.RunOptions(device="cpu")
+    else:
+        config = onnxq.QuantConfig(device="cpu", **CASES[case])
     if case == "recover":
         onnxq.recover(model, default + ".onnxq", output)
         return

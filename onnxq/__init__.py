@@ -3,9 +3,8 @@
 from onnxq._version import __version__
 from onnxq.analysis.rules import parse_rule, save_rules
 from onnxq.api import ConversionResult, convert, recover
-from onnxq.rewrite.build import OpCount
 from onnxq.calibration.images import ImageFolder
-from onnxq.config import QuantConfig
+from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
@@ -15,9 +14,11 @@ from onnxq.errors import (
 )
 from onnxq.report.compare import Comparison, LayerFidelity, compare
 from onnxq.report.evaluate import Fidelity, OutputFidelity
-from onnxq.tune.fallback import FallbackOptions, FallbackReport, KeptNode
+from onnxq.rewrite.build import OpCount
+from onnxq.tune.fallback import FallbackReport, KeptNode
 
 __all__ = [
+    "__version__",
     "CalibrationDataError",
     "Comparison",
     "ConfigError",
@@ -34,6 +35,7 @@ __all__ = [
     "OutputError",
     "OutputFidelity",
     "QuantConfig",
+    "RunOptions",
     "compare",
     "convert",
     "parse_rule",

@@ -15,18 +15,17 @@ from onnxq.analysis.rules import resolve_rules, save_rules
 from onnxq.calibration.data import BatchSource, DataSource, model_inputs
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
-from onnxq.config import QuantConfig
+from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
 from onnxq.files import check_writable, external_data_path
 from onnxq.load.prepare import LoadedModel, ModelInput, load
 from onnxq.report.evaluate import Fidelity, compare_models
 from onnxq.report.inspect import inspect_model
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
-from onnxq.rewrite.qoperator import has_quantize_nodes, normalize_qdq, to_qoperator
+from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
 from onnxq.runtime import create_session
 from onnxq.save.output import WrittenModel, write_output
 from onnxq.tune.fallback import (
-    FallbackOptions,
     FallbackReport,
     TuningProgress,
     fallback_notes,
@@ -59,12 +58,12 @@ class ConversionResult:
         return self.quantized_bytes / self.float_bytes
 
 
-def _convert_quantized(loaded: LoadedModel, output_path: Path, config: QuantConfig) -> ConversionResult:
+def _convert_quantized(loaded: LoadedModel, output_path: Path, config: QuantConfig, run: RunOptions) -> ConversionResult:
     """An already quantized model (QDQ from another tool, a QAT export, or onnxq): completed
     (int32 biases, quantized constants) and, for ``qoperator``, rewritten; no calibration."""
     notes = list(loaded.notes) + ["the model is already quantized: its scales are kept, no calibration"]
-    notes += to_qoperator(loaded.model) if config.format == "qoperator" else normalize_qdq(loaded.model)
-    written = write_output(loaded, loaded.model, output_path, config)
+    notes += (QOperatorPass() if config.format == "qoperator" else NormalizeQdqPass())(loaded.model).notes
+    written = write_output(loaded, loaded.model, output_path, run.external_data)
     counts = inspect_model(output_path, fusion=False).op_counts()
     return ConversionResult(
         output=output_path,
@@ -79,7 +78,7 @@ def _convert_quantized(loaded: LoadedModel, output_path: Path, config: QuantConf
 
 
 @dataclasses.dataclass
-class _Run:
+class _Conversion:
     """A conversion in progress: its workspace, the calibration state found there (if any),
     whether it resumes, and the notes so far."""
 
@@ -90,7 +89,7 @@ class _Run:
 
 
 def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSource | None, path: Path,
-                    resume: bool) -> _Run:
+                    resume: bool) -> _Conversion:
     """Create the workspace, or open and check the one to resume (a new one when there is none)."""
     manifest = build_manifest(loaded.model.graph, config, None if source is None else source.first)
     notes = []
@@ -98,43 +97,43 @@ def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSourc
         notes.append(f"nothing to resume in {path}: started a new run")
         resume = False
     if not resume:
-        return _Run(Workspace.create(path, manifest), None, False, notes)
+        return _Conversion(Workspace.create(path, manifest), None, False, notes)
     space = Workspace.open(path)
     space.check_matches(manifest)
     step = space.latest(CalibrationStep)
     state = None if step is None else CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
-    return _Run(space, state, True, notes)
+    return _Conversion(space, state, True, notes)
 
 
-def _calibrated(run: _Run, loaded: LoadedModel, config: QuantConfig, source: BatchSource | None,
-                progress: ProgressCallback | None) -> tuple[CalibrationState, Step]:
+def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfig, run: RunOptions,
+                source: BatchSource | None, progress: ProgressCallback | None) -> tuple[CalibrationState, Step]:
     """Finish calibration (unless the workspace holds a complete one); returns the final state
     and its workspace step."""
-    state = run.state
+    state = conversion.state
     if state is None or not state.complete:
         if source is None:
             raise CalibrationDataError(
-                f"calibration in {run.space.path} is not finished; pass the same --calibration-data to resume it"
+                f"calibration in {conversion.space.path} is not finished; pass the same --calibration-data to resume it"
             )
-        state, notes = calibrate_model(loaded, source, config, state, lambda s: run.space.append(s.to_step()),
-                                       progress)
-        run.notes += notes
-    step = run.space.latest(CalibrationStep)
+        state, notes = calibrate_model(loaded, source, config, run, state,
+                                       lambda s: conversion.space.append(s.to_step()), progress)
+        conversion.notes += notes
+    step = conversion.space.latest(CalibrationStep)
     if step is None:  # pragma: no cover - calibration always records the final state
-        raise WorkspaceError(f"workspace {run.space.path} lost its calibration state; start a new run")
+        raise WorkspaceError(f"workspace {conversion.space.path} lost its calibration state; start a new run")
     return state, step
 
 
-def _layer_choices(run: _Run, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
+def _layer_choices(conversion: _Conversion, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
                    source: BatchSource | None, calibration_step: int) -> LayersStep:
     """The per-layer choices of this calibration step: recorded when resuming, else measured."""
-    recorded = run.space.latest(LayersStep) if run.resume else None
+    recorded = conversion.space.latest(LayersStep) if conversion.resume else None
     if recorded is not None:
         layers = recorded.read(LayersStep)
         if layers.calibration_step == calibration_step:
             return layers
     layers = measure_layers(loaded, state, config, source, calibration_step)
-    run.space.append(layers)
+    conversion.space.append(layers)
     return layers
 
 
@@ -166,6 +165,7 @@ def convert(
     calibration_data: DataSource | None,
     config: QuantConfig | None = None,
     *,
+    run: RunOptions | None = None,
     eval_data: DataSource | None = None,
     fallback: FallbackOptions | None = None,
     workspace: str | os.PathLike | None = None,
@@ -175,7 +175,8 @@ def convert(
 ) -> ConversionResult:
     """Quantize ``model`` to int8 (QDQ or QOperator form, per ``config.format``), calibrated on
     ``calibration_data``; write ``output``. A model that is already quantized is converted
-    without calibration.
+    without calibration. ``run`` says how it runs: calibration device, memory budget,
+    checkpoint interval, the output's file layout.
 
     Calibration is checkpointed in ``workspace`` (default ``OUTPUT.onnxq/``); ``resume=True``
     continues a run that was killed, and gives the same model as an uninterrupted run
@@ -186,13 +187,14 @@ def convert(
     ``OnnxqError`` subclass, and nothing is written then.
     """
     config = config or QuantConfig()
+    run = run or RunOptions()
     fallback = fallback or FallbackOptions()
     if fallback.max_drop is not None and eval_data is None:
         raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
     loaded = load(model)
     output_path = check_writable(output)
     if has_quantize_nodes(loaded.model):
-        return _convert_quantized(loaded, output_path, config)
+        return _convert_quantized(loaded, output_path, config, run)
     ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
     base = {loaded.keys.nodes[node]: reason for node, reason in ruled.items()}
     inputs = model_inputs(loaded.proto)
@@ -204,20 +206,20 @@ def convert(
     eval_source = None if eval_data is None else BatchSource(eval_data, inputs, config.batch_size)
 
     workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
-    run = _open_workspace(loaded, config, source, workspace_path, resume)
-    run.notes[:0] = list(loaded.notes) + rule_notes
-    state, calibration_step = _calibrated(run, loaded, config, source, progress)
-    layers = _layer_choices(run, loaded, state, config, source, calibration_step.index)
+    conversion = _open_workspace(loaded, config, source, workspace_path, resume)
+    conversion.notes[:0] = list(loaded.notes) + rule_notes
+    state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
+    layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index)
     report, keep = None, base
     if fallback.max_drop is not None:
-        keep, report = tune_fallback(loaded, state, config, layers, base, fallback, list(eval_source()), run.space,
+        keep, report = tune_fallback(loaded, state, config, layers, base, fallback, list(eval_source()), conversion.space,
                                      tuning_progress)
-        run.notes += fallback_notes(report)
+        conversion.notes += fallback_notes(report)
     if base:
-        run.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
+        conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    written = write_output(loaded, built.model, output_path, config)
-    run.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
+    written = write_output(loaded, built.model, output_path, run.external_data)
+    conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
     if fallback.save_rules is not None:
         _save_rules(fallback.save_rules, loaded, built)
     fidelity = None if eval_source is None else _evaluate(loaded, written, output_path, eval_source)
@@ -226,7 +228,7 @@ def convert(
         float_bytes=loaded.float_bytes,
         quantized_bytes=written.size,
         op_counts=built.op_counts,
-        notes=tuple(run.notes + built.notes),
+        notes=tuple(conversion.notes + built.notes),
         calibration_samples=state.samples_seen,
         workspace=workspace_path,
         calibration_step=calibration_step.index,
@@ -260,23 +262,23 @@ def recover(
     workspace: str | os.PathLike,
     output: str | os.PathLike,
     index: int | None = None,
-    external_data: str = "auto",
+    run: RunOptions | None = None,
 ) -> ConversionResult:
     """Rebuild a recorded model from the float model and the workspace alone, without
     calibrating: by default the last one written (else the last calibration step); with
     ``index``, that step (a calibration step, a fallback trial, or a written model).
-    ``external_data`` as in ``QuantConfig``."""
+    ``run`` as in ``convert`` (only its ``external_data`` matters here)."""
     loaded = load(model)
     output_path = check_writable(output)
     space = Workspace.open(workspace)
-    config = QuantConfig(**space.manifest["config"], external_data=external_data)
+    config = QuantConfig(**space.manifest["config"])
     space.check_matches(build_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)
     state = CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
     recorded = space.latest(LayersStep)
     layers = measure_layers(loaded, state, config, None, step.index) if recorded is None else recorded.read(LayersStep)
     built = build_model(loaded, state, config, layers, keep_float, fallback_dtype)
-    written = write_output(loaded, built.model, output_path, config)
+    written = write_output(loaded, built.model, output_path, (run or RunOptions()).external_data)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} "
                                          f"of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(

@@ -1,79 +1,60 @@
-"""Quantization options shared by the CLI and the Python API."""
+"""The options of a conversion, declared once (``onnxq.options``) and shared by the Python API,
+the checks below and the command line:
+
+- ``QuantConfig``: what the model becomes (format, activations, granularity, calibration method,
+  7-bit layers...); the options that change the model are recorded in the workspace manifest;
+- ``RunOptions``: how the run goes (calibration device, memory budget, checkpoint interval, how
+  the output file is laid out), none of which changes the quantized values;
+- ``FallbackOptions``: mixed precision, by rules and by the accuracy-driven search.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Callable
+from typing import Any
 
+from onnxq.analysis.rules import Rule, parse_rule
 from onnxq.errors import ConfigError
+from onnxq.options import check_choices, model_options, option
 
-ActivationType = Literal["uint8", "int8"]
-Method = Literal["minmax", "percentile", "entropy", "mse"]
-Device = Literal["auto", "cpu", "cuda"]
-Format = Literal["qdq", "qoperator"]
-Target = Literal["cpu", "cuda", "tensorrt"]
-ReduceRange = Literal["auto", "always", "never"]
-ExternalData = Literal["auto", "always", "never"]
+METHODS = ("minmax", "percentile", "entropy", "mse")
+TARGETS = ("cpu", "cuda", "tensorrt")
+SENSITIVITY_MODES = ("only-float", "only-quantized")
+MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how.
+    """What the quantized model becomes; each field's help is its documentation. ``activations``
+    defaults from the ``target`` (``tensorrt``: int8 symmetric, which TensorRT requires)."""
 
-    Attributes:
-        target: where the model will run; it sets the defaults: ``cpu`` and ``cuda`` uint8
-            activations, ``tensorrt`` int8 symmetric activations (TensorRT takes only those).
-        format: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops) or ``qoperator``
-            (QLinearConv, QLinearMatMul and ONNX Runtime's QGemm, QLinearAdd, ...). QOperator is
-            refused for ``cuda`` and ``tensorrt`` targets unless ``force_format``.
-        activations: ``uint8`` asymmetric activations (best on CPUs) or ``int8`` symmetric
-            (TensorRT-style); default from the target.
-        per_channel: int8 weights with one scale per output channel (else one per tensor).
-        batch_size: samples per calibration run when the model's batch axis is dynamic.
-        max_samples: stop calibration after this many samples (``None``: use all).
-        max_shared_range_ratio: a Concat whose inputs' ranges differ by more than this factor is
-            kept in float instead of forcing them through one scale.
-        method: how activation ranges are chosen from the calibration data: ``minmax``,
-            ``percentile`` (of ``percentile`` and ``100 - percentile``), ``entropy`` (KL
-            divergence, TensorRT-style) or ``mse`` (least expected squared error).
-        device: where calibration runs: ``cuda`` only if ONNX Runtime's CUDA provider really
-            loads (``auto`` falls back to ``cpu`` and says so).
-        memory_budget_mb: calibration exposes at most about this much tensor data per batch;
-            beyond it, tensors are calibrated in several passes over the data.
-        checkpoint_interval_s: seconds between calibration checkpoints in the workspace.
-        quantize_unfused: also quantize the nodes whose quantized form ONNX Runtime's CPU provider
-            would not fuse into an integer kernel (by default they stay float).
-        reduce_range: 7-bit weights: ``auto`` only on the layers this CPU's integer kernels
-            would saturate (measured on calibration data; none on CPUs with VNNI), ``always``
-            on every layer, ``never``.
-        external_data: how the output is written: ``auto`` as one protobuf file unless the float
-            model kept its weights in external data or the output would pass protobuf's 2 GB
-            limit, then with its tensors in ``OUTPUT.data`` beside it; ``always`` with
-            ``OUTPUT.data``; ``never`` as one file (an error when it cannot fit).
-    """
-
-    activations: ActivationType | None = None
-    target: Target = "cpu"
-    format: Format = "qdq"
-    force_format: bool = False
-    per_channel: bool = True
-    batch_size: int = 1
-    max_samples: int | None = None
-    max_shared_range_ratio: float = 16.0
-    method: Method = "minmax"
-    percentile: float = 99.99
-    device: Device = "auto"
-    memory_budget_mb: float = 2048.0
-    checkpoint_interval_s: float = 30.0
-    reduce_range: ReduceRange = "auto"
-    quantize_unfused: bool = False
-    external_data: ExternalData = "auto"
+    activations: str | None = option(
+        None, choices=("uint8", "int8"), changes_model=True,
+        help="uint8 asymmetric (CPU) or int8 symmetric (TensorRT-style) activations (default: from --target).")
+    target: str = option(
+        "cpu", choices=TARGETS, help="Where the model will run; sets defaults (tensorrt: int8 symmetric activations).")
+    format: str = option(
+        "qdq", choices=("qdq", "qoperator"), changes_model=True,
+        help="qdq (Quantize/DequantizeLinear pairs) or qoperator (QLinearConv, QGemm, ...).")
+    force_format: bool = option(False, help="Write QOperator form even for a cuda or tensorrt target.")
+    per_channel: bool = option(True, flag="--per-channel/--per-tensor", changes_model=True,
+                               help="Weight scale granularity.")
+    batch_size: int = option(1, changes_model=True, help="Samples per run of the model (models with a dynamic batch axis).")
+    max_samples: int | None = option(None, changes_model=True, help="Use at most this many samples of the data.")
+    max_shared_range_ratio: float = option(
+        16.0, cli=False, changes_model=True,
+        help="A Concat whose inputs' ranges differ by more than this factor is kept float.")
+    method: str = option("minmax", choices=METHODS, changes_model=True, help="How activation ranges are chosen.")
+    percentile: float = option(99.99, help="Percentile kept by --method percentile.")
+    reduce_range: str = option(
+        "auto", choices=("auto", "always", "never"), changes_model=True,
+        help="7-bit weights: auto = only on layers this CPU's int8 kernels would saturate.")
+    quantize_unfused: bool = option(
+        False, changes_model=True, help="Also quantize nodes ONNX Runtime's CPU provider would not fuse.")
 
     def __post_init__(self) -> None:
-        if self.target not in ("cpu", "cuda", "tensorrt"):
-            raise ConfigError(f"target must be cpu, cuda or tensorrt, not {self.target!r}")
-        if self.format not in ("qdq", "qoperator"):
-            raise ConfigError(f"format must be qdq or qoperator, not {self.format!r}")
+        check_choices(self)
         if self.format == "qoperator" and self.target != "cpu" and not self.force_format:
             raise ConfigError(
                 f"QOperator form for a {self.target} target would run on the CPU or not at all: ONNX "
@@ -82,42 +63,83 @@ class QuantConfig:
             )
         if self.activations is None:
             object.__setattr__(self, "activations", "int8" if self.target == "tensorrt" else "uint8")
-        if self.activations not in ("uint8", "int8"):
-            raise ConfigError(
-                f"activations must be 'uint8' or 'int8', not {self.activations!r}"
-            )
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(
-                f"max samples must be at least 1 (or unset for all), not {self.max_samples}"
-            )
-        if self.method not in ("minmax", "percentile", "entropy", "mse"):
-            raise ConfigError(
-                f"method must be minmax, percentile, entropy or mse, not {self.method!r}"
-            )
+            raise ConfigError(f"max samples must be at least 1 (or unset for all), not {self.max_samples}")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        if self.reduce_range not in ("auto", "always", "never"):
-            raise ConfigError(f"reduce range must be auto, always or never, not {self.reduce_range!r}")
-        if self.external_data not in ("auto", "always", "never"):
-            raise ConfigError(f"external data must be auto, always or never, not {self.external_data!r}")
-        if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
-            raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
         if self.max_shared_range_ratio <= 1:
-            raise ConfigError(
-                f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}"
-            )
+            raise ConfigError(f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}")
 
     def result_options(self) -> dict:
-        """The options that determine the quantized model (not where or how fast it is made)."""
-        fields = (
-            "activations", "format", "per_channel", "batch_size", "max_samples", "max_shared_range_ratio", "method",
-            "reduce_range", "quantize_unfused",
-        )
-        options = {name: getattr(self, name) for name in fields}
+        """The options that determine the quantized model (not where or how fast it is made);
+        the percentile only matters to ``--method percentile``."""
+        options = model_options(self)
         if self.method == "percentile":
             options["percentile"] = self.percentile
         return options
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a conversion runs: none of these change the quantized values."""
+
+    device: str = option(
+        "auto", choices=("auto", "cpu", "cuda"),
+        help="Where calibration runs: cuda only if ONNX Runtime's CUDA provider really loads (auto falls back "
+        "to the CPU and says why).")
+    memory_budget_mb: float = option(
+        2048.0, flag="--memory-budget",
+        help="MB of exposed tensors per calibration batch; more are calibrated in several passes.")
+    checkpoint_interval_s: float = option(
+        30.0, flag="--checkpoint-interval", help="Seconds between calibration checkpoints.")
+    external_data: str = option(
+        "auto", choices=("auto", "always", "never"),
+        help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
+            raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
+
+
+def _rules(rules: Any) -> tuple[Rule, ...]:
+    return tuple(rule if isinstance(rule, Rule) else parse_rule(rule) for rule in rules or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackOptions:
+    """Mixed-precision choices that do not change calibration. ``keep_float`` takes rule strings
+    or parsed rules (``onnxq.analysis.rules``); ``metric`` also takes a callable
+    ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
+
+    keep_float: tuple = option(
+        (), flag="--keep-float",
+        help="Keep matching nodes float (repeatable): an op type, a name glob, first:OP, last:OP, "
+        "pattern:attention-softmax|mask-add|residual-add|normalization, or a rules .json file.")
+    max_drop: float | None = option(
+        None, help="With --eval-data: keep the most sensitive nodes float until the metric is within this "
+        "relative drop of float (0.01 = 1%).")
+    metric: str | Callable = option(
+        "auto", help="Metric for --max-drop: auto (top1 with labels, else sqnr), sqnr, cosine, top1, or file.py:func.")
+    check_halves: bool = option(
+        True, help=f"--max-drop must also hold on each half of the evaluation batches (with {MIN_BATCHES_TO_SPLIT} "
+        "or more), so that a set that passes by a chance margin is not chosen.")
+    dtype: str = option("fp32", choices=("fp32", "fp16"), flag="--fallback-dtype",
+                        help="Precision of the nodes left float: fp32, or fp16 (GPU targets).")
+    sensitivity: str = option(
+        "only-float", choices=SENSITIVITY_MODES,
+        help="Per-node sensitivity: the error removed with only that node float, or added with only it quantized.")
+    sensitivity_samples: int = option(4, help="Evaluation samples per-node sensitivity is measured on.")
+    max_trials: int = option(64, help="Most models evaluated by the --max-drop search.")
+    save_rules: str | None = option(
+        None, help="Write the final keep-float set as a rules file (reusable on re-exports).")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_float", _rules(self.keep_float))
+        check_choices(self)
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
+        if self.sensitivity_samples < 1 or self.max_trials < 1:
+            raise ConfigError("sensitivity samples and max trials must be at least 1")

@@ -59,3 +59,31 @@ def with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     existing = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
     return augmented
+
+
+def taken_names(graph: ir.Graph) -> set[str]:
+    """The tensor names of ``graph`` and its subgraphs: inputs, initializers, node outputs."""
+    names: set[str] = set()
+    for current in [graph, *(body for node in all_nodes(graph) for _, body in bodies(node))]:
+        names.update(v.name for v in current.inputs)
+        names.update(current.initializers)
+        names.update(v.name for node in current for v in node.outputs)
+    return names
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... whichever is not in ``taken``; it is taken then."""
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}_{index}", index + 1
+    taken.add(candidate)
+    return candidate
+
+
+def add_initializer(graph: ir.Graph, taken: set[str], name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of ``graph`` holding ``array``, named ``name`` made unique in ``taken``."""
+    name = unique_name(name, taken)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+    graph.register_initializer(value)
+    return value

@@ -40,8 +40,8 @@ def test_cpu_device_never_probes_cuda():
 @pytest.mark.skipif(NO_CUDA is not None, reason=f"needs CUDA: {NO_CUDA}")
 def test_cuda_calibration_matches_cpu_calibration(tmp_path):
     assert calibration_providers("cuda")[0][0] == CUDA
-    cpu = onnxq.convert(DEMO, tmp_path / "cpu.onnx", CALIB, onnxq.QuantConfig(device="cpu"))
-    cuda = onnxq.convert(DEMO, tmp_path / "cuda.onnx", CALIB, onnxq.QuantConfig(device="cuda"))
+    cpu = onnxq.convert(DEMO, tmp_path / "cpu.onnx", CALIB, onnxq.QuantConfig(), run=onnxq.RunOptions(device="cpu"))
+    cuda = onnxq.convert(DEMO, tmp_path / "cuda.onnx", CALIB, onnxq.QuantConfig(), run=onnxq.RunOptions(device="cuda"))
     assert cpu.op_counts == cuda.op_counts
     scales_cpu, scales_cuda = initializers(onnx.load(cpu.output)), initializers(onnx.load(cuda.output))
     for name, value in scales_cpu.items():
@@ -53,14 +53,14 @@ def test_cuda_device_raises_device_error_in_the_api_when_unavailable(tmp_path):
     if NO_CUDA is None:
         pytest.skip("CUDA is available here")
     with pytest.raises(DeviceError):
-        onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(device="cuda"))
+        onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(), run=onnxq.RunOptions(device="cuda"))
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_tiny_memory_budget_calibrates_in_passes_with_the_same_result(tmp_path, method):
-    one = onnxq.convert(DEMO, tmp_path / "one.onnx", CALIB, onnxq.QuantConfig(method=method, device="cpu"))
+    one = onnxq.convert(DEMO, tmp_path / "one.onnx", CALIB, onnxq.QuantConfig(method=method), run=onnxq.RunOptions(device="cpu"))
     many = onnxq.convert(
-        DEMO, tmp_path / "many.onnx", CALIB, onnxq.QuantConfig(method=method, device="cpu", memory_budget_mb=0.01)
+        DEMO, tmp_path / "many.onnx", CALIB, onnxq.QuantConfig(method=method), run=onnxq.RunOptions(device="cpu", memory_budget_mb=0.01)
     )
     assert any("passes" in note for note in many.notes)
     assert not any("passes" in note for note in one.notes)
@@ -71,12 +71,12 @@ def test_one_shot_iterator_that_needs_several_passes_is_a_clear_error(tmp_path):
     with np.load(CALIB) as data:
         chunks = iter([{"input": data["input"]}])
     with pytest.raises(onnxq.CalibrationDataError, match="one-shot iterator"):
-        onnxq.convert(DEMO, tmp_path / "m.onnx", chunks, onnxq.QuantConfig(method="mse", memory_budget_mb=0.01))
+        onnxq.convert(DEMO, tmp_path / "m.onnx", chunks, onnxq.QuantConfig(method="mse"), run=onnxq.RunOptions(memory_budget_mb=0.01))
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_every_method_keeps_the_demo_accurate(tmp_path, method):
-    result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(method=method, device="cpu"),
+    result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(method=method), run=onnxq.RunOptions(device="cpu"),
                            eval_data=ROOT / "models" / "eval.npz")
     assert result.fidelity.quantized_top1 >= result.fidelity.float_top1 - 0.015
 
@@ -89,7 +89,7 @@ def test_minmax_in_graph_reduction_gives_the_exact_extremes(tmp_path):
     with np.load(CALIB) as data:
         images = data["input"]
     expected_max = max(float(run(model, {"input": images[i : i + 1]})[1].max()) for i in range(len(images)))
-    result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(device="cpu"))
+    result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB, onnxq.QuantConfig(), run=onnxq.RunOptions(device="cpu"))
     quantized = onnx.load(result.output)
     q_node = next(n for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == relu.output[0])
     scale = initializers(quantized)[q_node.input[1]]

@@ -112,3 +112,16 @@ def test_folded_batchnorm_quantizes_as_one_fused_conv(tmp_path):
     result = onnxq.convert(_conv_bn(), tmp_path / "m.onnx", data)
     assert "BatchNormalization" not in result.op_counts and result.op_counts["Conv"].quantized == 1
     assert not [n for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_each_cleanup_pass_says_whether_it_changed_the_model():
+    from onnxq.analysis.cleanup import CLEANUP, FoldAffineIntoConvPass, FoldBatchNormPass
+
+    with_norm = ir.from_proto(onnx.shape_inference.infer_shapes(_conv_bn()))
+    without_norm = ir.from_proto(onnx.shape_inference.infer_shapes(_conv_add((8,))))  # an Add that is not per channel
+    folded, untouched = FoldBatchNormPass()(with_norm), FoldBatchNormPass()(without_norm)
+    assert folded.modified and folded.notes == ["1 BatchNormalization node(s) folded into the layer before"]
+    assert not untouched.modified and untouched.notes == []
+    assert not FoldAffineIntoConvPass()(without_norm).modified
+    assert [type(p).__name__ for p in CLEANUP] == [
+        "FoldConstantsPass", "FoldBatchNormPass", "FoldAffineIntoConvPass", "NameNodesApartPass"]

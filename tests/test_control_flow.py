@@ -366,9 +366,9 @@ def test_body_node_keys_are_below_their_parent_and_survive_renaming():
 def test_resume_and_recover_rebuild_bodies_exactly(tmp_path):
     model = rnn_loop(True)
     data = _sequences(24, 0)
-    config = onnxq.QuantConfig(checkpoint_interval_s=0.0)
+    config, run = onnxq.QuantConfig(), onnxq.RunOptions(checkpoint_interval_s=0.0)
     output = tmp_path / "out.onnx"
-    onnxq.convert(model, output, data, config, workspace=tmp_path / "ws")
+    onnxq.convert(model, output, data, config, run=run, workspace=tmp_path / "ws")
     expected = output.read_bytes()
     steps = sorted((tmp_path / "ws" / "steps").iterdir())
     observers = json.loads(next(s for s in steps if "calibration" in s.name).read_text())["payload"]["observers"]
@@ -381,7 +381,7 @@ def test_resume_and_recover_rebuild_bodies_exactly(tmp_path):
     for step in (tmp_path / "ws2" / "steps").iterdir():
         if int(step.name[:6]) > 5:  # killed after 6 of 24 samples
             step.unlink()
-    onnxq.convert(model, tmp_path / "resumed.onnx", data, config, workspace=tmp_path / "ws2", resume=True)
+    onnxq.convert(model, tmp_path / "resumed.onnx", data, config, run=run, workspace=tmp_path / "ws2", resume=True)
     assert (tmp_path / "resumed.onnx").read_bytes() == expected
 
 

@@ -21,7 +21,8 @@ from tests.graphs import sqnr_db
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "digits_cnn.onnx"
 CALIBRATION = ROOT / "models" / "calib.npz"
-CONFIG = onnxq.QuantConfig(device="cpu", max_samples=16)
+CONFIG = onnxq.QuantConfig(max_samples=16)
+RUN = onnxq.RunOptions(device="cpu")
 output_writer = importlib.import_module("onnxq.save.output")  # where the single-file limit is applied
 
 
@@ -49,7 +50,7 @@ def external_locations(path: Path) -> set[str]:
 def single_file(tmp_path_factory) -> Path:
     """The demo model converted the default way: one protobuf file."""
     output = tmp_path_factory.mktemp("single") / "demo.int8.onnx"
-    onnxq.convert(DEMO, output, CALIBRATION, CONFIG)
+    onnxq.convert(DEMO, output, CALIBRATION, CONFIG, run=RUN)
     return output
 
 
@@ -60,7 +61,7 @@ def test_small_model_is_one_file_by_default(single_file):
 
 def test_always_puts_the_weights_beside_the_output_and_changes_nothing_else(tmp_path, single_file):
     output = tmp_path / "demo.int8.onnx"
-    result = onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="always"))
+    result = onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(max_samples=16), run=onnxq.RunOptions(device="cpu", external_data="always"))
     data = tmp_path / "demo.int8.onnx.data"
     assert external_locations(output) == {data.name}
     assert result.quantized_bytes == output.stat().st_size + data.stat().st_size
@@ -86,7 +87,7 @@ def external_input(tmp_path_factory) -> Path:
 
 def test_auto_keeps_an_external_data_model_external(tmp_path, external_input, single_file):
     output = tmp_path / "demo.int8.onnx"
-    result = onnxq.convert(external_input, output, CALIBRATION, CONFIG)
+    result = onnxq.convert(external_input, output, CALIBRATION, CONFIG, run=RUN)
     assert external_locations(output) == {"demo.int8.onnx.data"}
     assert result.float_bytes == external_input.stat().st_size + (external_input.parent / "demo.weights").stat().st_size
     feed = demo_feed()
@@ -97,11 +98,11 @@ def test_auto_keeps_an_external_data_model_external(tmp_path, external_input, si
 def test_recover_and_an_already_quantized_external_model_stay_external(tmp_path, external_input, single_file):
     first = tmp_path / "first" / "demo.int8.onnx"
     first.parent.mkdir()
-    onnxq.convert(external_input, first, CALIBRATION, CONFIG)
+    onnxq.convert(external_input, first, CALIBRATION, CONFIG, run=RUN)
     recovered = tmp_path / "recovered.onnx"
     onnxq.recover(external_input, Path(f"{first}.onnxq"), recovered)
     again = tmp_path / "again.onnx"
-    result = onnxq.convert(first, again, None, CONFIG)  # already quantized: no calibration
+    result = onnxq.convert(first, again, None, CONFIG, run=RUN)  # already quantized: no calibration
     assert result.calibration_samples == 0
     feed = demo_feed()
     for path in (recovered, again):
@@ -112,7 +113,7 @@ def test_recover_and_an_already_quantized_external_model_stay_external(tmp_path,
 
 def test_never_writes_an_external_data_model_as_one_file_when_it_fits(tmp_path, external_input, single_file):
     output = tmp_path / "demo.int8.onnx"
-    onnxq.convert(external_input, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="never"))
+    onnxq.convert(external_input, output, CALIBRATION, onnxq.QuantConfig(max_samples=16), run=onnxq.RunOptions(device="cpu", external_data="never"))
     assert external_locations(output) == set()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.int8.onnx", "demo.int8.onnx.onnxq"]
     feed = demo_feed()
@@ -124,17 +125,17 @@ def test_never_refuses_a_model_over_the_single_file_limit(tmp_path, monkeypatch)
     monkeypatch.setattr(output_writer, "SINGLE_FILE_LIMIT", 1000)  # the demo's weights then count as too big
     output = tmp_path / "demo.int8.onnx"
     with pytest.raises(OutputError, match="--external-data auto or always"):
-        onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(device="cpu", max_samples=16, external_data="never"))
+        onnxq.convert(DEMO, output, CALIBRATION, onnxq.QuantConfig(max_samples=16), run=onnxq.RunOptions(device="cpu", external_data="never"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.int8.onnx.onnxq"]
     # the calibration is kept: resuming with external data writes the model without any data
-    onnxq.convert(DEMO, output, None, onnxq.QuantConfig(device="cpu", max_samples=16), resume=True)
+    onnxq.convert(DEMO, output, None, onnxq.QuantConfig(max_samples=16), run=onnxq.RunOptions(device="cpu"), resume=True)
     assert external_locations(output) == {"demo.int8.onnx.data"}
 
 
 def test_auto_switches_to_external_data_over_the_single_file_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(output_writer, "SINGLE_FILE_LIMIT", 1000)
     output = tmp_path / "demo.int8.onnx"
-    onnxq.convert(DEMO, output, CALIBRATION, CONFIG)
+    onnxq.convert(DEMO, output, CALIBRATION, CONFIG, run=RUN)
     assert external_locations(output) == {"demo.int8.onnx.data"}
 
 
@@ -249,7 +250,7 @@ def test_hard_linked_external_data_is_refused(tmp_path, external_input):
     shutil.copy(external_input.parent / "demo.weights", folder / "demo.weights")
     os.link(folder / "demo.weights", tmp_path / "elsewhere")  # the same file under another name
     with pytest.raises(ModelError, match="demo.weights.*hard links"):
-        onnxq.convert(folder / "demo.onnx", tmp_path / "out.onnx", CALIBRATION, CONFIG)
+        onnxq.convert(folder / "demo.onnx", tmp_path / "out.onnx", CALIBRATION, CONFIG, run=RUN)
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -259,3 +260,17 @@ def test_inspect_reads_external_weights_from_the_model_folder(external_input):
     ours, reference = inspect_model(external_input), inspect_model(DEMO)
     assert ours.bytes_by_dtype == reference.bytes_by_dtype
     assert ours.weights == reference.weights
+
+
+def test_compare_reads_a_quantized_model_with_external_data_from_another_folder(tmp_path, monkeypatch):
+    output = tmp_path / "out" / "demo.int8.onnx"
+    output.parent.mkdir()
+    onnxq.convert(DEMO, output, CALIBRATION, CONFIG, run=onnxq.RunOptions(device="cpu", external_data="always"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the weights are found beside the model, not in the working folder
+    comparison = onnxq.compare(DEMO, output, CALIBRATION, max_samples=8)
+    feed = demo_feed()
+    [expected] = [sqnr_db(f, q) for f, q in zip(outputs(DEMO, feed), outputs(output, feed))]
+    assert comparison.fidelity.samples == 8
+    assert comparison.fidelity.outputs[0].sqnr_db == pytest.approx(expected, rel=1e-6)
+    assert comparison.layers  # the per-layer table read the dequantized weights from OUTPUT.data

@@ -382,7 +382,7 @@ def test_mutated_models_that_load_convert_or_raise_onnxq_error(fuzz_folder, data
     path.write_bytes(data)
     output = fuzz_folder / "out.onnx"
     try:
-        onnxq.convert(path, output, {"x": CALIBRATION}, onnxq.QuantConfig(device="cpu"))
+        onnxq.convert(path, output, {"x": CALIBRATION}, onnxq.QuantConfig(), run=onnxq.RunOptions(device="cpu"))
     except OnnxqError as exc:
         assert "\n" not in str(exc)
         return

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
-from onnxq.load.prepare import load_prepared
+from onnxq.load.prepare import load
 from onnxq.report.inspect import inspect_model
 from onnxq.analysis.rules import parse_rule, resolve_rules
 from onnxq.analysis.signatures import node_signatures
@@ -28,7 +28,7 @@ def _outputs(model, data) -> np.ndarray:
 
 
 def _matched(rule: str, model: onnx.ModelProto) -> set[str]:
-    prepared, _ = load_prepared(model)
+    prepared = load(model).model
     matched, _ = resolve_rules([rule], prepared.graph, node_signatures(prepared.graph))
     return {node.name for node in matched}
 

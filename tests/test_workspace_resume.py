@@ -39,8 +39,11 @@ def _loader(tmp_path: Path, delay: float = 0.0) -> str:
     return f"{path}:samples"
 
 
+RUN = onnxq.RunOptions(checkpoint_interval_s=0.0)
+
+
 def _config(**overrides):
-    return onnxq.QuantConfig(method="percentile", checkpoint_interval_s=0.0, **overrides)
+    return onnxq.QuantConfig(method="percentile", **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run with a checkpoint after every batch."""
     folder = tmp_path_factory.mktemp("reference")
     output = folder / "ref.int8.onnx"
-    result = onnxq.convert(DEMO, output, _loader(folder), _config(), workspace=folder / "ws")
+    result = onnxq.convert(DEMO, output, _loader(folder), _config(), run=RUN, workspace=folder / "ws")
     return output.read_bytes(), folder / "ws", result
 
 
@@ -74,7 +77,7 @@ def test_resume_from_a_mid_calibration_checkpoint_is_byte_identical(reference, t
     subprocess.run(["cp", "-r", str(workspace), str(copy)], check=True)
     _drop_steps_after(copy, 100)  # killed after 101 of 240 samples
     out = tmp_path / "resumed.onnx"
-    onnxq.convert(DEMO, out, _loader(tmp_path), _config(), workspace=copy, resume=True)
+    onnxq.convert(DEMO, out, _loader(tmp_path), _config(), run=RUN, workspace=copy, resume=True)
     assert out.read_bytes() == expected
 
 
@@ -91,7 +94,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_last_good_step(reference, t
     corrupt.write_text(json.dumps(record))
     assert Workspace.open(copy).latest("calibration").index == 48
     out = tmp_path / "resumed.onnx"
-    onnxq.convert(DEMO, out, _loader(tmp_path), _config(), workspace=copy, resume=True)
+    onnxq.convert(DEMO, out, _loader(tmp_path), _config(), run=RUN, workspace=copy, resume=True)
     assert out.read_bytes() == expected
 
 
@@ -175,7 +178,7 @@ def test_renamed_reexport_resumes_and_recovers_from_the_same_workspace(reference
     copy = tmp_path / "ws"
     subprocess.run(["cp", "-r", str(workspace), str(copy)], check=True)
     _drop_steps_after(copy, 120)
-    onnxq.convert(renamed, tmp_path / "resumed.onnx", _loader(tmp_path), _config(), workspace=copy, resume=True)
+    onnxq.convert(renamed, tmp_path / "resumed.onnx", _loader(tmp_path), _config(), run=RUN, workspace=copy, resume=True)
     np.testing.assert_array_equal(run(str(tmp_path / "resumed.onnx"), {"input": x})[0], reference_output)
 
 

@@ -24,7 +24,8 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
-from onnxq.graph import all_nodes, constant_array
+from onnxq.graph import add_initializer, all_nodes, constant_array, taken_names
+from onnxq.passes import GraphPass, PassResult, run_passes
 
 _BATCHNORM_RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 
@@ -38,17 +39,6 @@ def _per_channel(constant: np.ndarray | None, channels: int, rank: int) -> np.nd
     if any(size != 1 for axis, size in enumerate(shape) if axis != 1) or shape[1] not in (1, channels):
         return None
     return np.broadcast_to(constant.reshape(-1), (channels,)).astype(np.float32)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A new float32 initializer named ``name`` (suffixed if the name is taken)."""
-    unique, index = name, 1
-    while unique in graph.initializers:
-        unique, index = f"{name}_{index}", index + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(array.astype(np.float32), name=unique),
-                     type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(array.shape))
-    graph.register_initializer(value)
-    return value
 
 
 _AFFINE = {"Mul": "scale", "Div": "scale", "Add": "offset", "Sub": "offset"}
@@ -86,12 +76,13 @@ def _conv_parts(conv: ir.Node | None) -> tuple[np.ndarray, np.ndarray | None] | 
 
 def _set_conv_parts(graph: ir.Graph, conv: ir.Node, weight: np.ndarray | None, bias: np.ndarray | None) -> None:
     """Give ``conv`` new weight and/or bias initializers (``None``: keep that input)."""
+    taken, base = taken_names(graph), conv.name or "conv"
     if weight is not None:
-        conv.replace_input_with(1, _initializer(graph, f"{conv.name or 'conv'}_weight_folded", weight))
+        conv.replace_input_with(1, add_initializer(graph, taken, f"{base}_weight_folded", weight.astype(np.float32)))
     if bias is not None:
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
-        conv.replace_input_with(2, _initializer(graph, f"{conv.name or 'conv'}_bias_folded", bias))
+        conv.replace_input_with(2, add_initializer(graph, taken, f"{base}_bias_folded", bias.astype(np.float32)))
 
 
 def _try_fold_after_conv(graph: ir.Graph, node: ir.Node) -> bool:
@@ -166,28 +157,57 @@ def _name_nodes_apart(graph: ir.Graph) -> None:
         seen.add(name)
 
 
+class FoldConstantsPass(GraphPass):
+    """Rule 1: Constant nodes become initializers, constant subgraphs are folded into
+    initializers, and nodes left without consumers are removed."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        before = len(model.graph)
+        optimizer.fold_constants(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        folded = before - len(model.graph)
+        return PassResult(model, folded != 0, [f"{folded} constant node(s) folded"] if folded > 0 else [])
+
+
+class FoldBatchNormPass(GraphPass):
+    """Rule 2: BatchNormalization right after a Conv, ConvTranspose or Gemm is folded into its weights."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = sum(node.op_type == "BatchNormalization" for node in model.graph)
+        rewriter.rewrite(model, pattern_rewrite_rules=_BATCHNORM_RULES)
+        folded = before - sum(node.op_type == "BatchNormalization" for node in model.graph)
+        return PassResult(model, folded > 0,
+                          [f"{folded} BatchNormalization node(s) folded into the layer before"] if folded else [])
+
+
+class FoldAffineIntoConvPass(GraphPass):
+    """Rule 3: per-channel Mul/Div/Add/Sub folded into the Conv before them, or the unpadded
+    Conv after them; the nodes left without consumers are removed."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        # graph order folds a Conv -> Mul -> Add chain into the Conv; reverse order, Mul -> Add -> Conv
+        folded = sum(_try_fold_after_conv(model.graph, node) for node in list(model.graph))
+        folded += sum(_try_fold_before_conv(model.graph, node) for node in reversed(list(model.graph)))
+        common_passes.RemoveUnusedNodesPass()(model)
+        note = f"{folded} Mul/Div/Add/Sub node(s) of a per-channel constant folded into a neighbouring Conv"
+        return PassResult(model, folded > 0, [note] if folded else [])
+
+
+class NameNodesApartPass(GraphPass):
+    """Rule 4: every node gets a unique name, across If/Loop/Scan bodies too."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = [node.name for node in all_nodes(model.graph)]
+        common_passes.NameFixPass()(model)
+        _name_nodes_apart(model.graph)
+        return PassResult(model, before != [node.name for node in all_nodes(model.graph)])
+
+
+CLEANUP: tuple[GraphPass, ...] = (FoldConstantsPass(), FoldBatchNormPass(), FoldAffineIntoConvPass(), NameNodesApartPass())
+
+
 def clean_up(model: ir.Model) -> list[str]:
-    """Apply the rules above to ``model`` in place; returns notes on what changed."""
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    before = len(model.graph)
-    optimizer.fold_constants(model)
-    common_passes.RemoveUnusedNodesPass()(model)
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    folded_nodes = before - len(model.graph)
-    batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph)
-    rewriter.rewrite(model, pattern_rewrite_rules=_BATCHNORM_RULES)
-    folded_norms = batch_norms - sum(node.op_type == "BatchNormalization" for node in model.graph)
-    # graph order folds a Conv -> Mul -> Add chain into the Conv; reverse order, Mul -> Add -> Conv
-    folded_affine = sum(_try_fold_after_conv(model.graph, node) for node in list(model.graph))
-    folded_affine += sum(_try_fold_before_conv(model.graph, node) for node in reversed(list(model.graph)))
-    common_passes.RemoveUnusedNodesPass()(model)
-    common_passes.NameFixPass()(model)
-    _name_nodes_apart(model.graph)
-    notes = []
-    if folded_nodes > 0:
-        notes.append(f"{folded_nodes} constant node(s) folded")
-    if folded_norms:
-        notes.append(f"{folded_norms} BatchNormalization node(s) folded into the layer before")
-    if folded_affine:
-        notes.append(f"{folded_affine} Mul/Div/Add/Sub node(s) of a per-channel constant folded into a neighbouring Conv")
-    return notes
+    """Apply the ``CLEANUP`` pipeline to ``model`` in place; returns notes on what changed."""
+    return run_passes(model, CLEANUP)

@@ -10,13 +10,15 @@ layout (``auto``: whichever axis of the model input has 1 or 3 channels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from onnxq.errors import CalibrationDataError
+from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.options import check_choices, option
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 IMAGES_PER_CHUNK = 32
@@ -27,23 +29,50 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (``224x224``) as ``(height, width)``."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image-size takes HEIGHTxWIDTH such as 224x224, not {text!r}") from None
+    return height, width
+
+
+def parse_floats(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated numbers (``0.485,0.456,0.406``) as a tuple."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers such as 0.485,0.456,0.406, not {text!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
-    """Calibration data read from a folder of images for a single image input."""
+    """Calibration data read from a folder of images for a single image input; the other
+    fields are the preprocessing (each field's help says what it does)."""
 
     path: Path
-    size: tuple[int, int] | None = None  # (height, width); default: the input's fixed dims
-    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
-    scale: float = 1 / 255
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    channel_order: Literal["rgb", "bgr"] = "rgb"
-    layout: Literal["auto", "nchw", "nhwc"] = "auto"
+    size: tuple[int, int] | None = option(
+        None, flag="--image-size", parse=parse_image_size,
+        help="Image folders: HEIGHTxWIDTH (default: the model input's fixed size).")
+    resize: Literal["stretch", "letterbox", "crop"] = option(
+        "stretch", choices=("stretch", "letterbox", "crop"),
+        help="Image folders: stretch to the size, fit inside and pad with gray 114 (letterbox, YOLO), or cover "
+        "and crop the center.")
+    scale: float = option(1 / 255, flag="--pixel-scale", help="Image folders: pixels (0-255) are multiplied by this.")
+    mean: tuple[float, ...] = option(
+        (0.0,), parse=functools.partial(parse_floats, flag="--mean"),
+        help="Image folders: per-channel mean subtracted after scaling (a,b,c).")
+    std: tuple[float, ...] = option(
+        (1.0,), parse=functools.partial(parse_floats, flag="--std"),
+        help="Image folders: per-channel std divided by after the mean (a,b,c).")
+    channel_order: Literal["rgb", "bgr"] = option("rgb", choices=("rgb", "bgr"), help="Image folders: channel order.")
+    layout: Literal["auto", "nchw", "nhwc"] = option(
+        "auto", choices=("auto", "nchw", "nhwc"), help="Image folders: tensor layout (auto: from the model input).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-        if self.resize not in ("stretch", "letterbox", "crop"):
-            raise CalibrationDataError(f"resize must be stretch, letterbox or crop, not {self.resize!r}")
+        check_choices(self, CalibrationDataError)
         if any(s == 0 for s in self.std):
             raise CalibrationDataError("std must not contain 0; give the per-channel standard deviations")
 

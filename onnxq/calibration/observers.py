@@ -19,9 +19,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from onnxq.config import METHODS
+
 HISTOGRAM_BINS = 2048  # over [-R, R); must be a multiple of 4
 _MIN_EXPONENT = -40
-METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 def _finite(array: np.ndarray) -> np.ndarray:

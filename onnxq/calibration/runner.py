@@ -26,7 +26,7 @@ from onnxq.calibration.candidates import candidate_tensors
 from onnxq.calibration.data import Batch, BatchSource
 from onnxq.calibration.observers import make_observer
 from onnxq.calibration.state import CalibrationState
-from onnxq.config import QuantConfig
+from onnxq.config import QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ModelError, first_line
 from onnxq.load.prepare import LoadedModel
 from onnxq.runtime import calibration_providers, create_session
@@ -124,6 +124,7 @@ def calibrate(
     float_tensors: dict[str, int | None],
     batches: BatchSource,
     config: QuantConfig,
+    run: RunOptions,
     state: CalibrationState | None = None,
     checkpoint: Checkpoint | None = None,
     progress: ProgressCallback | None = None,
@@ -135,7 +136,7 @@ def calibrate(
     ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
     ``external_folder`` holds the external data files ``proto`` references, if any.
     """
-    providers, device_note = calibration_providers(config.device)
+    providers, device_note = calibration_providers(run.device)
     names_of = {key: name for name, key in tensors.items()}
     # the fed inputs: an initializer listed as a graph input is a default the data need not give
     inputs = {value.name for value in proto.graph.input} - {init.name for init in proto.graph.initializer}
@@ -146,12 +147,12 @@ def calibrate(
         keys = list(tensors.values())
         sizes = _tensor_bytes(proto, batches.first.feed, list(tensors))
         per_batch = [0 if names_of[k] in reduce_in_graph else sizes[names_of[k]] for k in keys]
-        passes = _split_into_passes(keys, per_batch, config.memory_budget_mb * 2**20)
+        passes = _split_into_passes(keys, per_batch, run.memory_budget_mb * 2**20)
         state = CalibrationState({k: make_observer(config.method, config.percentile) for k in keys}, passes)
     notes: list[str] = [device_note] if device_note else []
     if len(state.passes) > 1:
-        notes.append(f"calibrated in {len(state.passes)} passes to stay within {config.memory_budget_mb:g} MB")
-    checkpoints = _Checkpoints(checkpoint, state, config.checkpoint_interval_s)
+        notes.append(f"calibrated in {len(state.passes)} passes to stay within {run.memory_budget_mb:g} MB")
+    checkpoints = _Checkpoints(checkpoint, state, run.checkpoint_interval_s)
     while state.pass_index < len(state.passes):
         names = [names_of[key] for key in state.passes[state.pass_index]]
         model, exposed = augmented_model(proto, [n for n in names if n not in inputs], reduce_in_graph)
@@ -190,6 +191,7 @@ def calibrate_model(
     loaded: LoadedModel,
     source: BatchSource,
     config: QuantConfig,
+    run: RunOptions,
     state: CalibrationState | None,
     checkpoint: Checkpoint | None,
     progress: ProgressCallback | None,
@@ -202,5 +204,5 @@ def calibrate_model(
         v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
     }
     tensors = {v.name: loaded.keys.tensors[v.name] for v in candidates}
-    return calibrate(loaded.cleaned, tensors, float_ranks, source, config, state, checkpoint, progress,
+    return calibrate(loaded.cleaned, tensors, float_ranks, source, config, run, state, checkpoint, progress,
                      loaded.external_folder)

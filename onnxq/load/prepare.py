@@ -91,10 +91,3 @@ def load(model: ModelInput) -> LoadedModel:
     prepared, notes = prepare(proto, external_folder)
     notes = shape_notes + ([upgrade_note] if upgrade_note else []) + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)
-
-
-def load_prepared(model: ModelInput) -> tuple[ir.Model, list[str]]:
-    """A float model loaded, upgraded to opset 13 when older, and cleaned up as ``convert``
-    does before calibrating; with notes on what was changed."""
-    loaded = load(model)
-    return loaded.model, list(loaded.notes)

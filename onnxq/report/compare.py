@@ -14,7 +14,6 @@ unfused QDQ arithmetic; per-output metrics come from the models as they are.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import onnx
@@ -22,15 +21,12 @@ import onnx.shape_inference
 import onnx_ir as ir
 
 from onnxq.analysis.signatures import tensor_keys
-from onnxq.load.prepare import load_prepared
 from onnxq.calibration.data import BatchSource, DataSource, model_inputs
 from onnxq.graph import constant_array, with_outputs
-from onnxq.load.model import load_model
+from onnxq.load.model import external_data_folder, load_model
+from onnxq.load.prepare import ModelInput, load
 from onnxq.report.evaluate import ErrorAccumulator, Fidelity, compare_models
 from onnxq.runtime import create_session
-
-ModelInput = str | os.PathLike | onnx.ModelProto
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerFidelity:
@@ -100,11 +96,15 @@ def compare(
     max_samples: int | None = None,
 ) -> Comparison:
     """Run both models on ``data``: per-output SQNR, cosine, max error and top-1 (``Fidelity``),
-    and each quantized tensor's SQNR vs float, located by topology."""
-    float_ir, _ = load_prepared(float_model)
-    float_proto = ir.to_proto(float_ir)
+    and each quantized tensor's SQNR vs float, located by topology. Either model may keep its
+    weights in external data files beside it."""
+    loaded = load(float_model)
+    float_ir, float_proto = loaded.model, loaded.cleaned
     quant_proto = load_model(quantized_model)
+    quant_folder = external_data_folder(quantized_model, quant_proto)
     stripped = ir.from_proto(onnx.shape_inference.infer_shapes(quant_proto, strict_mode=False, data_prop=True))
+    if quant_folder is not None:
+        ir.external_data.set_base_dir(stripped.graph, quant_folder)
     pairs = _strip_qdq(stripped)
     quant_keys = tensor_keys(stripped.graph)
     float_by_key = {key: name for name, key in tensor_keys(float_ir.graph).items()}
@@ -120,16 +120,18 @@ def compare(
         notes.append(f"{len(pairs) - len(matched)} of {len(pairs)} quantized tensors have no float counterpart "
                      "of the same structure and are not in the per-layer table")
 
+
+    def quantized_session(proto: onnx.ModelProto):
+        return create_session(proto, "the quantized model", external_folder=quant_folder)
+
     inputs = model_inputs(float_proto)
     source = BatchSource(data, inputs, batch_size, max_samples)
-    fidelity = compare_models(
-        create_session(float_proto, "the float model"), create_session(quant_proto, "the quantized model"), source()
-    )
+    fidelity = compare_models(loaded.float_session(float_proto), quantized_session(quant_proto), source())
     accumulators = {dq: ErrorAccumulator() for dq in matched}
     if matched:
         float_names = sorted(set(matched.values()))
-        float_session = create_session(with_outputs(float_proto, float_names), "the float model")
-        quant_session = create_session(with_outputs(quant_proto, list(matched)), "the quantized model")
+        float_session = loaded.float_session(with_outputs(float_proto, float_names))
+        quant_session = quantized_session(with_outputs(quant_proto, list(matched)))
         for batch in source():
             reference = dict(zip(float_names, float_session.run(float_names, batch.feed)))
             quantized = quant_session.run(list(matched), batch.feed)

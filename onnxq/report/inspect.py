@@ -92,9 +92,14 @@ def _is_two_four(array: np.ndarray) -> bool:
 
 def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> bool:
     """A QLinear operator, or (QDQ form) an op that reads a DequantizeLinear and whose outputs
-    reach a QuantizeLinear, directly or through a Relu/Clip."""
+    reach a QuantizeLinear, directly or through a Relu/Clip; such a Relu/Clip runs inside the
+    integer kernel of the op before it."""
     if node.op_type in QLINEAR_OPS:
         return True
+    source = producers.get(node.input[0]) if node.input else None
+    if node.op_type in ("Relu", "Clip") and source is not None and source.op_type not in QDQ_OPS:
+        # absorbed: the op before it runs quantized with this node's range (the plan's ``activation`` rule)
+        return _runs_quantized(source, producers, consumers)
     info = OPS.get(node.op_type)
     if info is None or (info.kind is None and not info.compute):
         return False  # no integer kernel: a dequantize -> float op -> quantize island

@@ -14,10 +14,11 @@ from onnxq.config import QuantConfig
 from onnxq.graph import all_nodes
 from onnxq.load.prepare import LoadedModel
 from onnxq.ops import rule_for
-from onnxq.rewrite.fp16 import to_fp16_islands
+from onnxq.passes import GraphPass, run_passes
+from onnxq.rewrite.fp16 import Fp16IslandsPass
 from onnxq.rewrite.plan import QuantPlan, plan_quantization
-from onnxq.rewrite.qdq import apply_qdq
-from onnxq.rewrite.qoperator import to_qoperator
+from onnxq.rewrite.qdq import QdqPass
+from onnxq.rewrite.qoperator import QOperatorPass
 from onnxq.workspace.steps import LayersStep
 
 
@@ -168,12 +169,13 @@ def build_model(
         wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
     islands = _fp16_islands(graph, plan, kept, set(sentinel_names)) if fallback_dtype == "fp16" else set()
-    notes += control_flow_notes(graph, config.method, set(plan.decisions))
-    notes += plan.notes + apply_qdq(model, plan, reduced).notes
+    notes += control_flow_notes(graph, config.method, set(plan.decisions)) + plan.notes
     if reduced and config.reduce_range == "auto":
         notes += _reduced_notes(graph, reduced)
+    pipeline: list[GraphPass] = [QdqPass(plan, reduced)]
     if islands:
-        notes += to_fp16_islands(model, islands)
+        pipeline.append(Fp16IslandsPass(islands))
     if config.format == "qoperator":
-        notes += to_qoperator(model)
+        pipeline.append(QOperatorPass())
+    notes += run_passes(model, pipeline)
     return BuiltModel(model, op_counts, notes, units, keep_float)

@@ -20,14 +20,14 @@ Rules:
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import ModelError
 from onnxq.files import release_mapped
-from onnxq.graph import all_nodes, bodies, is_constant, owning_graph
+from onnxq.graph import add_initializer, is_constant, owning_graph, taken_names, unique_name
+from onnxq.passes import GraphPass, PassResult
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.rewrite.quant_math import (
     REDUCED_WEIGHT_QMAX,
@@ -46,31 +46,13 @@ class Emitter:
         """``names``: the names already taken, shared by the emitters of one model's graphs
         (default: those of ``graph`` and its subgraphs)."""
         self.graph = graph
-        if names is None:
-            names = set()
-            for current in [graph, *(body for node in all_nodes(graph) for _, body in bodies(node))]:
-                names.update(v.name for v in current.inputs)
-                names.update(current.initializers)
-                names.update(v.name for node in current for v in node.outputs)
-        self._names = names
+        self._names = taken_names(graph) if names is None else names
 
     def unique(self, name: str) -> str:
-        candidate, index = name, 1
-        while candidate in self._names:
-            candidate, index = f"{name}_{index}", index + 1
-        self._names.add(candidate)
-        return candidate
+        return unique_name(name, self._names)
 
     def initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        name = self.unique(name)
-        value = ir.Value(
-            name=name,
-            const_value=ir.tensor(array, name=name),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            shape=ir.Shape(array.shape),
-        )
-        self.graph.register_initializer(value)
-        return value
+        return add_initializer(self.graph, self._names, name, array)
 
     def params(self, base: str, params: QuantParams) -> tuple[ir.Value, ir.Value]:
         scale = self.initializer(f"{base}_scale", params.scale)
@@ -137,13 +119,6 @@ class _Dequantized:
         """Every consumer of ``value``, in any graph, reads the dequantized tensor instead."""
         for consumer, slot in list(value.uses()):
             consumer.replace_input_with(slot, self.in_graph(consumer.graph))
-
-
-@dataclasses.dataclass
-class RewriteReport:
-    """What the rewrite had to adjust beyond the plan."""
-
-    notes: list[str]
 
 
 def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
@@ -240,12 +215,19 @@ def _quantize_activations(emitters: _Emitters, plan: QuantPlan) -> None:
                     outputs[index] = output_value
 
 
-def apply_qdq(model: ir.Model, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> RewriteReport:
-    """Rewrite ``model`` (main graph and bodies) in place to the QDQ form ``plan`` describes;
-    the weights of ``reduced_range`` nodes get 7 bits."""
-    emitters = _Emitters(model)
-    notes: list[str] = []
-    _quantize_weights_and_biases(emitters, plan, notes, set(reduced_range))
-    _quantize_activations(emitters, plan)
-    model.graph.sort()
-    return RewriteReport(notes)
+class QdqPass(GraphPass):
+    """Rewrite a model (main graph and bodies) to the QDQ form ``plan`` describes (the rules
+    above); the weights of ``reduced_range`` nodes get 7 bits. Notes say what the rewrite had to
+    adjust beyond the plan."""
+
+    def __init__(self, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> None:
+        super().__init__()
+        self.plan, self.reduced_range = plan, set(reduced_range)
+
+    def call(self, model: ir.Model) -> PassResult:
+        emitters = _Emitters(model)
+        notes: list[str] = []
+        _quantize_weights_and_biases(emitters, self.plan, notes, self.reduced_range)
+        _quantize_activations(emitters, self.plan)
+        model.graph.sort()
+        return PassResult(model, bool(self.plan.decisions), notes)

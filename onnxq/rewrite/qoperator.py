@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxq.analysis.subgraphs import CONTROL_FLOW
 from onnxq.graph import all_nodes, bodies, constant_array
 from onnxq.ops import MS_DOMAIN, OPS, QLINEAR_OPS
+from onnxq.passes import GraphPass, PassResult
 from onnxq.rewrite.qdq import Emitter
 from onnxq.rewrite.quant_math import (
     QRANGE,
@@ -355,25 +356,28 @@ def _rewriters(model: ir.Model) -> list[_Rewriter]:
     return [main] + [_Rewriter(model, graph, main.emitter.names()) for graph in graphs]
 
 
-def normalize_qdq(model: ir.Model) -> list[str]:
-    """Complete a QDQ model in place (rules 1 and 3): constants stored quantized, int32 biases;
-    in If/Loop/Scan bodies too. Returns notes on what changed."""
-    notes = []
-    for rewriter in _rewriters(model):
-        rewriter.fold_constant_identities()
-        rewriter.fold_constant_quantize()
-        rewriter.quantize_float_biases()
-        notes += rewriter.notes
-    model.graph.sort()
-    return notes
+class NormalizeQdqPass(GraphPass):
+    """Complete a QDQ model (rules 1 and 3): constants stored quantized, int32 biases; in
+    If/Loop/Scan bodies too."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        notes = []
+        for rewriter in _rewriters(model):
+            rewriter.fold_constant_identities()
+            rewriter.fold_constant_quantize()
+            rewriter.quantize_float_biases()
+            notes += rewriter.notes
+        model.graph.sort()
+        return PassResult(model, bool(notes), notes)
 
 
-def to_qoperator(model: ir.Model) -> list[str]:
-    """Rewrite ``model`` (QDQ form, bodies included) in place to operator form; returns notes
-    on what changed."""
-    notes = normalize_qdq(model)
-    count = sum(rewriter.run() for rewriter in _rewriters(model))
-    if any(node.domain == MS_DOMAIN for node in all_nodes(model.graph)):
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
-    model.graph.sort()
-    return notes + [f"{count} node groups rewritten to QLinear operators"]
+class QOperatorPass(GraphPass):
+    """Rewrite a QDQ model (bodies included) to operator form: every rule above."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        notes = NormalizeQdqPass()(model).notes
+        count = sum(rewriter.run() for rewriter in _rewriters(model))
+        if any(node.domain == MS_DOMAIN for node in all_nodes(model.graph)):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        model.graph.sort()
+        return PassResult(model, True, notes + [f"{count} node groups rewritten to QLinear operators"])

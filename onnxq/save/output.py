@@ -12,7 +12,6 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxq.config import QuantConfig
 from onnxq.errors import OutputError
 from onnxq.files import (
     SINGLE_FILE_LIMIT,
@@ -69,18 +68,18 @@ class WrittenModel:
     data: bytes | None
 
 
-def write_output(loaded: LoadedModel, model: ir.Model, path: Path, config: QuantConfig) -> WrittenModel:
+def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data: str) -> WrittenModel:
     """Check and write the quantized ``model``: one protobuf file, or with its tensors in
-    ``OUTPUT.data`` per ``config.external_data`` (``auto``: when the float model had external
+    ``OUTPUT.data`` per ``external_data`` (``RunOptions``) (``auto``: when the float model had external
     data or the output would pass protobuf's 2 GB limit)."""
     size = tensor_bytes(model)
-    if config.external_data == "never" and size > SINGLE_FILE_LIMIT:
+    if external_data == "never" and size > SINGLE_FILE_LIMIT:
         raise OutputError(
             f"the quantized model holds {size / 1e9:.1f} GB of tensors, over protobuf's 2 GB limit for one "
             "file; use --external-data auto or always to write its weights to OUTPUT.data"
         )
-    external = config.external_data == "always" or (
-        config.external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
+    external = external_data == "always" or (
+        external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
     )
     if external:
         check = functools.partial(_check_output_file, loaded.float_proto)

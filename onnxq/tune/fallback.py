@@ -13,60 +13,18 @@ import numpy as np
 
 from onnxq.calibration.data import Batch
 from onnxq.calibration.state import CalibrationState
-from onnxq.config import QuantConfig
-from onnxq.errors import ConfigError
+from onnxq.config import MIN_BATCHES_TO_SPLIT, FallbackOptions, QuantConfig
 from onnxq.load.prepare import LoadedModel
 from onnxq.rewrite.build import BuiltModel, build_model
 from onnxq.runtime import run_all, session_of
 from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
 from onnxq.tune.search import search_fallback
-from onnxq.tune.sensitivity import SENSITIVITY_MODES, rank_units
+from onnxq.tune.sensitivity import rank_units
 from onnxq.workspace.manifest import batch_fingerprint
 from onnxq.workspace.steps import LayersStep, SensitivityStep, TrialStep
 from onnxq.workspace.store import Workspace
 
 TuningProgress = Callable[[str, int, int], None]  # phase, done, total
-
-
-MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
-
-
-@dataclasses.dataclass(frozen=True)
-class FallbackOptions:
-    """Mixed-precision choices that do not change calibration.
-
-    ``keep_float``: rules (``onnxq.analysis.rules``) for nodes that stay float. ``max_drop``: with
-    evaluation data, keep the most sensitive nodes float until the metric is within this
-    relative drop of the float model's (``None``: no search). ``metric``: ``auto``, ``sqnr``,
-    ``cosine``, ``top1``, ``file.py:func`` or a callable (see ``resolve_metric``).
-    ``check_halves``: the target must also hold on each half of the evaluation batches (with at
-    least ``MIN_BATCHES_TO_SPLIT``), so that a set that barely passes on the whole set by
-    chance is not chosen. ``dtype``: ``fp32`` or ``fp16`` for the nodes left float. ``sensitivity``: ``only-float``
-    (the error each unit removes when it alone is float) or ``only-quantized`` (the error each
-    unit adds when it alone is quantized). ``sensitivity_samples``: evaluation samples the
-    per-node sensitivity is measured on. ``max_trials``: most evaluated candidates in
-    the search. ``save_rules``: write the final keep-float set as a rules file there.
-    """
-
-    keep_float: tuple = ()
-    max_drop: float | None = None
-    metric: str | Metric = "auto"
-    check_halves: bool = True
-    dtype: str = "fp32"
-    sensitivity: str = "only-float"
-    sensitivity_samples: int = 4
-    max_trials: int = 64
-    save_rules: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("fp32", "fp16"):
-            raise ConfigError(f"fallback dtype must be fp32 or fp16, not {self.dtype!r}")
-        if self.sensitivity not in SENSITIVITY_MODES:
-            raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, not {self.sensitivity!r}")
-        if self.max_drop is not None and not 0 <= self.max_drop < 1:
-            raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
-        if self.sensitivity_samples < 1 or self.max_trials < 1:
-            raise ConfigError("sensitivity samples and max trials must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from onnxq.files import offloaded
 from onnxq.load.prepare import LoadedModel
 from onnxq.ops import FUSION_CHECKED
 from onnxq.rewrite.build import plan_for_state
-from onnxq.rewrite.qdq import apply_qdq
+from onnxq.rewrite.qdq import QdqPass
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.saturation import saturating_layers
 from onnxq.workspace.steps import LayersStep
@@ -31,11 +31,11 @@ def measure_layers(
     sentinel = tuple(sentinel_tensors(loaded, state, source))
     feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, sentinel=sentinel)
+        return LayersStep(calibration_step, (), (), sentinel)
     model = loaded.fresh()
     keys = loaded.keys.for_copy(model.graph)
     plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
-    apply_qdq(model, plan)
+    QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
         folder = None
         if loaded.offload:  # a big model goes to ONNX Runtime with its weights in a file

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-SENSITIVITY_MODES = ("only-float", "only-quantized")
-
 
 def rank_units(
     units: Sequence[tuple[str, ...]],

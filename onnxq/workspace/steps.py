@@ -84,8 +84,8 @@ class LayersStep(StepRecord):
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
-    reduced: tuple[str, ...] = ()
-    unfused: tuple[str, ...] = ()
+    reduced: tuple[str, ...]
+    unfused: tuple[str, ...]
     sentinel: tuple[str, ...] = ()
 
 

@@ -1,0 +1,195 @@
+"""What the commands print: progress bars on a terminal, summary tables, JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from onnxq.api import ConversionResult
+from onnxq.calibration.runner import ProgressCallback
+from onnxq.report.compare import Comparison
+from onnxq.report.inspect import Inspection, InspectionPair
+from onnxq.tune.fallback import TuningProgress
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def sample_progress(enabled: bool, description: str, total: int | None) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on a terminal; nothing when quiet or not on a terminal."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(samples: int) -> None:
+            bar.advance(task, samples)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.1f} samples/s" if speed else "")
+
+        yield advance
+
+
+@contextlib.contextmanager
+def phase_progress(enabled: bool) -> Iterator[TuningProgress | None]:
+    """One rich progress bar per named phase (sensitivity, fallback search) on a terminal."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bars.add_task(phase, total=total)
+            bars.update(tasks[phase], completed=done, total=max(total, done))
+
+        yield update
+
+
+def summary(result: ConversionResult) -> Table:
+    table = Table(title=f"onnxq: {result.output}")
+    table.add_column("op type")
+    table.add_column("int8", justify="right")
+    table.add_column("float", justify="right")
+    for op, count in result.op_counts.items():
+        table.add_row(op, str(count.quantized), str(count.float))
+    table.add_section()
+    table.add_row("size", f"{result.quantized_bytes / 1e6:.2f} MB",
+                  f"{result.float_bytes / 1e6:.2f} MB  ({result.size_ratio:.2f}x)")
+    if result.fallback is not None:
+        report = result.fallback
+        table.add_row(f"{report.metric} (fallback)", f"{report.final_score:.4f}", f"{report.float_score:.4f}")
+    fidelity = result.fidelity
+    if fidelity is not None:
+        if fidelity.float_top1 is not None:
+            table.add_row("top-1 accuracy", f"{fidelity.quantized_top1:.2%}", f"{fidelity.float_top1:.2%}")
+        for output in fidelity.outputs:
+            table.add_row(f"{output.name} vs float", f"SQNR {output.sqnr_db:.1f} dB", f"cosine {output.cosine:.5f}")
+    return table
+
+
+def json_safe(value):
+    """``value`` with what JSON cannot hold made printable: non-finite floats, paths."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def report_conversion(result: ConversionResult, quiet: bool, as_json: bool) -> None:
+    """The result of ``convert`` or ``recover``: JSON on stdout, or the table, then notes on stderr."""
+    if as_json:
+        payload = dataclasses.asdict(result) | {"size_ratio": result.size_ratio}
+        print_json(payload)
+    if not quiet:
+        if not as_json:
+            Console().print(summary(result))
+        for note in result.notes:
+            typer.echo(f"note: {note}", err=True)
+
+
+def inspection_tables(report: Inspection) -> list[Table]:
+    ops = Table(title="nodes by precision")
+    for column in ("op type", "int8", "float"):
+        ops.add_column(column, justify="left" if column == "op type" else "right")
+    for op, counts in report.op_counts().items():
+        ops.add_row(op, str(counts["int8"]), str(counts["float"]))
+    ops.add_section()
+    ops.add_row("QuantizeLinear / DequantizeLinear", str(report.quantize_nodes), str(report.dequantize_nodes))
+    sizes = Table(title="initializer bytes by dtype")
+    sizes.add_column("dtype")
+    sizes.add_column("MB", justify="right")
+    sizes.add_column("share", justify="right")
+    total = sum(report.bytes_by_dtype.values()) or 1
+    for dtype, size in report.bytes_by_dtype.items():
+        sizes.add_row(dtype, f"{size / 1e6:.3f}", f"{size / total:.1%}")
+    tables = [ops, sizes]
+    sparse = [w for w in report.weights if w.zero_fraction > 0]
+    if sparse:
+        sparsity = Table(title="weights with exact zeros")
+        for column in ("weight", "dtype", "zeros", "2:4"):
+            sparsity.add_column(column)
+        for weight in sorted(sparse, key=lambda w: -w.zero_fraction)[:20]:
+            sparsity.add_row(weight.name, weight.dtype, f"{weight.zero_fraction:.1%}", "yes" if weight.two_four_sparse else "")
+        tables.append(sparsity)
+    return tables
+
+
+def inspection_payload(report: Inspection) -> dict:
+    return dataclasses.asdict(report) | {"op_counts": report.op_counts(), "weight_zero_fraction": report.weight_zero_fraction}
+
+
+def pair_tables(pair: InspectionPair) -> list[Table]:
+    before, after = pair.before, pair.after
+    sizes = Table(title="initializer bytes by precision, before and after")
+    for column in ("dtype", "float model MB", "quantized model MB"):
+        sizes.add_column(column, justify="left" if column == "dtype" else "right")
+    for dtype, (old, new) in pair.bytes_by_dtype().items():
+        sizes.add_row(dtype, f"{old / 1e6:.3f}", f"{new / 1e6:.3f}")
+    sizes.add_section()
+    sizes.add_row("all initializers", f"{sum(before.bytes_by_dtype.values()) / 1e6:.3f}",
+                  f"{sum(after.bytes_by_dtype.values()) / 1e6:.3f}")
+    sizes.add_row("file", f"{before.model_bytes / 1e6:.3f}",
+                  f"{after.model_bytes / 1e6:.3f} ({after.model_bytes / max(before.model_bytes, 1):.2f}x)")
+    sparsity = Table(title="weight sparsity, before and after")
+    for column in ("", "float model", "quantized model"):
+        sparsity.add_column(column, justify="left" if not column else "right")
+    sparsity.add_row("exact zeros", f"{before.weight_zero_fraction:.2%}", f"{after.weight_zero_fraction:.2%}")
+    sparsity.add_row("2:4 sparse weights", *(f"{sum(w.two_four_sparse for w in r.weights)} of {len(r.weights)}"
+                                             for r in (before, after)))
+    return [sizes, sparsity, inspection_tables(after)[0]]
+
+
+def comparison_tables(result: Comparison, rows: int) -> list[Table]:
+    outputs = Table(title=f"outputs, {result.fidelity.samples} samples")
+    for column in ("output", "SQNR dB", "cosine", "max abs error"):
+        outputs.add_column(column, justify="left" if column == "output" else "right")
+    for output in result.fidelity.outputs:
+        outputs.add_row(output.name, f"{output.sqnr_db:.2f}", f"{output.cosine:.5f}", f"{output.max_abs_error:.4g}")
+    tables = [outputs]
+    if result.fidelity.float_top1 is not None:
+        top1 = Table(title="top-1 accuracy")
+        top1.add_column("float", justify="right")
+        top1.add_column("int8", justify="right")
+        top1.add_row(f"{result.fidelity.float_top1:.2%}", f"{result.fidelity.quantized_top1:.2%}")
+        tables.append(top1)
+    if result.layers:
+        layers = Table(title=f"quantized tensors vs float, worst first ({min(rows, len(result.layers))} of {len(result.layers)})")
+        for column in ("tensor", "producer", "SQNR dB", "cosine", "max abs error"):
+            layers.add_column(column, justify="left" if column in ("tensor", "producer") else "right")
+        for layer in result.layers[:rows]:
+            layers.add_row(layer.tensor, layer.op, f"{layer.sqnr_db:.2f}", f"{layer.cosine:.5f}", f"{layer.max_abs_error:.4g}")
+        tables.append(layers)
+    return tables
+
+
+def print_json(payload: object) -> None:
+    """``payload`` as indented JSON on stdout (non-finite floats as strings)."""
+    sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
