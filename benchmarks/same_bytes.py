@@ -2,7 +2,7 @@
 the current tree, and the sha256 of what each wrote (``OUTPUT``, and ``OUTPUT.data`` if any) must match.
 
 ``python -m benchmarks.same_bytes [--ref REF] [--quick]`` prints one row per case and exits 1 if
-any case differs, or fails in one tree and not the other (its one-line error is shown).
+any case differs or fails in either tree (its one-line error is shown).
 
 1. REF is checked out into a temporary ``git worktree``, removed at the end.
 2. Every conversion runs in a fresh process (this file run as ``--worker``) whose ``sys.path``

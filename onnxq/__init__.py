@@ -8,9 +8,11 @@ from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import (
     CalibrationDataError,
     ConfigError,
+    DeviceError,
     ModelError,
     OnnxqError,
     OutputError,
+    WorkspaceError,
 )
 from onnxq.report.compare import Comparison, LayerFidelity, compare
 from onnxq.report.evaluate import Fidelity, OutputFidelity
@@ -23,6 +25,7 @@ __all__ = [
     "Comparison",
     "ConfigError",
     "ConversionResult",
+    "DeviceError",
     "FallbackOptions",
     "FallbackReport",
     "Fidelity",
@@ -41,4 +44,5 @@ __all__ = [
     "parse_rule",
     "recover",
     "save_rules",
+    "WorkspaceError",
 ]

@@ -7,6 +7,7 @@ import contextlib
 import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -14,9 +15,11 @@ import onnx.helper as oh
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxq.calibration.data import Batch
 from onnxq.errors import CalibrationDataError, DeviceError, ModelError, first_line
 from onnxq.files import offloaded
+
+if TYPE_CHECKING:  # only a type here: the ground floor does not import the stages
+    from onnxq.calibration.data import Batch
 
 CPU = "CPUExecutionProvider"
 

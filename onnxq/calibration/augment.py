@@ -57,7 +57,7 @@ def augmented_model(
 ) -> tuple[onnx.ModelProto, dict[str, dict[str, str]]]:
     """The model with ``names`` exposed, and where each one can be read: ``{"values": output}``,
     or ``{"min": output, "max": output}`` for those in ``reduce_in_graph`` (name -> rank).
-    Tensors inside If/Loop/Scan bodies are carried out by ``onnxq.analysis.subgraphs``."""
+    Tensors inside If/Loop/Scan bodies are carried out by ``expose_body_tensors``."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(proto)
     graph = augmented.graph

@@ -7,9 +7,10 @@ Rules, applied to a model in QDQ form (onnxq's own, or one quantized by another 
    a QuantizeLinear becomes its QLinear operator (``onnxq.ops``: ``qlinear``), reading the quantized inputs
    and writing the quantized output. A Relu or Clip between the op and the QuantizeLinear is
    dropped when the output's quantized range already clips exactly as it does.
-3. A Conv or Gemm bias becomes int32 with scale ``s_x * s_w``: a float bias is quantized (the
-   weight scale is widened on channels where it would overflow), an int32 bias with another
-   scale is requantized.
+3. A Conv or Gemm bias becomes int32 with scale ``s_x * s_w``: a float bias is quantized, an
+   int32 bias with another scale is requantized. The weights are already quantized, so their
+   scale is not widened: a bias that would overflow int32 stays float (with a note), and its
+   group stays in QDQ form.
 4. A data-movement op between a DequantizeLinear and QuantizeLinear with the same scale and zero
    point runs on the integer tensor directly (Pad pads with the zero point).
 5. What matches no rule stays as it is (float islands keep their DequantizeLinear and

@@ -4,7 +4,7 @@ Each step type is a frozen dataclass with a ``KIND`` (the kind in its file name)
 JSON payload by ``to_payload`` and read back by ``from_payload``, which refuses a payload with a
 missing field or a field of the wrong JSON type (``WorkspaceError``). Fields with a default may
 be absent (payloads of earlier onnxq versions). The calibration step is
-``onnxq.calibration.runner.CalibrationState``, whose observers need the percentile to be read.
+``onnxq.calibration.state.CalibrationState``, whose observers need the percentile to be read.
 """
 
 from __future__ import annotations
