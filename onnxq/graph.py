@@ -1,5 +1,5 @@
-"""Graph helpers every stage uses: constants, the subgraphs of If/Loop/Scan nodes, and tensors
-exposed as extra graph outputs."""
+"""Graph helpers every stage uses: constants, the subgraphs of If/Loop/Scan nodes, tensors
+exposed as extra graph outputs, and new names that no tensor of the model has yet."""
 
 from __future__ import annotations
 

@@ -23,10 +23,7 @@ class PassResult(ir.passes.PassResult):
 
 
 class GraphPass(ir.passes.InPlacePass):
-    """A rewrite of a model in place, with one job; ``call`` returns a ``PassResult``."""
-
-    def call(self, model: ir.Model) -> PassResult:  # pragma: no cover - every pass overrides it
-        raise NotImplementedError
+    """A rewrite of a model in place, with one job; its ``call(model)`` returns a ``PassResult``."""
 
 
 def run_passes(model: ir.Model, passes: Iterable[GraphPass]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -128,7 +129,7 @@ def calibrate(
     state: CalibrationState | None = None,
     checkpoint: Checkpoint | None = None,
     progress: ProgressCallback | None = None,
-    external_folder=None,
+    external_folder: Path | None = None,
 ) -> tuple[CalibrationState, list[str]]:
     """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
     state and notes. ``float_tensors`` maps the names known to be float32 to their rank (others

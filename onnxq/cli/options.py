@@ -124,6 +124,9 @@ def with_options(**groups: OptionGroup) -> Callable[[Callable], Callable]:
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name not in groups]
         added = [p for group in groups.values() for p in group.parameters()]
+        names = [p.name for p in own + added]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{command.__name__}: two options share a name in {sorted(names)}")
 
         @functools.wraps(command)
         def wrapper(**arguments: Any) -> Any:
