@@ -37,6 +37,9 @@ CASES = {  # case -> QuantConfig options beyond device="cpu"; the cases after "d
     "search": {},
     "recover": {},
     "requantize-qoperator": {"format": "qoperator"},
+    "external-data": {},
+    "loop-percentile": {"method": "percentile"},  # an RNN as a Loop: body tensors carried out, quantized in the body
+    "attention-sentinel": {},  # a mask of the float minimum: sentinel tensors kept float
     "yolo-qdq": {},
     "yolo-qoperator": {"format": "qoperator"},
 }
@@ -49,10 +52,11 @@ def _worker(code_root: str, models: str, case: str, folder: str) -> None:
     assert Path(onnxq.__file__).resolve().is_relative_to(Path(code_root).resolve()), f"onnxq from {onnxq.__file__}"
     model, output, default = f"{models}/digits_cnn.onnx", f"{folder}/{case}.onnx", f"{folder}/default.onnx"
     calibration, options = f"{models}/calib.npz", {}
-    if hasattr(onnxq, "RunOptions"):  # the calibration device moved out of QuantConfig in the restructuring
-        config, options["run"] = onnxq.QuantConfig(**CASES[case]), onnxq.RunOptions(device="cpu")
+    run = {"device": "cpu", **({"external_data": "always"} if case == "external-data" else {})}
+    if hasattr(onnxq, "RunOptions"):  # how the run goes moved out of QuantConfig in the restructuring
+        config, options["run"] = onnxq.QuantConfig(**CASES[case]), onnxq.RunOptions(**run)
     else:
-        config = onnxq.QuantConfig(device="cpu", **CASES[case])
+        config = onnxq.QuantConfig(**run, **CASES[case])
     if case == "recover":
         onnxq.recover(model, default + ".onnxq", output)
         return
@@ -63,6 +67,16 @@ def _worker(code_root: str, models: str, case: str, folder: str) -> None:
     elif case == "search":  # plain int8 loses 0.2% top-1 on the demo, so the search runs trials (4 here)
         options["eval_data"] = f"{models}/eval.npz"
         options["fallback"] = onnxq.FallbackOptions(max_drop=0.001, max_trials=6)
+    elif case == "loop-percentile":  # this tree's tests build the model: they import onnxq as the tree has it
+        from tests.test_control_flow import _sequences, rnn_loop
+
+        assert Path(rnn_loop.__code__.co_filename).resolve().is_relative_to(Path(code_root).resolve())
+        model, calibration = rnn_loop(True), _sequences(24, 0)
+    elif case == "attention-sentinel":
+        from tests.graphs import attention_block, attention_data
+
+        assert Path(attention_block.__code__.co_filename).resolve().is_relative_to(Path(code_root).resolve())
+        model, calibration = attention_block(), attention_data(16)
     elif case.startswith("yolo-"):
         # this tree's benchmarks: it imports onnxq, whose modules' paths the refactor moves
         from benchmarks.workloads import WORKLOADS
