@@ -13,7 +13,8 @@ from PIL import Image
 import onnxq
 from onnxq.cli import app
 from onnxq.errors import CalibrationDataError, ConfigError
-from tests.test_cli_errors import DEMO, ROOT, onnxq as run_cli
+from tests.test_cli_errors import DEMO, ROOT
+from tests.test_cli_errors import onnxq as run_cli
 
 CALIBRATION = ROOT / "models" / "calib.npz"
 EVALUATION = ROOT / "models" / "eval.npz"
@@ -86,3 +87,9 @@ def test_compare_preprocesses_an_image_folder_as_convert_does(tmp_path):
     assert reported["sqnr_db"] == pytest.approx(expected.sqnr_db, rel=1e-9)
     default = onnxq.compare(DEMO, quantized, onnxq.ImageFolder(folder)).fidelity.outputs[0]
     assert default.sqnr_db != pytest.approx(expected.sqnr_db)  # the options did change the inputs
+
+
+def test_a_bad_shared_option_is_a_clean_error_in_compare_too(tmp_path):
+    result = run_cli("compare", DEMO, DEMO, "--data", EVALUATION, "--batch-size", "0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: batch size must be at least 1, not 0"]

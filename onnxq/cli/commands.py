@@ -160,8 +160,8 @@ def compare(
 ) -> None:
     """Per-output SQNR, cosine, max error (and top-1) of QUANTIZED_MODEL vs FLOAT_MODEL, and each
     quantized tensor's SQNR vs float, matched by topology, worst first."""
-    options = QuantConfig(**sampling)
     try:
+        options = QuantConfig(**sampling)
         result = compare_models(float_model, quantized_model, _data(data, images), options.batch_size,
                                 options.max_samples)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1

@@ -77,7 +77,7 @@ class LoadedModel:
 
     def fresh(self) -> ir.Model:
         """A new copy of the cleaned-up graph to rewrite (weights in external data stay on disk)."""
-        if self.external_folder is not None:
+        if self.offload:
             return prepare(self.proto, self.external_folder)[0]
         return ir.from_proto(self.cleaned)
 

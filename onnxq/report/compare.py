@@ -28,6 +28,7 @@ from onnxq.load.prepare import ModelInput, load
 from onnxq.report.evaluate import ErrorAccumulator, Fidelity, compare_models
 from onnxq.runtime import create_session
 
+
 @dataclasses.dataclass(frozen=True)
 class LayerFidelity:
     """One quantized tensor against its float counterpart: the float tensor's name, the op that
@@ -107,7 +108,7 @@ def compare(
         ir.external_data.set_base_dir(stripped.graph, quant_folder)
     pairs = _strip_qdq(stripped)
     quant_keys = tensor_keys(stripped.graph)
-    float_by_key = {key: name for name, key in tensor_keys(float_ir.graph).items()}
+    float_by_key = {key: name for name, key in loaded.keys.tensors.items()}
     producers = {v.name: "input" for v in float_ir.graph.inputs}
     for node in float_ir.graph:
         producers.update((v.name, node.op_type) for v in node.outputs)

@@ -20,13 +20,18 @@ Rules:
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import ModelError
 from onnxq.files import release_mapped
-from onnxq.graph import add_initializer, is_constant, owning_graph, taken_names, unique_name
+from onnxq.graph import (
+    add_initializer,
+    is_constant,
+    owning_graph,
+    taken_names,
+    unique_name,
+)
 from onnxq.passes import GraphPass, PassResult
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.rewrite.quant_math import (
