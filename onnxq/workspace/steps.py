@@ -50,9 +50,8 @@ class StepRecord:
                 if required:
                     raise WorkspaceError(f"a {cls.KIND} step lacks {field.name!r}; the workspace is damaged, start a new run")
                 continue
-            value = payload[field.name]
-            if isinstance(value, bool) and bool not in _json_types(hints[field.name]) or \
-                    not isinstance(value, _json_types(hints[field.name])):
+            value, allowed = payload[field.name], _json_types(hints[field.name])
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise WorkspaceError(
                     f"a {cls.KIND} step's {field.name!r} is a {type(value).__name__}; the workspace is damaged, "
                     "start a new run"
