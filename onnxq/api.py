@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from onnxq.analysis.rules import resolve_rules, save_rules
-from onnxq.calibration.data import BatchSource, DataSource, model_inputs
+from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs
+from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samples
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
 from onnxq.files import check_writable, external_data_path
 from onnxq.load.prepare import LoadedModel, ModelInput, load
-from onnxq.report.evaluate import Fidelity, compare_models
+from onnxq.report.evaluate import Fidelity, compare_models, compare_runs, run_checked
 from onnxq.report.inspect import inspect_model
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
@@ -32,6 +34,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
+from onnxq.tune.target import AccuracyCheck, AccuracyTarget
 from onnxq.workspace.manifest import build_manifest, default_workspace
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace
@@ -40,7 +43,8 @@ from onnxq.workspace.store import Step, Workspace
 @dataclasses.dataclass(frozen=True)
 class ConversionResult:
     """What ``convert`` or ``recover`` produced: the output, sizes, per-op counts, notes,
-    calibration samples, the workspace and its step the model was built from, fidelity."""
+    calibration samples, the workspace and its step the model was built from, fidelity, the
+    fallback search's report and the accuracy check (``onnxq.tune.target``)."""
 
     output: Path
     float_bytes: int
@@ -52,10 +56,16 @@ class ConversionResult:
     calibration_step: int | None
     fidelity: Fidelity | None = None
     fallback: FallbackReport | None = None
+    accuracy: AccuracyCheck | None = None
 
     @property
     def size_ratio(self) -> float:
         return self.quantized_bytes / self.float_bytes
+
+    @property
+    def target_met(self) -> bool | None:
+        """Whether the model met the accuracy target (``None``: not measured)."""
+        return None if self.accuracy is None else self.accuracy.met
 
 
 def _convert_quantized(loaded: LoadedModel, output_path: Path, config: QuantConfig, run: RunOptions) -> ConversionResult:
@@ -137,15 +147,57 @@ def _layer_choices(conversion: _Conversion, loaded: LoadedModel, state: Calibrat
     return layers
 
 
-def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, eval_source: BatchSource) -> Fidelity:
+@dataclasses.dataclass(frozen=True)
+class _Measurement:
+    """The data a conversion is measured on: batches for the fallback search (``None``: no
+    search), every batch to report on, and what they are."""
+
+    search: list[Batch] | None
+    report: Iterable[Batch]
+    description: str
+
+
+SAFETY_NET_SAMPLES = 2 * HOLD_OUT_SAMPLES  # evaluation samples the safety net's search runs on
+
+
+def _measurement(eval_source: BatchSource | None, source: BatchSource | None, config: QuantConfig,
+                 fallback: FallbackOptions) -> _Measurement | None:
+    """``--eval-data`` (all of it for ``--max-drop``, its first ``SAFETY_NET_SAMPLES`` for the
+    safety net), else the held-out calibration batches; ``None`` without data to measure on."""
+    if eval_source is not None:
+        if fallback.max_drop is not None:
+            batches = list(eval_source())
+            return _Measurement(batches, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
+        search = first_samples(eval_source(), SAFETY_NET_SAMPLES) if fallback.auto else None
+        return _Measurement(search, eval_source(), "--eval-data")
+    if source is None:
+        return None
+    held_out = source.held_out() if isinstance(source, HeldOutSplit) else []
+    batches = held_out or first_samples(source(), HOLD_OUT_SAMPLES)
+    if not batches:
+        return None
+    samples = sum(b.samples for b in batches)
+    what = f"{samples} held-out calibration samples" if held_out else \
+        f"{samples} calibration samples (not held out: {'too few batches' if config.hold_out else '--no-hold-out'})"
+    return _Measurement(batches if fallback.auto else None, batches, what)
+
+
+def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, batches: Iterable[Batch]) -> Fidelity:
     """Fidelity of the written model on the evaluation data; evaluation data the models fail
-    on removes the output (exit 2 leaves no output behind)."""
+    on removes the output (exit 2 leaves no output behind). A list of batches (held-out
+    samples) is run through the float model first and then the written one, so that one model
+    is in memory at a time; other data streams through both."""
     try:
-        return compare_models(
-            loaded.float_session(),
-            create_session(output_path if written.data is None else written.data, "the quantized model"),
-            eval_source(),
-        )
+        float_session = loaded.float_session()
+        names = [output.name for output in float_session.get_outputs()]
+        if isinstance(batches, list):
+            references = [run_checked(float_session, names, batch) for batch in batches]
+            float_session = None
+        quantized = create_session(output_path if written.data is None else written.data, "the quantized model")
+        if float_session is not None:
+            return compare_models(float_session, quantized, batches)
+        return compare_runs(names, ((batch, reference, run_checked(quantized, names, batch))
+                                    for batch, reference in zip(batches, references)))
     except OnnxqError:
         output_path.unlink(missing_ok=True)
         if written.data is None:
@@ -182,9 +234,11 @@ def convert(
     continues a run that was killed, and gives the same model as an uninterrupted run
     (``calibration_data`` may then be ``None`` if calibration had finished). ``eval_data``
     (same formats) measures fidelity after conversion, with top-1 accuracy when it has a
-    ``label`` array. ``fallback`` keeps nodes float by rules and, with ``max_drop`` and
-    ``eval_data``, by measured sensitivity until the metric is met. Bad input raises an
-    ``OnnxqError`` subclass, and nothing is written then.
+    ``label`` array. Without it, every 8th calibration batch (up to 32 samples) is held out to
+    measure on (``onnxq.calibration.holdout``). ``fallback`` keeps nodes float by rules; by
+    measured sensitivity until the accuracy target is met (``fallback.auto``, the safety net:
+    ``onnxq.tune.target``); or, with ``max_drop`` and ``eval_data``, until the metric is within
+    ``max_drop`` of float. Bad input raises an ``OnnxqError`` subclass, and nothing is written then.
     """
     config = config or QuantConfig()
     run = run or RunOptions()
@@ -204,17 +258,25 @@ def convert(
     elif not resume:
         raise CalibrationDataError("no calibration data; pass --calibration-data (an .npz file, a folder or a loader)")
     eval_source = None if eval_data is None else BatchSource(eval_data, inputs, config.batch_size)
+    if source is not None and eval_source is None and config.hold_out:
+        source = HeldOutSplit(source)
 
     workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index)
+    measurement = _measurement(eval_source, source, config, fallback)
+    target = AccuracyTarget.of(fallback)
     report, keep = None, base
-    if fallback.max_drop is not None:
-        keep, report = tune_fallback(loaded, state, config, layers, base, fallback, list(eval_source()), conversion.space,
-                                     tuning_progress)
-        conversion.notes += fallback_notes(report)
+    if measurement is not None and measurement.search:
+        search_options = fallback if fallback.max_drop is not None else target.search_options(fallback)
+        keep, report = tune_fallback(loaded, state, config, layers, base, search_options, measurement.search,
+                                     conversion.space, tuning_progress)
+        if fallback.max_drop is None and report.met and report.trials == 1:
+            report = None  # the safety net's plain model met the target: nothing was searched
+        else:
+            conversion.notes += fallback_notes(report)
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
@@ -222,7 +284,12 @@ def convert(
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
     if fallback.save_rules is not None:
         _save_rules(fallback.save_rules, loaded, built)
-    fidelity = None if eval_source is None else _evaluate(loaded, written, output_path, eval_source)
+    fidelity = accuracy = None
+    if measurement is None:
+        conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
+    else:
+        fidelity = _evaluate(loaded, written, output_path, measurement.report)
+        accuracy = target.check(fidelity, measurement.description)
     return ConversionResult(
         output=output_path,
         float_bytes=loaded.float_bytes,
@@ -234,6 +301,7 @@ def convert(
         calibration_step=calibration_step.index,
         fidelity=fidelity,
         fallback=report,
+        accuracy=accuracy,
     )
 
 

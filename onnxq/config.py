@@ -11,6 +11,7 @@ the checks below and the command line:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,10 @@ class QuantConfig:
                                help="Weight scale granularity.")
     batch_size: int = option(1, changes_model=True, help="Samples per run of the model (models with a dynamic batch axis).")
     max_samples: int | None = option(None, changes_model=True, help="Use at most this many samples of the data.")
+    hold_out: bool = option(
+        True, flag="--hold-out/--no-hold-out", changes_model=True,
+        help="Without --eval-data, hold back every 8th calibration batch (up to 32 samples) to measure the written "
+        "model on; --no-hold-out calibrates on every sample and measures on calibration samples.")
     max_shared_range_ratio: float = option(
         16.0, cli=False, changes_model=True,
         help="A Concat whose inputs' ranges differ by more than this factor is kept float.")
@@ -114,6 +119,20 @@ class FallbackOptions:
     or parsed rules (``onnxq.analysis.rules``); ``metric`` also takes a callable
     ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
 
+    auto: bool = option(
+        True, flag="--fallback/--no-fallback",
+        help="Measure every conversion against the accuracy target (--min-sqnr, --min-agreement) on held-out "
+        "calibration samples (or --eval-data) and, where it is missed, keep the most sensitive nodes float "
+        "until it is met.")
+    min_sqnr_db: float = option(
+        20.0, flag="--min-sqnr", help="Accuracy target: SQNR in dB of every output, and every part of an output "
+        "whose values differ in scale (box coordinates vs class scores), against the float model.")
+    min_agreement: float = option(
+        0.98, help="Accuracy target: share of arg-max decisions of softmax outputs that agree with the float model.")
+    budget_s: float = option(
+        300.0, flag="--fallback-budget",
+        help="Seconds the fallback search (safety net or --max-drop) may take; then the best model found is "
+        "written. 0: no limit.")
     keep_float: tuple = option(
         (), flag="--keep-float",
         help="Keep matching nodes float (repeatable): an op type, a name glob, first:OP, last:OP, "
@@ -141,5 +160,8 @@ class FallbackOptions:
         check_choices(self)
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
+        if not (math.isfinite(self.min_sqnr_db) and 0 <= self.min_agreement < 1
+                and math.isfinite(self.budget_s) and self.budget_s >= 0):
+            raise ConfigError("--min-sqnr must be finite, --min-agreement in [0, 1), --fallback-budget >= 0 seconds")
         if self.sensitivity_samples < 1 or self.max_trials < 1:
             raise ConfigError("sensitivity samples and max trials must be at least 1")

@@ -83,7 +83,7 @@ def unique_name(name: str, taken: set[str]) -> str:
 def add_initializer(graph: ir.Graph, taken: set[str], name: str, array: np.ndarray) -> ir.Value:
     """A new initializer of ``graph`` holding ``array``, named ``name`` made unique in ``taken``."""
     name = unique_name(name, taken)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
+    value = ir.Value(name=name, const_value=ir.Tensor(np.asarray(array), name=name),
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
     graph.register_initializer(value)
     return value

@@ -21,6 +21,8 @@ Per standard-domain op type (``OpInfo``):
 5. ``fp16_safe``: whether it may compute in float16 in an fp16 island; reductions,
    exponentials and normalizations overflow float16 long before their inputs do.
 6. ``normalization``: a normalization op (``pattern:normalization`` keeps it float).
+7. ``reduction``: it reduces a tensor to statistics (a mean, sum, norm, max); what a graph
+   computes from a reduction and its input again is found by dataflow (``onnxq.analysis.rules``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class OpInfo:
     data_movement: bool = False
     fp16_safe: bool = True
     normalization: bool = False
+    reduction: bool = False
 
 
 def _weighted(qlinear: tuple[str, str] | None, bias: bool = True) -> OpInfo:
@@ -60,6 +63,7 @@ def _compute(qlinear_op: str, activation_inputs: tuple[int, ...] | None = (0,)) 
 _SHARED = OpInfo("shared", data_movement=True)
 _FP32 = OpInfo(fp16_safe=False)
 _NORMALIZATION = OpInfo(fp16_safe=False, normalization=True)
+_REDUCTION = OpInfo(fp16_safe=False, reduction=True)
 
 OPS: dict[str, OpInfo] = {
     "Conv": _weighted(("", "QLinearConv")),
@@ -79,8 +83,9 @@ OPS: dict[str, OpInfo] = {
     **{op: _SHARED for op in ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
                               "Split", "Slice", "Gather", "Pad")},
     "Identity": OpInfo(data_movement=True),
-    **{op: _FP32 for op in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow",
-                            "Sqrt", "Reciprocal", "Exp", "Log", "LogSoftmax", "CumSum")},
+    **{op: _REDUCTION for op in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+                                 "ReduceLogSumExp", "ReduceMax", "ReduceMin")},
+    **{op: _FP32 for op in ("Pow", "Sqrt", "Reciprocal", "Exp", "Log", "LogSoftmax", "CumSum")},
     **{op: _NORMALIZATION for op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization",
                                      "BatchNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                                      "SkipLayerNormalization")},
@@ -91,6 +96,7 @@ FUSION_CHECKED = frozenset(op for op, info in OPS.items() if info.compute)
 WEIGHTED = tuple(op for op, info in OPS.items() if info.weight_input is not None)
 FP32_ONLY = frozenset(op for op, info in OPS.items() if not info.fp16_safe)
 NORMALIZATION_OPS = frozenset(op for op, info in OPS.items() if info.normalization)
+REDUCTIONS = frozenset(op for op, info in OPS.items() if info.reduction)
 
 
 def rule_for(node: ir.Node) -> OpInfo | None:

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from onnxq.errors import CalibrationDataError, DeviceError, ModelError, first_line
 from onnxq.files import offloaded
+from onnxq.graph import proto_graphs
 
 if TYPE_CHECKING:  # only a type here: the ground floor does not import the stages
     from onnxq.calibration.data import Batch
@@ -104,28 +105,35 @@ def calibration_providers(device: str) -> tuple[tuple[str, ...], str | None]:
 
 @contextlib.contextmanager
 def session_of(model: ir.Model, offload: bool, what: str = "a trial model") -> Iterator[ort.InferenceSession]:
-    """An ONNX Runtime session of ``model`` (a rewritten copy, not written yet); with ``offload``
-    (a big model) it goes with its weights in a temporary file, which ``model`` then refers to
-    until the block ends."""
-    if not offload:
-        yield create_session(ir.to_proto(model).SerializeToString(), what)
-        return
-    with offloaded(model) as folder:
-        yield create_session(ir.to_proto(model), what, external_folder=folder)
+    """An ONNX Runtime session of ``model`` (a rewritten copy, not written yet), without the shape
+    annotations onnxq inferred (as it will be written: ONNX Runtime's optimizer reads them, and
+    some combinations with weights shared by subgraphs stop it); with ``offload`` (a big model) it
+    goes with its weights in a temporary file, which ``model`` then refers to until the block ends."""
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(offloaded(model)) if offload else None
+        proto = ir.to_proto(model)
+        for graph in proto_graphs(proto.graph):
+            del graph.value_info[:]
+        yield create_session(proto if offload else proto.SerializeToString(), what, external_folder=folder)
 
 
-def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tuple[slice, ...] = (slice(None),)) -> list[dict[str, np.ndarray]]:
+def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tuple[slice, ...] = (slice(None),),
+            flat_if_ragged: bool = False) -> list[dict[str, np.ndarray]]:
     """Every output of ``session`` over ``batches``, concatenated along the sample axis, once per
-    slice of the batches in ``parts`` (default: one dict, of all of them)."""
+    slice of the batches in ``parts`` (default: one dict, of all of them). Outputs whose shapes
+    differ across batches (or scalars) are an error, or with ``flat_if_ragged`` concatenated
+    flat (for metrics that compare values, not positions)."""
     names = [output.name for output in session.get_outputs()]
     runs = [session.run(names, batch.feed) for batch in batches]
-    return [_concatenate(names, runs[part]) for part in parts]
+    return [_concatenate(names, runs[part], flat_if_ragged) for part in parts]
 
 
-def _concatenate(names: list[str], runs: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+def _concatenate(names: list[str], runs: list[list[np.ndarray]], flat_if_ragged: bool) -> dict[str, np.ndarray]:
     try:
         return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
     except ValueError as exc:
+        if flat_if_ragged:
+            return {name: np.concatenate([np.ravel(run[i]) for run in runs]) for i, name in enumerate(names)}
         raise CalibrationDataError(
             f"the model's outputs differ in shape across evaluation batches ({exc}); "
             "give evaluation samples of one shape"

@@ -73,10 +73,12 @@ def fused_op_types(path: str) -> list[str]:
     return [node.op_type for node in onnx.load(optimized).graph.node]
 
 
-def attention_block(mask_value: float = float(np.finfo(np.float32).min), dim: int = 16, seed: int = 0) -> onnx.ModelProto:
-    """One self-attention layer as exporters write it: Q/K/V projections, scaled scores plus an
-    additive mask ``(1 - mask) * mask_value`` from an int64 ``attention_mask``, Softmax, output
-    projection, residual Add and a decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add)."""
+def attention_block(mask_value: float = float(np.finfo(np.float32).min), dim: int = 16, seed: int = 0,
+                    mask_style: str = "add") -> onnx.ModelProto:
+    """One self-attention layer as exporters write it: Q/K/V projections, scaled scores masked
+    from an int64 ``attention_mask`` (``mask_style="add"``: plus ``(1 - mask) * mask_value``;
+    ``"where"``: ``Where(mask, scores, mask_value)``, as current exporters write it), Softmax,
+    output projection, residual Add and a decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add)."""
     rng = np.random.default_rng(seed)
 
     def w(*shape):
@@ -90,11 +92,20 @@ def attention_block(mask_value: float = float(np.finfo(np.float32).min), dim: in
         n("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="attn_kt"),
         n("MatMul", ["q", "kt"], ["scores"], name="attn_scores"),
         n("Div", ["scores", "sqrt_d"], ["scaled"], name="attn_scale"),
-        n("Cast", ["attention_mask"], ["mask_f"], to=FLOAT, name="mask_cast"),
-        n("Sub", ["one", "mask_f"], ["inverted"], name="mask_invert"),
-        n("Mul", ["inverted", "mask_value"], ["mask_add"], name="mask_scale"),
-        n("Unsqueeze", ["mask_add", "axis1"], ["mask_3d"], name="mask_unsqueeze"),
-        n("Add", ["scaled", "mask_3d"], ["masked"], name="attn_mask_add"),
+        *({
+            "add": [
+                n("Cast", ["attention_mask"], ["mask_f"], to=FLOAT, name="mask_cast"),
+                n("Sub", ["one", "mask_f"], ["inverted"], name="mask_invert"),
+                n("Mul", ["inverted", "mask_value"], ["mask_add"], name="mask_scale"),
+                n("Unsqueeze", ["mask_add", "axis1"], ["mask_3d"], name="mask_unsqueeze"),
+                n("Add", ["scaled", "mask_3d"], ["masked"], name="attn_mask_add"),
+            ],
+            "where": [
+                n("Cast", ["attention_mask"], ["mask_b"], to=onnx.TensorProto.BOOL, name="mask_cast"),
+                n("Unsqueeze", ["mask_b", "axis1"], ["mask_3d"], name="mask_unsqueeze"),
+                n("Where", ["mask_3d", "scaled", "mask_value"], ["masked"], name="attn_mask_where"),
+            ],
+        }[mask_style]),
         n("Softmax", ["masked"], ["probs"], axis=-1, name="attn_softmax"),
         n("MatMul", ["probs", "v"], ["context"], name="attn_context"),
         n("MatMul", ["context", "wo"], ["projected"], name="attn_out"),

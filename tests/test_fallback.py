@@ -50,6 +50,13 @@ def sqnr_score(model, quantized_path, data) -> float:
     return 1 - float(np.sum((reference - quantized) ** 2) / np.sum(reference**2))
 
 
+def plain_int8(model, output, workspace, keep_float=()) -> onnxq.ConversionResult:
+    """Calibrated on every sample of ``_data(0)``, as with eval data, with the given keep-float
+    rules and no safety net: the model the search starts from."""
+    return onnxq.convert(model, output, _data(0), onnxq.QuantConfig(hold_out=False), workspace=workspace,
+                         fallback=onnxq.FallbackOptions(keep_float=tuple(keep_float), auto=False))
+
+
 def _float_gemms(path) -> set[str]:
     """Names of the Gemms whose weight is still a float initializer."""
     model = onnx.load(path)
@@ -65,7 +72,7 @@ def tuned(tmp_path_factory):
         model, folder / "tuned.onnx", _data(0), eval_data=_data(1), workspace=folder / "ws",
         fallback=onnxq.FallbackOptions(max_drop=MAX_DROP, metric="sqnr", save_rules=str(folder / "rules.json")),
     )
-    plain = onnxq.convert(model, folder / "plain.onnx", _data(0), workspace=folder / "ws_plain")
+    plain = plain_int8(model, folder / "plain.onnx", folder / "ws_plain")
     return folder, model, result, plain
 
 
@@ -88,8 +95,7 @@ def test_fallback_set_is_minimal_and_most_compute_stays_int8(tuned, tmp_path):
     assert "g3" not in kept and len(kept) <= 2
     for name in kept:  # re-quantizing any one of them breaks the target
         others = [f"name:{n}" for n in kept - {name}]
-        trial = onnxq.convert(model, tmp_path / f"without_{name}.onnx", _data(0), workspace=tmp_path / f"ws_{name}",
-                              fallback=onnxq.FallbackOptions(keep_float=tuple(others)))
+        trial = plain_int8(model, tmp_path / f"without_{name}.onnx", tmp_path / f"ws_{name}", others)
         assert sqnr_score(model, trial.output, _data(1)) < 1 - MAX_DROP
 
 
@@ -136,8 +142,7 @@ def test_only_quantized_sensitivity_is_the_error_of_each_unit_alone_in_int8(tune
     for unit, gain in zip(units, measured["gains"].values()):
         # the same model built from rules: every other unit float; its error recomputed with numpy
         others = tuple(f"sig:{key}" for key in sorted(every_key - set(unit)))
-        alone = onnxq.convert(model, tmp_path / "alone.onnx", _data(0), workspace=tmp_path / "ws_alone",
-                              fallback=onnxq.FallbackOptions(keep_float=others))
+        alone = plain_int8(model, tmp_path / "alone.onnx", tmp_path / "ws_alone", others)
         error = float(np.sum((reference - run(alone.output, _data(1))[0]) ** 2) / np.sum(reference**2))
         assert gain + measured["baseline"] == pytest.approx(error, rel=1e-3, abs=1e-9)
     # the outlier layers' units add by far the most error when quantized alone
@@ -147,8 +152,7 @@ def test_only_quantized_sensitivity_is_the_error_of_each_unit_alone_in_int8(tune
 
 def test_saved_rules_reproduce_the_fallback_without_a_search(tuned, tmp_path):
     folder, model, result, _ = tuned
-    replay = onnxq.convert(model, tmp_path / "replay.onnx", _data(0), workspace=tmp_path / "ws",
-                           fallback=onnxq.FallbackOptions(keep_float=(str(folder / "rules.json"),)))
+    replay = plain_int8(model, tmp_path / "replay.onnx", tmp_path / "ws", [str(folder / "rules.json")])
     assert _float_gemms(replay.output) == {k.name for k in result.fallback.kept}
 
 

@@ -40,12 +40,14 @@ def _data(shape, n=24, seed=0):
 
 def _convert(tmp_path, model, x_shape, **config):
     """Convert with 8-bit weights everywhere and every quantizable node quantized, fused by ONNX
-    Runtime or not (7-bit weights and fusion coverage have tests of their own)."""
+    Runtime or not, and no safety-net fallback (7-bit weights, fusion coverage and the safety net
+    have tests of their own)."""
     out = tmp_path / "model.int8.onnx"
     calibration = {"x": _data(x_shape)}
     config.setdefault("reduce_range", "never")
     config.setdefault("quantize_unfused", True)
-    result = onnxq.convert(model, out, calibration, onnxq.QuantConfig(**config))
+    result = onnxq.convert(model, out, calibration, onnxq.QuantConfig(**config),
+                           fallback=onnxq.FallbackOptions(auto=False))
     return result, onnx.load(out), str(out)
 
 

@@ -34,8 +34,9 @@ def _output_step(path) -> float:
 def _both_forms(tmp_path, model, x_shape=(1, 4, 8, 8)):
     calibration = {"x": _data(list(x_shape))}
     qdq, qop = tmp_path / "qdq.onnx", tmp_path / "qop.onnx"
-    onnxq.convert(model, qdq, calibration, onnxq.QuantConfig(format="qdq"))
-    onnxq.convert(model, qop, calibration, onnxq.QuantConfig(format="qoperator"))
+    plain = onnxq.FallbackOptions(auto=False)  # the forms compared node for node: no safety-net fallback
+    onnxq.convert(model, qdq, calibration, onnxq.QuantConfig(format="qdq"), fallback=plain)
+    onnxq.convert(model, qop, calibration, onnxq.QuantConfig(format="qoperator"), fallback=plain)
     return qdq, qop
 
 

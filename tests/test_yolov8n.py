@@ -29,9 +29,10 @@ def _outputs(model, inputs):
 
 
 def _convert(tmp_path, yolo, config=None):
+    """Plain int8, without the safety net's search (its minutes belong in the benchmark)."""
     model, calibration, _ = yolo
     out = tmp_path / "yolov8n.int8.onnx"
-    result = onnxq.convert(model, out, calibration, config)
+    result = onnxq.convert(model, out, calibration, config, fallback=onnxq.FallbackOptions(auto=False))
     return result, out
 
 
@@ -52,11 +53,15 @@ def test_int8_detections_agree_with_float_detections(tmp_path, yolo):
     assert any("kept float" in note for note in result.notes)
 
 
-def test_forcing_one_scale_over_boxes_and_scores_loses_the_detections(tmp_path, yolo):
+def test_one_scale_forced_over_boxes_and_scores_is_caught_by_the_scores_own_error(tmp_path, yolo):
+    """The Concat forced into one scale would erase the scores (agreement 0.31, measured here
+    before the per-tensor measurement): the scores' own 8-bit error is measured as poor on
+    calibration data, so they stay float and the detections survive."""
     model, _, evaluation = yolo
-    _, out = _convert(tmp_path, yolo, onnxq.QuantConfig(max_shared_range_ratio=1e9))
+    result, out = _convert(tmp_path, yolo, onnxq.QuantConfig(max_shared_range_ratio=1e9))
+    assert any("own 8-bit error is poor" in note for note in result.notes)
     agreement = YOLO.task_metric(_outputs(model, evaluation), _outputs(out, evaluation))
-    assert agreement < 0.5  # measured here: 0.31
+    assert agreement >= 0.7
 
 
 def test_int8_yolo_is_about_a_quarter_of_the_float_size(tmp_path, yolo):

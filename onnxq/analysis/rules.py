@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxq.errors import ConfigError
 from onnxq.files import write_atomically
 from onnxq.graph import all_nodes, is_constant
-from onnxq.ops import NORMALIZATION_OPS
+from onnxq.ops import NORMALIZATION_OPS, REDUCTIONS
 
 RULES_FORMAT = "onnxq-rules"
 RULES_VERSION = 1
@@ -157,30 +157,79 @@ def _constant_operand(node: ir.Node) -> bool:
     return len(node.inputs) == 2 and any(is_constant(v) for v in node.inputs)
 
 
-def _normalizations(graph: ir.Graph) -> dict[ir.Node, str]:
-    """Normalization ops, and LayerNorm decomposed as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div
-    with its affine Mul/Add."""
-    found = {node: "pattern:normalization" for node in graph if node.op_type in NORMALIZATION_OPS}
-    for mean in graph:
-        if mean.op_type != "ReduceMean":
-            continue
-        x = mean.inputs[0]
-        for use in mean.outputs[0].uses():
-            sub = use.node
-            if sub.op_type != "Sub" or x not in sub.inputs:
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Max", "Min", "Clip",
+                         "Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand"})
+_STATISTIC_DEPTH = 6  # elementwise steps followed from a reduction to where it meets its data again
+
+
+def _data_sources(value: ir.Value) -> dict[ir.Value, list[ir.Node]]:
+    """``value`` and the tensors it is computed from by elementwise ops (a few steps up), each
+    with the nodes between it and ``value``."""
+    sources = {value: []}
+    frontier = [value]
+    for _ in range(_STATISTIC_DEPTH):
+        step = []
+        for current in frontier:
+            producer = current.producer()
+            if producer is None or producer.op_type not in _ELEMENTWISE:
                 continue
-            divs = [u.node for u in sub.outputs[0].uses() if u.node.op_type == "Div"]
-            for div in divs:
-                region = {n for n in _ancestors(div.inputs[1], 16) if sub in _ancestors(n.outputs[0], 16) or n is sub}
-                region |= {mean, sub, div}
-                tail = div
-                for op in ("Mul", "Add"):
-                    uses = tail.outputs[0].uses()
-                    if len(uses) == 1 and uses[0].node.op_type == op and _constant_operand(uses[0].node):
-                        tail = uses[0].node
-                        region.add(tail)
-                found.update((n, "pattern:normalization") for n in region)
+            for operand in producer.inputs:
+                if operand is not None and not is_constant(operand) and operand not in sources:
+                    sources[operand] = [*sources[current], producer]
+                    step.append(operand)
+        frontier = step
+    return sources
+
+
+def _statistics(reduction: ir.Node) -> set[ir.Node]:
+    """The nodes that compute a statistic of a tensor (``reduction`` and the elementwise ops
+    after it) and apply it to that tensor again (centering, scaling by a reciprocal spread, a
+    softmax's normalizing sum), with the ops that made the reduced tensor from the data: empty
+    when the reduction's result never meets its data again."""
+    sources = _data_sources(reduction.inputs[0])
+    found: set[ir.Node] = set()
+    frontier = [(reduction.outputs[0], [reduction])]
+    for _ in range(_STATISTIC_DEPTH):
+        step = []
+        for value, chain in frontier:
+            for use in value.uses():
+                node = use.node
+                if node.op_type not in _ELEMENTWISE:
+                    continue
+                met = [v for v in node.inputs if v is not None and v is not value and v in sources]
+                if met:
+                    found.update(chain, [node], *(sources[v] for v in met))
+                else:
+                    step.extend((out, [*chain, node]) for out in node.outputs)
+        frontier = step
     return found
+
+
+def _affine_tail(node: ir.Node) -> list[ir.Node]:
+    """The single-use Mul then Add by constants (a normalization's scale and shift) after ``node``."""
+    tail = []
+    for op in ("Mul", "Add"):
+        uses = node.outputs[0].uses()
+        if len(uses) != 1 or uses[0].node.op_type != op or not _constant_operand(uses[0].node):
+            break
+        node = uses[0].node
+        tail.append(node)
+    return tail
+
+
+def _normalizations(graph: ir.Graph) -> dict[ir.Node, str]:
+    """Normalization ops, and normalizations spelled out in any ops, found by dataflow: a
+    reduction whose result meets its own data again (``_statistics``: a layer norm as
+    ReduceMean/Sub/Pow/Sqrt/Div, as ReduceSum times 1/n with Reciprocal(Sqrt(...)), RMS norms,
+    L2 normalization, a softmax written out), with their affine scale and shift."""
+    found = {node for node in graph if node.op_type in NORMALIZATION_OPS}
+    for node in graph:
+        if node.op_type in REDUCTIONS and node.inputs and node.inputs[0] is not None:
+            found |= _statistics(node)
+    ends = [node for node in found if not any(use.node in found for out in node.outputs for use in out.uses())]
+    for node in ends:
+        found.update(_affine_tail(node))
+    return dict.fromkeys(found, "pattern:normalization")
 
 
 PATTERNS = {

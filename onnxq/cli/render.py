@@ -27,6 +27,7 @@ from onnxq.calibration.runner import ProgressCallback
 from onnxq.report.compare import Comparison
 from onnxq.report.inspect import Inspection, InspectionPair
 from onnxq.tune.fallback import TuningProgress
+from onnxq.tune.target import METRIC_NAME
 
 console = Console(stderr=True)
 
@@ -78,7 +79,7 @@ def summary(result: ConversionResult) -> Table:
     table.add_section()
     table.add_row("size", f"{result.quantized_bytes / 1e6:.2f} MB",
                   f"{result.float_bytes / 1e6:.2f} MB  ({result.size_ratio:.2f}x)")
-    if result.fallback is not None:
+    if result.fallback is not None and not result.fallback.metric.startswith(METRIC_NAME):
         report = result.fallback
         table.add_row(f"{report.metric} (fallback)", f"{report.final_score:.4f}", f"{report.float_score:.4f}")
     fidelity = result.fidelity
@@ -87,7 +88,25 @@ def summary(result: ConversionResult) -> Table:
             table.add_row("top-1 accuracy", f"{fidelity.quantized_top1:.2%}", f"{fidelity.float_top1:.2%}")
         for output in fidelity.outputs:
             table.add_row(f"{output.name} vs float", f"SQNR {output.sqnr_db:.1f} dB", f"cosine {output.cosine:.5f}")
+            for part in output.parts:
+                table.add_row(f"  part {part.label}", f"SQNR {part.sqnr_db:.1f} dB", f"cosine {part.cosine:.5f}")
+            if output.agreement is not None:
+                table.add_row("  arg-max agreement", f"{output.agreement:.2%}", f"of {output.decisions}")
+    if result.accuracy is not None:
+        table.add_section()
+        table.add_row("accuracy target", "met" if result.accuracy.met else "[bold red]NOT MET[/]",
+                      f"on {result.accuracy.measured_on}")
     return table
+
+
+def accuracy_lines(result: ConversionResult) -> list[str]:
+    """The lines on stderr about the accuracy target: loud when it is missed."""
+    check = result.accuracy
+    if check is None or check.met:
+        return []
+    return [f"warning: the model misses the accuracy target ({check.target}), measured on "
+            f"{check.measured_on}: {'; '.join(check.misses[:4])}" + (f" and {len(check.misses) - 4} more"
+                                                                     if len(check.misses) > 4 else "")]
 
 
 def json_safe(value):
@@ -106,13 +125,15 @@ def json_safe(value):
 def report_conversion(result: ConversionResult, quiet: bool, as_json: bool) -> None:
     """The result of ``convert`` or ``recover``: JSON on stdout, or the table, then notes on stderr."""
     if as_json:
-        payload = dataclasses.asdict(result) | {"size_ratio": result.size_ratio}
+        payload = dataclasses.asdict(result) | {"size_ratio": result.size_ratio, "target_met": result.target_met}
         print_json(payload)
     if not quiet:
         if not as_json:
             Console().print(summary(result))
         for note in result.notes:
             typer.echo(f"note: {note}", err=True)
+    for line in accuracy_lines(result):  # said even with --quiet
+        typer.echo(line, err=True)
 
 
 def inspection_tables(report: Inspection) -> list[Table]:

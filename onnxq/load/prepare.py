@@ -71,8 +71,8 @@ class LoadedModel:
         return self.external_folder is not None
 
     def float_session(self, proto: onnx.ModelProto | None = None) -> ort.InferenceSession:
-        """A session of the float model (or of ``proto``, a copy of it with extra outputs)."""
-        return create_session(self.proto if proto is None else proto, "the float model",
+        """A session of the cleaned-up float model (or of ``proto``, a copy of it with extra outputs)."""
+        return create_session(self.cleaned if proto is None else proto, "the float model",
                               external_folder=self.external_folder)
 
     def fresh(self) -> ir.Model:

@@ -8,6 +8,7 @@ import dataclasses
 
 import onnx_ir as ir
 
+from onnxq.analysis.rules import PATTERNS
 from onnxq.analysis.subgraphs import control_flow_notes
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import QuantConfig
@@ -19,6 +20,7 @@ from onnxq.rewrite.fp16 import Fp16IslandsPass
 from onnxq.rewrite.plan import QuantPlan, plan_quantization
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.rewrite.qoperator import QOperatorPass
+from onnxq.tune.tensor_error import POOR_TENSOR_DB
 from onnxq.workspace.steps import LayersStep
 
 
@@ -102,6 +104,19 @@ def _keep_unfused_float(graph: ir.Graph, keys: dict[ir.Node, str], unfused: set[
     ]
 
 
+def _keep_normalizations_float(graph: ir.Graph, keys: dict[ir.Node, str], keep_float: dict[str, str]) -> list[str]:
+    """Add the quantizable nodes of normalizations found by dataflow (``PATTERNS["normalization"]``)
+    to ``keep_float``: a statistic applied back to its own data cancels or divides, and 8-bit
+    steps there are errors of the whole tensor's size. Returns the note."""
+    nodes = [node for node in PATTERNS["normalization"](graph) if rule_for(node) is not None and keys[node] not in keep_float]
+    keep_float.update((keys[node], "normalization (statistics of a tensor applied back to it)") for node in nodes)
+    if not nodes:
+        return []
+    ops = collections.Counter(node.op_type for node in nodes)
+    return [f"kept float {len(nodes)} node(s) of normalizations found by dataflow (a mean, spread or sum of a "
+            f"tensor applied back to it): {', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}"]
+
+
 def _sentinel_notes(sentinel_names: list[str]) -> list[str]:
     if not sentinel_names:
         return []
@@ -109,6 +124,17 @@ def _sentinel_notes(sentinel_names: list[str]) -> list[str]:
     return [
         f"kept float {len(names)} tensor(s) whose range is dominated by sentinel values (attention masks "
         f"such as -1e9, the float minimum or -inf), and the nodes that read or write them: {', '.join(names[:6])}"
+        + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    ]
+
+
+def _poor_notes(names: list[str]) -> list[str]:
+    if not names:
+        return []
+    names = sorted(names)
+    return [
+        f"kept float {len(names)} tensor(s) whose own 8-bit error is poor on calibration data (SQNR under "
+        f"{POOR_TENSOR_DB:g} dB), and the nodes that read or write them: {', '.join(names[:6])}"
         + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     ]
 
@@ -149,18 +175,21 @@ def build_model(
 ) -> BuiltModel:
     """A quantized model from calibrated state, on a fresh copy of the graph: plan and rewrite.
     Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
-    ``layers.unfused``; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
+    ``layers.unfused``, the normalizations found by dataflow and the nodes touching
+    ``layers.sentinel`` or ``layers.poor`` tensors; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
     get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
     model = loaded.fresh()
     graph = model.graph
     keys = loaded.keys.for_copy(graph)
     keep_float = dict(keep_float or {})
     notes = _keep_unfused_float(graph, keys, set(layers.unfused), keep_float)
+    notes += _keep_normalizations_float(graph, keys, keep_float)
     kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
-    plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel, kept)
-    sentinel = set(layers.sentinel)
+    plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept)
+    sentinel, poor = set(layers.sentinel), set(layers.poor)
     sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
     notes += _sentinel_notes(sentinel_names)
+    notes += _poor_notes([name for name, key in loaded.keys.tensors.items() if key in poor])
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
     if config.reduce_range == "always":

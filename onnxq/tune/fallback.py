@@ -7,19 +7,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 from onnxq.calibration.data import Batch
+from onnxq.calibration.holdout import first_samples
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import MIN_BATCHES_TO_SPLIT, FallbackOptions, QuantConfig
+from onnxq.errors import CalibrationDataError, ModelError, OnnxqError, first_line
 from onnxq.load.prepare import LoadedModel
 from onnxq.rewrite.build import BuiltModel, build_model
 from onnxq.runtime import run_all, session_of
 from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
 from onnxq.tune.search import search_fallback
 from onnxq.tune.sensitivity import rank_units
+from onnxq.tune.target import METRIC_NAME
 from onnxq.workspace.manifest import batch_fingerprint
 from onnxq.workspace.steps import LayersStep, SensitivityStep, TrialStep
 from onnxq.workspace.store import Workspace
@@ -50,6 +54,17 @@ class FallbackReport:
     met: bool
     trials: int
     kept: tuple[KeptNode, ...]
+    out_of_time: bool = False
+    unloadable: int = 0  # trial models ONNX Runtime refused to load (they count as failed)
+
+
+class _OutOfTime(Exception):
+    """The search's time budget is spent."""
+
+
+class _Unloadable(Exception):
+    """ONNX Runtime refused a trial model (an optimizer limit, e.g. with weights shared by
+    subgraphs): the trial counts as failed, and the search goes on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +85,30 @@ class _EvalSet:
     subset: list[Batch]
     subset_reference: Outputs
     samples: int
+    flat_if_ragged: bool
 
     @classmethod
     def of(cls, loaded: LoadedModel, batches: list[Batch], options: FallbackOptions) -> _EvalSet:
         float_session = loaded.float_session()
         middle = len(batches) // 2 if options.check_halves and len(batches) >= MIN_BATCHES_TO_SPLIT else 0
         parts = (slice(None),) + ((slice(0, middle), slice(middle, None)) if middle else ())
-        references = run_all(float_session, batches, parts)
         has_labels = all(batch.labels is not None for batch in batches)
         labels = [np.concatenate([b.labels.reshape(-1) for b in batches[part]]) if has_labels else None for part in parts]
         metric_name, metric = resolve_metric(options.metric, has_labels)
+        flat = getattr(metric, "flat_if_ragged", False)
+        subset = first_samples(batches, options.sensitivity_samples)
+        try:
+            references = run_all(float_session, batches, parts, flat)
+            [subset_reference] = run_all(float_session, subset, flat_if_ragged=flat)
+        except OnnxqError:
+            raise
+        except Exception as exc:  # ONNX Runtime's error on data that does not fit the model
+            raise CalibrationDataError(f"the float model fails on the evaluation data ({first_line(exc)}); check that "
+                                       "it matches the model's inputs") from exc
         float_scores = [float(metric(ref, ref, lab)) for ref, lab in zip(references, labels)]
-        subset, samples = [], 0
-        for batch in batches:
-            if samples >= options.sensitivity_samples:
-                break
-            subset.append(batch)
-            samples += batch.samples
         eval_id = hashlib.sha256("".join(batch_fingerprint(b) for b in batches).encode()).hexdigest()
-        [subset_reference] = run_all(float_session, subset)
         return cls(batches, parts, references, labels, metric_name, metric, float_scores, eval_id, subset,
-                   subset_reference, samples)
+                   subset_reference, sum(batch.samples for batch in subset), flat)
 
 
 class _Search:
@@ -103,6 +121,8 @@ class _Search:
         self.loaded, self.state, self.config, self.layers = loaded, state, config, layers
         self.base, self.options, self.data, self.space, self.progress = base, options, data, space, progress
         self.calibration_step = layers.calibration_step
+        self.deadline = math.inf  # set once the plain model is scored (``tune_fallback``)
+        self.unloadable = 0  # trial models ONNX Runtime refused
         self.plain: BuiltModel = self.build(base)  # its units and what it keeps float
         self.scores: dict[frozenset[str], list[float]] = self._recorded_scores()  # whole set, then halves
 
@@ -113,8 +133,14 @@ class _Search:
         return {k: self.base.get(k, "accuracy fallback") for k in keys}
 
     def outputs_of(self, keys: frozenset[str], batches: list[Batch], parts=(slice(None),)) -> list[Outputs]:
-        with session_of(self.build(self.keep_of(keys)).model, self.loaded.offload) as session:
-            return run_all(session, batches, parts)
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
+        try:
+            with session_of(self.build(self.keep_of(keys)).model, self.loaded.offload) as session:
+                return run_all(session, batches, parts, self.data.flat_if_ragged)
+        except ModelError as exc:
+            self.unloadable += 1
+            raise _Unloadable from exc
 
     def _recorded_scores(self) -> dict[frozenset[str], list[float]]:
         scores = {}
@@ -136,9 +162,12 @@ class _Search:
         """How far the worst part's score is above its target (the search accepts >= 0)."""
         data = self.data
         if keys not in self.scores:
-            outputs = self.outputs_of(keys, data.batches, data.parts)
-            self.scores[keys] = [float(data.metric(out, ref, lab))
-                                 for out, ref, lab in zip(outputs, data.references, data.labels)]
+            try:
+                outputs = self.outputs_of(keys, data.batches, data.parts)
+                self.scores[keys] = [float(data.metric(out, ref, lab))
+                                     for out, ref, lab in zip(outputs, data.references, data.labels)]
+            except _Unloadable:
+                self.scores[keys] = [-math.inf] * len(data.parts)
             self.space.append(TrialStep(
                 calibration_step=self.calibration_step, eval=data.eval_id, metric=data.metric_name,
                 fallback_dtype=self.options.dtype, keep_float=sorted(keys),
@@ -164,7 +193,10 @@ class _Search:
                 return {tuple(k.split("|")): v for k, v in recorded.gains.items()}
 
         def error_of(keys: frozenset[str]) -> float:
-            return relative_error(self.outputs_of(keys, data.subset)[0], data.subset_reference)
+            try:
+                return relative_error(self.outputs_of(keys, data.subset)[0], data.subset_reference)
+            except _Unloadable:
+                return math.nan  # no gain is known: it counts as none
 
         if options.sensitivity == "only-float":
             baseline = error_of(base)
@@ -179,19 +211,32 @@ class _Search:
                 return error_of(all_float - nodes) - baseline
 
         report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
-        gains = rank_units(self.plain.units, gain_of, progress=report)
+        gains = rank_units(self.plain.units, lambda nodes: _known(gain_of(nodes)), progress=report)
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
             mode=options.sensitivity, baseline=baseline, gains={"|".join(unit): gain for unit, gain in gains.items()},
         ))
         return gains
 
-    def report(self, keep_float: frozenset[str], met: bool, gains: dict[str, float]) -> FallbackReport:
+    def best_so_far(self) -> frozenset[str]:
+        """The set to keep when time runs out: the smallest that passed, else the closest to passing."""
+        margins = {keys: self.worst_margin(scores) for keys, scores in self.scores.items()}
+        passing = [keys for keys, margin in margins.items() if accept(margin)]
+        if passing:
+            return min(passing, key=lambda keys: (len(keys), -margins[keys], sorted(keys)))
+        return max(margins, key=lambda keys: (margins[keys], -len(keys)))
+
+    def report(self, keep_float: frozenset[str], gains: dict[str, float], out_of_time: bool = False) -> FallbackReport:
         data = self.data
         kept = _kept_nodes(self.loaded, self.plain.kept_float | self.keep_of(keep_float), gains)
         return FallbackReport(data.metric_name, self.options.max_drop, data.float_scores[0],
-                              self.scores[frozenset(self.base)][0], self.scores[keep_float][0], met,
-                              len(self.scores), kept)
+                              self.scores[frozenset(self.base)][0], self.scores[keep_float][0],
+                              accept(self.worst_margin(self.scores[keep_float])), len(self.scores), kept, out_of_time,
+                              self.unloadable)
+
+
+def _known(gain: float) -> float:
+    return gain if math.isfinite(gain) else 0.0
 
 
 def accept(margin: float) -> bool:
@@ -211,19 +256,25 @@ def tune_fallback(
     progress: TuningProgress | None,
 ) -> tuple[dict[str, str], FallbackReport]:
     """Accuracy-driven fallback: rank the quantized units by sensitivity, then search the
-    smallest set to keep float; returns it (key: why) and the report."""
+    smallest set to keep float; returns it (key: why) and the report. When ``options.budget_s``
+    runs out, the best set scored so far is returned."""
     search = _Search(loaded, state, config, layers, base, options, _EvalSet.of(loaded, batches, options), space,
                      progress)
     if accept(search.margin(frozenset(base))):
-        return base, search.report(frozenset(base), True, {})
-    gains_by_unit = search.sensitivity()
+        return base, search.report(frozenset(base), {})
+    search.deadline = time.monotonic() + options.budget_s if options.budget_s else math.inf
     gains: dict[str, float] = {}
-    for unit, gain in gains_by_unit.items():  # a node is as sensitive as its most sensitive unit
-        for key in unit:
-            gains[key] = max(gain, gains.get(key, -math.inf))
-    ranked = [frozenset(unit) for unit in gains_by_unit]
-    result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials)
-    return search.keep_of(result.keep_float), search.report(result.keep_float, result.met, gains)
+    try:
+        gains_by_unit = search.sensitivity()
+        for unit, gain in gains_by_unit.items():  # a node is as sensitive as its most sensitive unit
+            for key in unit:
+                gains[key] = max(gain, gains.get(key, -math.inf))
+        ranked = [frozenset(unit) for unit in gains_by_unit]
+        result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials)
+    except _OutOfTime:
+        best = search.best_so_far()
+        return search.keep_of(best), search.report(best, gains, out_of_time=True)
+    return search.keep_of(result.keep_float), search.report(result.keep_float, gains)
 
 
 def _kept_nodes(loaded: LoadedModel, kept_float: dict[str, str], gains: dict[str, float]) -> tuple[KeptNode, ...]:
@@ -237,13 +288,23 @@ def _kept_nodes(loaded: LoadedModel, kept_float: dict[str, str], gains: dict[str
 
 
 def fallback_notes(report: FallbackReport) -> list[str]:
-    """The summary's lines on the search: scores, verdict, trials, the nodes kept float."""
+    """The summary's lines on the search: scores (or, for the safety net, what it did), verdict,
+    trials, the nodes kept float."""
     chosen = [k for k in report.kept if k.reason == "accuracy fallback"]
     listed = ", ".join(f"{k.name} ({k.op})" for k in chosen[:8]) + (f" and {len(chosen) - 8} more" if len(chosen) > 8 else "")
-    verdict = "met" if report.met else "NOT met (every candidate was tried; the closest model was written)"
-    return [
-        f"accuracy-driven fallback, metric {report.metric}: float {report.float_score:.4f}, plain int8 "
-        f"{report.int8_score:.4f}, final {report.final_score:.4f}; target (drop <= {report.max_drop:g}) {verdict}; "
-        f"{report.trials} model(s) evaluated",
-        f"kept float for accuracy: {len(chosen)} node(s){': ' + listed if chosen else ''}",
-    ]
+    if report.met:
+        verdict = "met"
+    elif report.out_of_time:
+        verdict = "NOT met (the time budget, --fallback-budget, ran out; the closest model was written)"
+    else:
+        verdict = "NOT met (every candidate was tried; the closest model was written)"
+    if report.metric.startswith(METRIC_NAME):
+        headline = (f"safety net: plain int8 missed the {report.metric}; fallback search: target {verdict}, "
+                    f"{report.trials} model(s) evaluated")
+    else:
+        headline = (f"accuracy-driven fallback, metric {report.metric}: float {report.float_score:.4f}, plain int8 "
+                    f"{report.int8_score:.4f}, final {report.final_score:.4f}; target (drop <= {report.max_drop:g}) "
+                    f"{verdict}; {report.trials} model(s) evaluated")
+    refused = [f"{report.unloadable} trial model(s) ONNX Runtime refused to load counted as failed"] \
+        if report.unloadable else []
+    return [headline, f"kept float for accuracy: {len(chosen)} node(s){': ' + listed if chosen else ''}", *refused]

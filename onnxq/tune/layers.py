@@ -1,5 +1,6 @@
-"""Per-layer choices measured once after calibration: sentinel tensors, layers that need 7-bit
-weights on this CPU, and quantized nodes ONNX Runtime would not fuse."""
+"""Per-layer choices measured once after calibration: sentinel tensors, tensors whose own 8-bit
+error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
+would not fuse."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from onnxq.rewrite.build import plan_for_state
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.saturation import saturating_layers
+from onnxq.tune.tensor_error import poor_tensors, tensor_errors
 from onnxq.workspace.steps import LayersStep
 
 
@@ -25,16 +27,23 @@ def measure_layers(
     loaded: LoadedModel, state: CalibrationState, config: QuantConfig, source: BatchSource | None,
     calibration_step: int,
 ) -> LayersStep:
-    """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given);
+    """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given)
+    and, with data, the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
     then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
     saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
     sentinel = tuple(sentinel_tensors(loaded, state, source))
+    model = loaded.fresh()
+    plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
+    poor: tuple[str, ...] = ()
+    if source is not None:
+        errors = tensor_errors(loaded, model.graph, plan, source)
+        poor = tuple(sorted(loaded.keys.tensors[name] for name in poor_tensors(errors)))
+        if poor:
+            plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor)
     feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, (), (), sentinel)
-    model = loaded.fresh()
+        return LayersStep(calibration_step, (), (), sentinel, poor)
     keys = loaded.keys.for_copy(model.graph)
-    plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
     QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
         folder = None
@@ -48,4 +57,4 @@ def measure_layers(
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
             names = unfused_nodes(ir.to_proto(model), folder)
             unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
-    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel)
+    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor)

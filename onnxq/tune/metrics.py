@@ -21,10 +21,11 @@ METRICS = ("auto", "sqnr", "cosine", "top1")
 def relative_error(outputs: Outputs, reference: Outputs) -> float:
     """Noise power over signal power, averaged over the outputs (0 for identical outputs)."""
     errors = []
-    for name, ref in reference.items():
-        f = ref.astype(np.float64).ravel()
-        q = outputs[name].astype(np.float64).ravel()
-        errors.append(float(np.sum((f - q) ** 2)) / max(float(f @ f), 1e-30))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs give NaN, said by the result
+        for name, ref in reference.items():
+            f = ref.astype(np.float64).ravel()
+            q = outputs[name].astype(np.float64).ravel()
+            errors.append(float(np.sum((f - q) ** 2)) / max(float(f @ f), 1e-30))
     return float(np.mean(errors))
 
 

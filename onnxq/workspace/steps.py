@@ -79,13 +79,14 @@ class CalibrationStep(StepRecord):
 class LayersStep(StepRecord):
     """Per-layer choices measured after the calibration step ``calibration_step``, by topology
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
-    and tensors whose range is dominated by sentinel values."""
+    tensors whose range is dominated by sentinel values, and tensors whose own 8-bit error is poor."""
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
     reduced: tuple[str, ...]
     unfused: tuple[str, ...]
     sentinel: tuple[str, ...] = ()
+    poor: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
