@@ -13,7 +13,8 @@ import onnxq
 from onnxq.calibration.observers import METHODS
 from onnxq.rewrite.quant_math import activation_params
 from onnxq.load.shapes import correct_declared_shapes
-from tests.graphs import initializers, make_model, run, sqnr_db
+from tests.graphs import initializers, make_model, producer, run, sqnr_db
+from tests.test_cli_errors import onnxq as onnxq_cli
 
 rng = np.random.default_rng(0)
 W1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
@@ -117,3 +118,29 @@ def test_declared_output_of_a_custom_op_is_kept():
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 99
     corrected, notes = correct_declared_shapes(model)
     assert notes == [] and corrected.graph.output[0].type.tensor_type.shape.dim[2].dim_value == 99
+
+
+def test_minus_one_dims_are_dynamic_dims(tmp_path):
+    """A classifier whose input declares [-1, 3, -1, -1], as some exporters write dynamic dims:
+    ONNX Runtime runs it at any batch and size, and so does the quantized model."""
+    weight = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    model = make_model(
+        [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
+         oh.make_node("GlobalAveragePool", ["r"], ["y"])],
+        [("x", ["N", 3, "H", "W"])], [("y", ["N", 8, 1, 1])], [("w", weight)],
+    )
+    for value, axes in ((model.graph.input[0], (0, 2, 3)), (model.graph.output[0], (0,))):
+        for axis in axes:
+            value.type.tensor_type.shape.dim[axis].dim_value = -1
+    path, out = tmp_path / "model.onnx", tmp_path / "q.onnx"
+    path.write_bytes(model.SerializeToString())
+    calibration = rng.normal(size=(6, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=calibration)
+    result = onnxq_cli("convert", path, "-o", out, "--calibration-data", tmp_path / "calib.npz", "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    quantized = onnx.load(out)
+    assert [d.HasField("dim_value") for d in quantized.graph.input[0].type.tensor_type.shape.dim] == [False, True, False, False]
+    conv = next(node for node in quantized.graph.node if node.op_type == "Conv")
+    assert initializers(quantized)[producer(quantized, conv.input[1]).input[0]].dtype == np.int8
+    for feed in ({"x": calibration[:2]}, {"x": rng.normal(size=(5, 3, 20, 16)).astype(np.float32)}):
+        assert sqnr_db(run(model, feed)[0], run(quantized, feed)[0]) > 30  # ONNX Runtime runs the -1 model
