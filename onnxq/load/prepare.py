@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from onnxq.analysis.cleanup import clean_up
 from onnxq.analysis.signatures import GraphKeys
+from onnxq.load.float16 import lift_float16
 from onnxq.load.model import external_data_folder, load_model, model_bytes
 from onnxq.load.opset import fit_ir_version, fit_opset
 from onnxq.load.shapes import correct_declared_shapes, read_minus_one_as_dynamic
@@ -44,7 +45,7 @@ class LoadedModel:
 
     source: ModelInput  # the path or ModelProto the user gave
     float_proto: onnx.ModelProto
-    proto: onnx.ModelProto  # declared shapes corrected, opset and IR version fitted (``load.opset``)
+    proto: onnx.ModelProto  # shapes corrected, opset and IR version fitted, float16 lifted to float32 inside
     model: ir.Model  # cleaned up; read only (see ``fresh``)
     notes: tuple[str, ...]
     external_folder: Path | None = None  # where the weights the protos reference lie (models with external data)
@@ -90,6 +91,7 @@ def load(model: ModelInput) -> LoadedModel:
     proto, shape_notes = correct_declared_shapes(proto)
     proto, opset_note = fit_opset(proto)
     proto, ir_note = fit_ir_version(proto)
+    proto, float16_note = lift_float16(proto)
     prepared, notes = prepare(proto, external_folder)
-    notes = dynamic_notes + shape_notes + [note for note in (opset_note, ir_note) if note] + notes
+    notes = dynamic_notes + shape_notes + [note for note in (opset_note, ir_note, float16_note) if note] + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)

@@ -1,0 +1,94 @@
+"""Float16 models: int8 weights, the float16 interface kept, outputs as close to float as the
+float32 twin's (checked with ONNX Runtime on both float models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+
+import onnxq
+from tests.graphs import initializers, make_model, producer, run, sqnr_db
+
+RNG = np.random.default_rng(16)
+F16 = onnx.TensorProto.FLOAT16
+
+
+def _float32_twin() -> onnx.ModelProto:
+    """Conv 3->32 -> Relu -> Conv 32->64 -> Relu -> Conv 64->128 -> Relu -> GlobalAveragePool ->
+    Flatten -> Gemm 128->10: 94k weights."""
+    def w(*shape):
+        return RNG.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape).astype(np.float32)
+
+    nodes, inits, previous = [], [], "x"
+    for index, (cin, cout) in enumerate([(3, 32), (32, 64), (64, 128)]):
+        nodes += [oh.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1]),
+                  oh.make_node("Relu", [f"c{index}"], [f"r{index}"])]
+        inits += [(f"w{index}", w(cout, cin, 3, 3)), (f"b{index}", (0.1 * RNG.normal(size=cout)).astype(np.float32))]
+        previous = f"r{index}"
+    nodes += [oh.make_node("GlobalAveragePool", [previous], ["p"]), oh.make_node("Flatten", ["p"], ["f"]),
+              oh.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)]
+    inits += [("fc", w(10, 128)), ("fcb", np.zeros(10, np.float32))]
+    return make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", ["N", 10])], inits)
+
+
+def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network stored and computed in float16, as GPU exports are."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(onh.from_array(onh.to_array(init).astype(np.float16), init.name))
+    for value in [*half.graph.input, *half.graph.output]:
+        value.type.tensor_type.elem_type = F16
+    onnx.checker.check_model(half, full_check=True)
+    return half
+
+
+def test_float16_model_gets_int8_weights_half_the_file_and_float_fidelity(tmp_path):
+    twin = _float32_twin()
+    model = _as_float16(twin)
+    (tmp_path / "f16.onnx").write_bytes(model.SerializeToString())
+    x = RNG.normal(size=(32, 3, 16, 16)).astype(np.float16)
+    result = onnxq.convert(tmp_path / "f16.onnx", tmp_path / "q.onnx", {"x": x[:24]}, onnxq.QuantConfig(batch_size=8))
+    assert any("float16 model" in note for note in result.notes), result.notes
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert (tmp_path / "q.onnx").stat().st_size <= 0.55 * (tmp_path / "f16.onnx").stat().st_size
+    assert [(v.name, v.type.tensor_type.elem_type) for v in [*quantized.graph.input, *quantized.graph.output]] == [
+        ("x", F16), ("y", F16)]
+    stored, float16_weights = initializers(quantized), initializers(model)
+    weighted = [n for n in quantized.graph.node if n.op_type in ("Conv", "Gemm")]
+    for node, name in zip(weighted, ["w0", "w1", "w2", "fc"], strict=True):
+        dequantize = producer(quantized, node.input[1])
+        q, scale = stored[dequantize.input[0]], stored[dequantize.input[1]]
+        weight = float16_weights[name].astype(np.float32)
+        assert q.dtype == np.int8 and q.shape == weight.shape and scale.shape == (q.shape[0],)  # per output channel
+        step = scale.reshape(-1, *[1] * (q.ndim - 1))
+        assert np.all(np.abs(q * step - weight) <= step / 2 + 1e-6)
+    assert not [name for name, a in stored.items() if a.dtype.kind == "f" and a.size > 128]  # no float weight left
+    assert result.op_counts["Conv"].quantized == 3 and result.op_counts["Gemm"].quantized == 1
+    held_out = x[24:]
+    out = run(quantized, {"x": held_out})[0]
+    assert out.dtype == np.float16
+    reference = run(twin, {"x": held_out.astype(np.float32)})[0]
+    float16_fidelity = sqnr_db(reference, run(model, {"x": held_out})[0])
+    assert sqnr_db(reference, out) > 25 and float16_fidelity > sqnr_db(reference, out)
+
+
+def test_float16_region_inside_a_float32_model_is_quantized(tmp_path):
+    """x -> Cast(float16) -> Conv (float16 weights, a float16 Constant bias) -> Relu -> Cast(float):
+    the region computes in float32 once lifted, so its Conv gets int8 weights."""
+    weight = RNG.normal(0, 0.2, (32, 8, 3, 3)).astype(np.float16)
+    bias = oh.make_tensor("bias", F16, [32], (0.1 * RNG.normal(size=32)).astype(np.float16))
+    nodes = [oh.make_node("Cast", ["x"], ["h"], to=F16), oh.make_node("Constant", [], ["b"], value=bias),
+             oh.make_node("Conv", ["h", "w", "b"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("Cast", ["r"], ["y"], to=onnx.TensorProto.FLOAT)]
+    model = make_model(nodes, [("x", [1, 8, 8, 8])], [("y", [1, 32, 8, 8])], [("w", weight)])
+    x = RNG.normal(size=(16, 1, 8, 8, 8)).astype(np.float32)
+    result = onnxq.convert(model, tmp_path / "q.onnx", {"x": x})
+    quantized = onnx.load(tmp_path / "q.onnx")
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    assert initializers(quantized)[producer(quantized, conv.input[1]).input[0]].dtype == np.int8
+    assert result.op_counts["Conv"].quantized == 1
+    assert not any(init.data_type == F16 for init in quantized.graph.initializer)
+    assert sqnr_db(run(model, {"x": x[0]})[0], run(quantized, {"x": x[0]})[0]) > 30
