@@ -22,14 +22,14 @@ B1 = rng.normal(0, 0.1, 32).astype(np.float32)
 W2 = rng.normal(0, 0.3, (32, 8)).astype(np.float32)
 
 
-def _sequence_model(batch) -> onnx.ModelProto:
+def _sequence_model(batch, opset: int = 17) -> onnx.ModelProto:
     """x [batch, T, 16] -> MatMul -> Add -> Relu -> MatMul -> y [batch, T, 8]: every op works
     position by position, so a tensor's values over a set of sequences are the union of the
     values over each sequence, however the sequences are cut and grouped."""
     return make_model(
         [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Add", ["h", "b1"], ["hb"]),
          oh.make_node("Relu", ["hb"], ["r"]), oh.make_node("MatMul", ["r", "w2"], ["y"])],
-        [("x", [batch, "T", 16])], [("y", [batch, "T", 8])], [("w1", W1), ("b1", B1), ("w2", W2)],
+        [("x", [batch, "T", 16])], [("y", [batch, "T", 8])], [("w1", W1), ("b1", B1), ("w2", W2)], opset=opset,
     )
 
 
@@ -74,8 +74,8 @@ def test_fixed_batch_larger_than_one(tmp_path):
     assert sqnr_db(run(_sequence_model(4), feed)[0], run(str(tmp_path / "q.onnx"), feed)[0]) > 30
 
 
-def _declared_wrong(kind: str) -> onnx.ModelProto:
-    model = _sequence_model(1)
+def _declared_wrong(kind: str, opset: int = 17) -> onnx.ModelProto:
+    model = _sequence_model(1, opset)
     if kind == "output-dim":  # y is [1, T, 8]
         model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 7
     elif kind == "output-rank":
@@ -87,9 +87,10 @@ def _declared_wrong(kind: str) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.parametrize("opset", [11, 17])  # below 13 the model is also converted to opset 13 first
 @pytest.mark.parametrize("kind", ["output-dim", "output-rank", "value-info-rank", "value-info-type"])
-def test_declared_shapes_that_contradict_the_graph_are_corrected(tmp_path, kind):
-    model = _declared_wrong(kind)
+def test_declared_shapes_that_contradict_the_graph_are_corrected(tmp_path, kind, opset):
+    model = _declared_wrong(kind, opset)
     data = _sequences(1, (5, 9))
     result = onnxq.convert(model, tmp_path / "q.onnx", data)
     assert any("contradict" in note or "declared" in note for note in result.notes), result.notes
