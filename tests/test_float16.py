@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
+import pytest
 
 import onnxq
 from tests.graphs import initializers, make_model, producer, run, sqnr_db
@@ -45,15 +46,23 @@ def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return half
 
 
-def test_float16_model_gets_int8_weights_half_the_file_and_float_fidelity(tmp_path):
+def _bytes(path) -> int:
+    """A model's size on disk: its file and its external data file, if any."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name in (path.name, f"{path.stem}.data", f"{path.name}.data"))
+
+
+@pytest.mark.parametrize("layout", ["one-file", "external-data"])
+def test_float16_model_gets_int8_weights_half_the_file_and_float_fidelity(tmp_path, monkeypatch, layout):
     twin = _float32_twin()
     model = _as_float16(twin)
-    (tmp_path / "f16.onnx").write_bytes(model.SerializeToString())
+    onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "f16.onnx",  # a copy: save moves the data
+              save_as_external_data=layout == "external-data", location="f16.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path.parent)  # external data is found by the model's folder, not the current one
     x = RNG.normal(size=(32, 3, 16, 16)).astype(np.float16)
     result = onnxq.convert(tmp_path / "f16.onnx", tmp_path / "q.onnx", {"x": x[:24]}, onnxq.QuantConfig(batch_size=8))
     assert any("float16 model" in note for note in result.notes), result.notes
     quantized = onnx.load(tmp_path / "q.onnx")
-    assert (tmp_path / "q.onnx").stat().st_size <= 0.55 * (tmp_path / "f16.onnx").stat().st_size
+    assert _bytes(tmp_path / "q.onnx") <= 0.55 * _bytes(tmp_path / "f16.onnx")
     assert [(v.name, v.type.tensor_type.elem_type) for v in [*quantized.graph.input, *quantized.graph.output]] == [
         ("x", F16), ("y", F16)]
     stored, float16_weights = initializers(quantized), initializers(model)

@@ -17,6 +17,8 @@ float16 model computed in float32); the int8 weights halve the float16 file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -88,10 +90,8 @@ def _cast_interface(model: ir.Model, float16_outputs: list[int]) -> None:
         for use in uses:
             use.node.replace_input_with(use.idx, cast.outputs[0])
         casts.append(cast)
-    if casts and len(graph):
+    if casts:
         graph.insert_before(graph[0], casts)
-    else:
-        graph.extend(casts)
     for index in float16_outputs:
         value = graph.outputs[index]
         if value.dtype == F16:  # a float16 input returned as it is
@@ -103,10 +103,13 @@ def _cast_interface(model: ir.Model, float16_outputs: list[int]) -> None:
         graph.outputs[index] = cast.outputs[0]
 
 
-def lift_float16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+def lift_float16(proto: onnx.ModelProto, external_folder: Path | None = None) -> tuple[onnx.ModelProto, str | None]:
     """``proto`` computed in float32 with its float16 interface kept (see the module rules), and
-    a note; ``proto`` itself when it has no float16 tensor or is already quantized."""
+    a note; ``proto`` itself when it has no float16 tensor or is already quantized. Weights in
+    external data files (in ``external_folder``) are read to be converted."""
     model = ir.from_proto(proto)
+    if external_folder is not None:
+        ir.external_data.set_base_dir(model.graph, external_folder)
     if not computes_in_float16(model):
         return proto, None
     float16_outputs = [index for index, value in enumerate(model.graph.outputs) if value.dtype == F16]

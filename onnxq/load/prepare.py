@@ -91,7 +91,7 @@ def load(model: ModelInput) -> LoadedModel:
     proto, shape_notes = correct_declared_shapes(proto)
     proto, opset_note = fit_opset(proto)
     proto, ir_note = fit_ir_version(proto)
-    proto, float16_note = lift_float16(proto)
+    proto, float16_note = lift_float16(proto, external_folder)
     prepared, notes = prepare(proto, external_folder)
     notes = dynamic_notes + shape_notes + [note for note in (opset_note, ir_note, float16_note) if note] + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)
