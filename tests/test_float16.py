@@ -6,44 +6,21 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from tests.graphs import initializers, make_model, producer, run, sqnr_db
+from tests.graphs import (
+    as_float16,
+    conv_classifier,
+    initializers,
+    make_model,
+    producer,
+    run,
+    sqnr_db,
+)
 
 RNG = np.random.default_rng(16)
 F16 = onnx.TensorProto.FLOAT16
-
-
-def _float32_twin() -> onnx.ModelProto:
-    """Conv 3->32 -> Relu -> Conv 32->64 -> Relu -> Conv 64->128 -> Relu -> GlobalAveragePool ->
-    Flatten -> Gemm 128->10: 94k weights."""
-    def w(*shape):
-        return RNG.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape).astype(np.float32)
-
-    nodes, inits, previous = [], [], "x"
-    for index, (cin, cout) in enumerate([(3, 32), (32, 64), (64, 128)]):
-        nodes += [oh.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1]),
-                  oh.make_node("Relu", [f"c{index}"], [f"r{index}"])]
-        inits += [(f"w{index}", w(cout, cin, 3, 3)), (f"b{index}", (0.1 * RNG.normal(size=cout)).astype(np.float32))]
-        previous = f"r{index}"
-    nodes += [oh.make_node("GlobalAveragePool", [previous], ["p"]), oh.make_node("Flatten", ["p"], ["f"]),
-              oh.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)]
-    inits += [("fc", w(10, 128)), ("fcb", np.zeros(10, np.float32))]
-    return make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", ["N", 10])], inits)
-
-
-def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same network stored and computed in float16, as GPU exports are."""
-    half = onnx.ModelProto()
-    half.CopyFrom(model)
-    for init in half.graph.initializer:
-        init.CopyFrom(onh.from_array(onh.to_array(init).astype(np.float16), init.name))
-    for value in [*half.graph.input, *half.graph.output]:
-        value.type.tensor_type.elem_type = F16
-    onnx.checker.check_model(half, full_check=True)
-    return half
 
 
 def _bytes(path) -> int:
@@ -53,8 +30,8 @@ def _bytes(path) -> int:
 
 @pytest.mark.parametrize("layout", ["one-file", "external-data"])
 def test_float16_model_gets_int8_weights_half_the_file_and_float_fidelity(tmp_path, monkeypatch, layout):
-    twin = _float32_twin()
-    model = _as_float16(twin)
+    twin = conv_classifier(RNG)
+    model = as_float16(twin)
     onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "f16.onnx",  # a copy: save moves the data
               save_as_external_data=layout == "external-data", location="f16.data", size_threshold=0)
     monkeypatch.chdir(tmp_path.parent)  # external data is found by the model's folder, not the current one
