@@ -166,7 +166,9 @@ def _name_nodes_apart(graph: ir.Graph) -> None:
 def _folds_without_growth(node: ir.Node) -> bool | None:
     """Fold ``node`` (whose inputs are all constants) when its output holds no more elements
     than the inputs only it reads, which folding then removes; ``None``: the optimizer's own
-    size limits decide."""
+    size limits decide (and its rule that Q/DQ nodes, the quantization of a quantized model, stay)."""
+    if "QuantizeLinear" in node.op_type:  # QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear
+        return None
     outputs = [value.shape for value in node.outputs]
     if not outputs or any(shape is None or not shape.is_static() for shape in outputs):
         return None
