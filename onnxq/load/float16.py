@@ -92,15 +92,18 @@ def _cast_interface(model: ir.Model, float16_outputs: list[int]) -> None:
         casts.append(cast)
     if casts:
         graph.insert_before(graph[0], casts)
+    cast_outputs: dict[ir.Value, ir.Value] = {}  # one Cast per value, however often it is returned
     for index in float16_outputs:
         value = graph.outputs[index]
         if value.dtype == F16:  # a float16 input returned as it is
             continue
-        name = value.name
-        value.name = unique_name(f"{name}_float32", taken)
-        cast = _cast(value, F16, name)
-        graph.append(cast)
-        graph.outputs[index] = cast.outputs[0]
+        if value not in cast_outputs:
+            name = value.name
+            value.name = unique_name(f"{name}_float32", taken)
+            cast = _cast(value, F16, name)
+            graph.append(cast)
+            cast_outputs[value] = cast.outputs[0]
+        graph.outputs[index] = cast_outputs[value]
 
 
 def lift_float16(proto: onnx.ModelProto, external_folder: Path | None = None) -> tuple[onnx.ModelProto, str | None]:
