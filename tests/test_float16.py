@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
+from onnxq.graph import proto_graphs
 from tests.graphs import (
     as_float16,
     conv_classifier,
@@ -78,3 +80,26 @@ def test_float16_region_inside_a_float32_model_is_quantized(tmp_path):
     assert result.op_counts["Conv"].quantized == 1
     assert not any(init.data_type == F16 for init in quantized.graph.initializer)
     assert sqnr_db(run(model, {"x": x[0]})[0], run(quantized, {"x": x[0]})[0]) > 30
+
+
+def test_float16_model_with_an_if_whose_branches_read_the_input(tmp_path):
+    """Both branches read the float16 graph input from the outer scope: they read its Cast to
+    float32 once lifted, and the quantized model computes what the float16 model does."""
+    weight = RNG.normal(0, 0.5, (16, 16)).astype(np.float16)
+    then = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [oh.make_tensor_value_info("t", F16, [4, 16])])
+    other = oh.make_graph([oh.make_node("Neg", ["x"], ["e"])], "else", [], [oh.make_tensor_value_info("e", F16, [4, 16])])
+    nodes = [oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0), oh.make_node("Cast", ["s"], ["sf"], to=onnx.TensorProto.FLOAT),
+             oh.make_node("Greater", ["sf", "zero"], ["c"]), oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    graph = oh.make_graph(nodes, "branches", [oh.make_tensor_value_info("x", F16, [4, 16])],
+                          [oh.make_tensor_value_info("y", F16, [4, 16])],
+                          [onh.from_array(weight, "w"), onh.from_array(np.array(0, np.float32), "zero")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    samples = [{"x": (sign * np.abs(RNG.normal(size=(4, 16)))).astype(np.float16)} for sign in (1, -1) * 8]
+    onnxq.convert(model, tmp_path / "q.onnx", samples)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert quantized.graph.output[0].type.tensor_type.elem_type == F16
+    stored = [onh.to_array(init) for graph in proto_graphs(quantized.graph) for init in graph.initializer]
+    assert [a.dtype for a in stored if a.shape == weight.shape] == [np.int8]  # the branch's MatMul weight
+    for feed in samples[:2]:  # one through each branch
+        assert sqnr_db(run(model, feed)[0].astype(np.float32), run(quantized, feed)[0].astype(np.float32)) > 25
