@@ -149,3 +149,33 @@ def attention_data(samples: int, length: int = 8, dim: int = 16, seed: int = 0) 
         mask[0, length - rng.integers(0, 5):] = 0
         data.append({"x": rng.normal(0, 1, (1, length, dim)).astype(np.float32), "attention_mask": mask})
     return data
+
+
+def conv_classifier(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv 3->32 -> Relu -> Conv 32->64 -> Relu -> Conv 64->128 -> Relu -> GlobalAveragePool ->
+    Flatten -> Gemm 128->10: 94k weights."""
+    def w(*shape):
+        return rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape).astype(np.float32)
+
+    nodes, inits, previous = [], [], "x"
+    for index, (cin, cout) in enumerate([(3, 32), (32, 64), (64, 128)]):
+        nodes += [oh.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"], pads=[1, 1, 1, 1]),
+                  oh.make_node("Relu", [f"c{index}"], [f"r{index}"])]
+        inits += [(f"w{index}", w(cout, cin, 3, 3)), (f"b{index}", (0.1 * rng.normal(size=cout)).astype(np.float32))]
+        previous = f"r{index}"
+    nodes += [oh.make_node("GlobalAveragePool", [previous], ["p"]), oh.make_node("Flatten", ["p"], ["f"]),
+              oh.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1)]
+    inits += [("fc", w(10, 128)), ("fcb", np.zeros(10, np.float32))]
+    return make_model(nodes, [("x", ["N", 3, 16, 16])], [("y", ["N", 10])], inits)
+
+
+def as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network stored and computed in float16, as GPU exports are."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(onh.from_array(onh.to_array(init).astype(np.float16), init.name))
+    for value in [*half.graph.input, *half.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.checker.check_model(half, full_check=True)
+    return half

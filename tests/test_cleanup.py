@@ -12,7 +12,8 @@ import pytest
 
 import onnxq
 from onnxq.analysis.cleanup import clean_up
-from tests.graphs import make_model, run
+from onnxq.report.inspect import inspect_model
+from tests.graphs import initializers, make_model, producer, run, sqnr_db
 
 RNG = np.random.default_rng(9)
 
@@ -125,3 +126,69 @@ def test_each_cleanup_pass_says_whether_it_changed_the_model():
     assert not FoldAffineIntoConvPass()(without_norm).modified
     assert [type(p).__name__ for p in CLEANUP] == [
         "FoldConstantsPass", "FoldBatchNormPass", "FoldAffineIntoConvPass", "NameNodesApartPass"]
+
+
+def _stored_weight(spelling: str) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """A model whose one weight (over onnxscript's default folding limit of 8192 elements) is
+    stored behind ``spelling``; returns it, the weight as the op sees it (computed in numpy)
+    and the axis of its output channels."""
+    if spelling == "float16-conv-weight-behind-cast":
+        stored = RNG.normal(0, 0.3, (64, 32, 3, 3)).astype(np.float16)
+        nodes = [oh.make_node("Cast", ["stored"], ["w"], to=onnx.TensorProto.FLOAT),
+                 oh.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+        shapes, weight, axis, extra = ([1, 32, 8, 8], [1, 64, 8, 8]), stored.astype(np.float32), 0, []
+    elif spelling == "reshaped-matmul-weight":
+        weight = _f(128, 96)
+        stored, extra = weight.reshape(-1), [("shape", np.array([128, 96], np.int64))]
+        nodes = [oh.make_node("Reshape", ["stored", "shape"], ["w"]), oh.make_node("MatMul", ["x", "w"], ["y"])]
+        shapes, axis = ([4, 128], [4, 96]), 1
+    elif spelling == "transposed-gemm-weight":
+        weight = _f(128, 96)  # (K, N): Gemm without transB, channels on axis 1
+        stored, extra = np.ascontiguousarray(weight.T), []
+        nodes = [oh.make_node("Transpose", ["stored"], ["w"], perm=[1, 0]), oh.make_node("Gemm", ["x", "w"], ["y"])]
+        shapes, axis = ([4, 128], [4, 96]), 1
+    else:  # an Unsqueeze after a Squeeze: the same weight, spelled twice
+        weight = _f(64, 32, 3, 3)
+        stored, extra = weight[None], [("axis0", np.array([0], np.int64))]
+        nodes = [oh.make_node("Squeeze", ["stored", "axis0"], ["w"]), oh.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+        shapes, axis = ([1, 32, 8, 8], [1, 64, 8, 8]), 0
+    model = make_model(nodes, [("x", shapes[0])], [("y", shapes[1])], [("stored", stored), *extra])
+    return model, weight, axis
+
+
+@pytest.mark.parametrize("spelling", ["float16-conv-weight-behind-cast", "reshaped-matmul-weight",
+                                      "transposed-gemm-weight", "squeezed-conv-weight"])
+def test_weight_behind_a_cast_or_reshape_gets_per_channel_int8_and_no_float_copy(tmp_path, spelling):
+    model, weight, axis = _stored_weight(spelling)
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    x_shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = {"x": RNG.normal(size=[16, *x_shape[1:]]).astype(np.float32)}
+    result = onnxq.convert(model, tmp_path / "q.onnx", data)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    op = next(n for n in quantized.graph.node if n.op_type in ("Conv", "MatMul", "Gemm"))
+    dequantize = producer(quantized, op.input[1])
+    assert dequantize is not None and dequantize.op_type == "DequantizeLinear"
+    stored = initializers(quantized)
+    q, scale = stored[dequantize.input[0]], stored[dequantize.input[1]]
+    assert q.dtype == np.int8 and q.shape == weight.shape and scale.shape == (weight.shape[axis],)  # per channel
+    expected_scale = np.abs(np.moveaxis(weight, axis, 0)).reshape(weight.shape[axis], -1).max(axis=1) / 127
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+    np.testing.assert_array_equal(q, np.round(weight / np.expand_dims(scale, [a for a in range(weight.ndim) if a != axis])))
+    assert not [name for name, a in stored.items() if a.dtype.kind == "f" and a.size >= weight.size]  # no float copy
+    assert (tmp_path / "q.onnx").stat().st_size < 0.3 * weight.size * 4
+    assert result.op_counts[op.op_type].quantized == 1
+    assert inspect_model(tmp_path / "q.onnx", fusion=False).op_counts()[op.op_type] == {"int8": 1, "float": 0}
+    feed = {"x": data["x"][: x_shape[0]]}
+    assert sqnr_db(run(model, feed)[0], run(quantized, feed)[0]) > 30
+
+
+def test_inspect_counts_an_op_whose_weight_is_float_as_float(tmp_path):
+    """A Conv between Q/DQ pairs whose weight is a float16 initializer cast to float at run time
+    is not int8, though its activation is."""
+    weight = RNG.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float16)
+    scale, zero = np.array(0.05, np.float32), np.array(128, np.uint8)
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), oh.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             oh.make_node("Cast", ["w16"], ["w"], to=onnx.TensorProto.FLOAT), oh.make_node("Conv", ["xd", "w"], ["c"], name="conv"),
+             oh.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]), oh.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 6, 6])], [("w16", weight), ("s", scale), ("z", zero)])
+    assert inspect_model(model, fusion=False).op_counts()["Conv"] == {"int8": 0, "float": 1}

@@ -1,4 +1,5 @@
-"""Opsets 11 up to the newest the installed onnx defines, and custom-domain nodes."""
+"""Opsets 11 up to the newest the installed onnx defines, IR versions 3 up to the newest onnx
+writes, and custom-domain nodes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from onnxq.load.opset import default_opset, MIN_OPSET, runtime_opset
-from tests.graphs import consumers, producer, run, sqnr_db
+from onnxq.load.opset import default_opset, MIN_OPSET, runtime_ir_version, runtime_opset
+from tests.graphs import consumers, initializers, make_model, producer, run, sqnr_db
 from tests.test_cli_errors import assert_clean_failure, onnxq as run_cli
 
 NEWEST = onnx.defs.onnx_opset_version()
@@ -138,3 +139,85 @@ def test_custom_op_onnx_runtime_does_not_know_is_a_clean_error(tmp_path):
     out = tmp_path / "out.onnx"
     result = run_cli("convert", path, "-o", out, "--calibration-data", tmp_path / "c.npz")
     assert_clean_failure(result, out, "ONNX Runtime cannot load", "ScaledTanh")
+
+
+def _conv_classifier(opset: int, ir_version: int) -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten -> Gemm, written as ``opset`` and ``ir_version`` require: below IR
+    4 every initializer is also a graph input."""
+    rng = np.random.default_rng(4)
+    weights = {"w": rng.normal(0, 0.3, (8, 3, 3, 3)), "b": rng.normal(0, 0.1, 8),
+               "fc": rng.normal(0, 0.1, (10, 8 * 6 * 6)), "fcb": rng.normal(0, 0.1, 10)}
+    arrays = {name: np.asarray(array, np.float32) for name, array in weights.items()}
+    nodes = [oh.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"), oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("Flatten", ["r"], ["f"]), oh.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="fc")]
+    inputs = [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])]
+    if ir_version < 4:
+        inputs += [oh.make_tensor_value_info(name, onnx.TensorProto.FLOAT, a.shape) for name, a in arrays.items()]
+    graph = oh.make_graph(nodes, "classifier", inputs, [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])],
+                          [onh.from_array(array, name) for name, array in arrays.items()])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _assert_int8_weights_of(quantized: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Each Conv/Gemm weight is an int8 initializer whose DequantizeLinear gives back the float
+    weight within half a step, and no float copy of it is left."""
+    floats, stored = initializers(model), initializers(quantized)
+    for node in (n for n in quantized.graph.node if n.op_type in ("Conv", "Gemm")):
+        dequantize = producer(quantized, node.input[1])
+        assert dequantize.op_type == "DequantizeLinear"
+        q, scale = stored[dequantize.input[0]], stored[dequantize.input[1]]
+        weight = floats["w" if node.op_type == "Conv" else "fc"]
+        assert q.dtype == np.int8 and q.shape == weight.shape
+        assert np.abs(q * scale.reshape(-1, *[1] * (q.ndim - 1)) - weight).max() <= scale.max() / 2 + 1e-7
+    assert not any(a.dtype == np.float32 and a.size > 64 for a in stored.values())
+
+
+def test_ir_version_3_model_converts_with_int8_weights(tmp_path):
+    model = _conv_classifier(opset=7, ir_version=3)
+    path, out = tmp_path / "ir3.onnx", tmp_path / "q.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = np.random.default_rng(5).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = run_cli("convert", path, "-o", out, "--calibration-data", tmp_path / "calib.npz", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "IR version 3 changed to 7" in result.stdout and "4 initializer(s) are weights" in result.stdout
+    quantized = onnx.load(out)
+    assert quantized.ir_version == 7 and [i.name for i in quantized.graph.input] == ["x"]
+    _assert_int8_weights_of(quantized, model)
+    assert out.stat().st_size < 0.5 * path.stat().st_size
+    for sample in x[:4]:
+        assert sqnr_db(run(model, {"x": sample[None]})[0], run(quantized, {"x": sample[None]})[0]) > 25
+
+
+def test_ir_version_newer_than_onnx_runtime_reads_is_lowered(tmp_path):
+    newest = runtime_ir_version()
+    if newest >= onnx.IR_VERSION:
+        pytest.skip(f"the installed ONNX Runtime reads IR version {newest}, the newest onnx writes")
+    model = _conv_classifier(opset=17, ir_version=newest + 1)
+    with pytest.raises(Exception, match="(?i)ir_version|ir version|unsupported model"):
+        run(model, {"x": X[:1]})  # ONNX Runtime refuses the model as written
+    result = onnxq.convert(model, tmp_path / "q.onnx", {"x": X[:8, :, :, :]})
+    assert any(f"IR version {newest + 1} changed to {newest}" in note for note in result.notes), result.notes
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert quantized.ir_version == newest
+    _assert_int8_weights_of(quantized, model)
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    lowered.ir_version = newest  # the float reference, as ONNX Runtime can run it
+    assert sqnr_db(run(lowered, {"x": X[:1]})[0], run(quantized, {"x": X[:1]})[0]) > 25
+
+
+def test_model_that_needs_a_newer_ir_version_than_onnx_runtime_reads_is_refused(tmp_path):
+    newest = runtime_ir_version()
+    if newest >= 14:
+        pytest.skip(f"the installed ONNX Runtime reads IR version {newest}, which has float6")
+    model = make_model([oh.make_node("Relu", ["x"], ["y"])], [("x", [2])], [("y", [2])])
+    model.graph.initializer.append(oh.make_tensor("f6", onnx.TensorProto.FLOAT6E2M3, [2], [0, 1]))  # added in IR 14
+    model.ir_version = 14
+    path, out = tmp_path / "f6.onnx", tmp_path / "q.onnx"
+    path.write_bytes(model.SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=np.ones((2, 2), np.float32))
+    result = run_cli("convert", path, "-o", out, "--calibration-data", tmp_path / "calib.npz")
+    assert_clean_failure(result, out, "needs IR version 14", f"the {newest} the installed", "upgrade onnxruntime")

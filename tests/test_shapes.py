@@ -13,7 +13,8 @@ import onnxq
 from onnxq.calibration.observers import METHODS
 from onnxq.rewrite.quant_math import activation_params
 from onnxq.load.shapes import correct_declared_shapes
-from tests.graphs import initializers, make_model, run, sqnr_db
+from tests.graphs import initializers, make_model, producer, run, sqnr_db
+from tests.test_cli_errors import onnxq as onnxq_cli
 
 rng = np.random.default_rng(0)
 W1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
@@ -21,14 +22,14 @@ B1 = rng.normal(0, 0.1, 32).astype(np.float32)
 W2 = rng.normal(0, 0.3, (32, 8)).astype(np.float32)
 
 
-def _sequence_model(batch) -> onnx.ModelProto:
+def _sequence_model(batch, opset: int = 17) -> onnx.ModelProto:
     """x [batch, T, 16] -> MatMul -> Add -> Relu -> MatMul -> y [batch, T, 8]: every op works
     position by position, so a tensor's values over a set of sequences are the union of the
     values over each sequence, however the sequences are cut and grouped."""
     return make_model(
         [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Add", ["h", "b1"], ["hb"]),
          oh.make_node("Relu", ["hb"], ["r"]), oh.make_node("MatMul", ["r", "w2"], ["y"])],
-        [("x", [batch, "T", 16])], [("y", [batch, "T", 8])], [("w1", W1), ("b1", B1), ("w2", W2)],
+        [("x", [batch, "T", 16])], [("y", [batch, "T", 8])], [("w1", W1), ("b1", B1), ("w2", W2)], opset=opset,
     )
 
 
@@ -73,8 +74,8 @@ def test_fixed_batch_larger_than_one(tmp_path):
     assert sqnr_db(run(_sequence_model(4), feed)[0], run(str(tmp_path / "q.onnx"), feed)[0]) > 30
 
 
-def _declared_wrong(kind: str) -> onnx.ModelProto:
-    model = _sequence_model(1)
+def _declared_wrong(kind: str, opset: int = 17) -> onnx.ModelProto:
+    model = _sequence_model(1, opset)
     if kind == "output-dim":  # y is [1, T, 8]
         model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 7
     elif kind == "output-rank":
@@ -86,9 +87,10 @@ def _declared_wrong(kind: str) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.parametrize("opset", [11, 17])  # below 13 the model is also converted to opset 13 first
 @pytest.mark.parametrize("kind", ["output-dim", "output-rank", "value-info-rank", "value-info-type"])
-def test_declared_shapes_that_contradict_the_graph_are_corrected(tmp_path, kind):
-    model = _declared_wrong(kind)
+def test_declared_shapes_that_contradict_the_graph_are_corrected(tmp_path, kind, opset):
+    model = _declared_wrong(kind, opset)
     data = _sequences(1, (5, 9))
     result = onnxq.convert(model, tmp_path / "q.onnx", data)
     assert any("contradict" in note or "declared" in note for note in result.notes), result.notes
@@ -117,3 +119,29 @@ def test_declared_output_of_a_custom_op_is_kept():
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 99
     corrected, notes = correct_declared_shapes(model)
     assert notes == [] and corrected.graph.output[0].type.tensor_type.shape.dim[2].dim_value == 99
+
+
+def test_minus_one_dims_are_dynamic_dims(tmp_path):
+    """A classifier whose input declares [-1, 3, -1, -1], as some exporters write dynamic dims:
+    ONNX Runtime runs it at any batch and size, and so does the quantized model."""
+    weight = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    model = make_model(
+        [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
+         oh.make_node("GlobalAveragePool", ["r"], ["y"])],
+        [("x", ["N", 3, "H", "W"])], [("y", ["N", 8, 1, 1])], [("w", weight)],
+    )
+    for value, axes in ((model.graph.input[0], (0, 2, 3)), (model.graph.output[0], (0,))):
+        for axis in axes:
+            value.type.tensor_type.shape.dim[axis].dim_value = -1
+    path, out = tmp_path / "model.onnx", tmp_path / "q.onnx"
+    path.write_bytes(model.SerializeToString())
+    calibration = rng.normal(size=(6, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=calibration)
+    result = onnxq_cli("convert", path, "-o", out, "--calibration-data", tmp_path / "calib.npz", "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    quantized = onnx.load(out)
+    assert [d.HasField("dim_value") for d in quantized.graph.input[0].type.tensor_type.shape.dim] == [False, True, False, False]
+    conv = next(node for node in quantized.graph.node if node.op_type == "Conv")
+    assert initializers(quantized)[producer(quantized, conv.input[1]).input[0]].dtype == np.int8
+    for feed in ({"x": calibration[:2]}, {"x": rng.normal(size=(5, 3, 20, 16)).astype(np.float32)}):
+        assert sqnr_db(run(model, feed)[0], run(quantized, feed)[0]) > 30  # ONNX Runtime runs the -1 model

@@ -2,7 +2,11 @@
 
 Rules, in order:
 1. Constant nodes become initializers; constant subgraphs (shape arithmetic on static shapes,
-   say) are folded into initializers, and nodes left without consumers are removed.
+   say) are folded into initializers, and nodes left without consumers are removed. A node on
+   constants whose output holds no more elements than the constants it alone reads is folded
+   whatever their size: weights stored behind a Cast (float16 weights), Reshape, Transpose,
+   Squeeze/Unsqueeze, Identity or Flatten become plain initializers that get int8 weights, and
+   no float copy is left. Larger results (a Tile, an Expand) stay within the optimizer's limits.
 2. BatchNormalization right after a Conv, ConvTranspose or Gemm is folded into its weights.
 3. A Mul, Div, Add or Sub by a per-channel (or scalar) constant right after a Conv is folded
    into the Conv's weights and bias, and one right before an unpadded Conv into that Conv
@@ -13,6 +17,8 @@ The graph's inputs and outputs keep their names.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -157,14 +163,30 @@ def _name_nodes_apart(graph: ir.Graph) -> None:
         seen.add(name)
 
 
+def _folds_without_growth(node: ir.Node) -> bool | None:
+    """Fold ``node`` (whose inputs are all constants) when its output holds no more elements
+    than the inputs only it reads, which folding then removes; ``None``: the optimizer's own
+    size limits decide (and its rule that Q/DQ nodes, the quantization of a quantized model, stay)."""
+    if "QuantizeLinear" in node.op_type:  # QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear
+        return None
+    outputs = [value.shape for value in node.outputs]
+    if not outputs or any(shape is None or not shape.is_static() for shape in outputs):
+        return None
+    produced = sum(math.prod(shape.numpy()) for shape in outputs)
+    freed = sum(value.const_value.size for value in node.inputs
+                if value is not None and value.const_value is not None and len(value.uses()) == 1)
+    return True if produced <= freed else None
+
+
 class FoldConstantsPass(GraphPass):
     """Rule 1: Constant nodes become initializers, constant subgraphs are folded into
-    initializers, and nodes left without consumers are removed."""
+    initializers (weights behind Cast/Reshape/Transpose and the like whatever their size), and
+    nodes left without consumers are removed."""
 
     def call(self, model: ir.Model) -> PassResult:
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         before = len(model.graph)
-        optimizer.fold_constants(model)
+        optimizer.fold_constants(model, should_fold=_folds_without_growth)
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         folded = before - len(model.graph)

@@ -66,7 +66,7 @@ def _non_utf8_field(message: Message) -> str | None:
 
 def check_well_formed(proto: onnx.ModelProto, where: str) -> None:
     """What ``onnx.checker`` lets through but later stages cannot handle: text that is not
-    UTF-8, tensors of unknown data types, graph inputs that are not typed tensors, negative dims."""
+    UTF-8, tensors of unknown data types, graph inputs that are not typed tensors, dims below -1."""
     field = _non_utf8_field(proto)
     if field:
         raise ModelError(f"{where}: the text field {field} is not valid UTF-8; the file is damaged, re-export it")
@@ -94,10 +94,10 @@ def check_well_formed(proto: onnx.ModelProto, where: str) -> None:
     for value in [*graph.input, *graph.output, *graph.value_info]:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ()
         for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value < 0:
+            if dim.HasField("dim_value") and dim.dim_value < -1:  # -1: a dynamic size, as ONNX Runtime reads it
                 raise ModelError(
                     f"{where}: tensor {value.name!r} declares dimension {dim.dim_value} on axis {axis}; a "
-                    "dimension is a size >= 0 or a name for a dynamic size: fix the model's shapes"
+                    "dimension is a size >= 0, -1 or a name for a dynamic size: fix the model's shapes"
                 )
 
 

@@ -15,9 +15,10 @@ import onnxruntime as ort
 
 from onnxq.analysis.cleanup import clean_up
 from onnxq.analysis.signatures import GraphKeys
+from onnxq.load.float16 import lift_float16
 from onnxq.load.model import external_data_folder, load_model, model_bytes
-from onnxq.load.opset import fit_opset
-from onnxq.load.shapes import correct_declared_shapes
+from onnxq.load.opset import fit_ir_version, fit_opset
+from onnxq.load.shapes import correct_declared_shapes, read_minus_one_as_dynamic
 from onnxq.runtime import create_session
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -44,7 +45,7 @@ class LoadedModel:
 
     source: ModelInput  # the path or ModelProto the user gave
     float_proto: onnx.ModelProto
-    proto: onnx.ModelProto  # declared shapes corrected, opset fitted to 13..ONNX Runtime's newest
+    proto: onnx.ModelProto  # shapes corrected, opset and IR version fitted, float16 lifted to float32 inside
     model: ir.Model  # cleaned up; read only (see ``fresh``)
     notes: tuple[str, ...]
     external_folder: Path | None = None  # where the weights the protos reference lie (models with external data)
@@ -86,8 +87,11 @@ def load(model: ModelInput) -> LoadedModel:
     """Read, check and prepare a float model given as a path or a ModelProto."""
     float_proto = load_model(model)
     external_folder = external_data_folder(model, float_proto)
-    proto, shape_notes = correct_declared_shapes(float_proto)
-    proto, upgrade_note = fit_opset(proto)
+    proto, dynamic_notes = read_minus_one_as_dynamic(float_proto)
+    proto, shape_notes = correct_declared_shapes(proto)
+    proto, opset_note = fit_opset(proto)
+    proto, ir_note = fit_ir_version(proto)
+    proto, float16_note = lift_float16(proto, external_folder)
     prepared, notes = prepare(proto, external_folder)
-    notes = shape_notes + ([upgrade_note] if upgrade_note else []) + notes
+    notes = dynamic_notes + shape_notes + [note for note in (opset_note, ir_note, float16_note) if note] + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)

@@ -1,6 +1,8 @@
 """Declared shapes checked against shape inference, before anything relies on them.
 
 Rules:
+0. A dimension declared as ``-1`` is a dynamic dimension (ONNX Runtime runs it as one): it is
+   read as an unnamed dynamic dimension, in bodies too, and reported.
 1. Shapes and types are inferred afresh from the graph inputs and initializers, ignoring every
    declared ``value_info`` and graph output type.
 2. A declared annotation contradicts the inferred one when both know the element type and it
@@ -15,6 +17,32 @@ from __future__ import annotations
 
 import onnx
 import onnx.shape_inference
+
+from onnxq.graph import proto_graphs
+
+
+def read_minus_one_as_dynamic(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Rule 0: ``proto`` with its ``-1`` dimensions made unnamed dynamic ones, and a note naming
+    the tensors that declared them; ``proto`` itself when none does."""
+    def declared(model: onnx.ModelProto) -> list[tuple[onnx.ValueInfoProto, onnx.TensorShapeProto.Dimension]]:
+        return [
+            (value, dim)
+            for graph in proto_graphs(model.graph)
+            for value in [*graph.input, *graph.output, *graph.value_info]
+            if value.type.HasField("tensor_type")
+            for dim in value.type.tensor_type.shape.dim
+            if dim.HasField("dim_value") and dim.dim_value == -1
+        ]
+
+    if not declared(proto):
+        return proto, []
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(proto)
+    found = declared(dynamic)
+    for _, dim in found:
+        dim.Clear()
+    names = ", ".join(dict.fromkeys(repr(value.name) for value, _ in found))
+    return dynamic, [f"dimension -1 read as a dynamic dimension in {names}"]
 
 
 def _contradicts(declared: onnx.TypeProto, inferred: onnx.TypeProto) -> bool:

@@ -91,9 +91,9 @@ def _is_two_four(array: np.ndarray) -> bool:
 
 
 def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> bool:
-    """A QLinear operator, or (QDQ form) an op that reads a DequantizeLinear and whose outputs
-    reach a QuantizeLinear, directly or through a Relu/Clip; such a Relu/Clip runs inside the
-    integer kernel of the op before it."""
+    """A QLinear operator, or (QDQ form) an op that reads a DequantizeLinear (on its weight, when
+    it has one) and whose outputs reach a QuantizeLinear, directly or through a Relu/Clip; such a
+    Relu/Clip runs inside the integer kernel of the op before it."""
     if node.op_type in QLINEAR_OPS:
         return True
     source = producers.get(node.input[0]) if node.input else None
@@ -103,8 +103,11 @@ def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> b
     info = OPS.get(node.op_type)
     if info is None or (info.kind is None and not info.compute):
         return False  # no integer kernel: a dequantize -> float op -> quantize island
-    if not any(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input):
+    dequantized = [name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input]
+    if not any(dequantized):
         return False
+    if info.weight_input is not None and info.weight_input < len(node.input) and not dequantized[info.weight_input]:
+        return False  # a float weight (an initializer, or computed at run time) leaves the op float
     for output in node.output:
         uses = consumers.get(output, [])
         if len(uses) == 1 and uses[0].op_type in ("Relu", "Clip"):

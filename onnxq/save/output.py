@@ -26,7 +26,8 @@ from onnxq.runtime import create_session
 
 def _check_interface(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> None:
     """Drop the shape annotations onnxq inferred for its own use, in bodies too (the model's own
-    stay), and check that the graph inputs and outputs are the float model's."""
+    stay), and check that the graph inputs and outputs are the float model's as loaded
+    (``LoadedModel.proto``: an IR 3 model's weights are no longer graph inputs there)."""
     declared = {info.name for graph in proto_graphs(float_proto.graph) for info in graph.value_info}
     for graph in proto_graphs(proto.graph):
         kept = [info for info in graph.value_info if info.name in declared]
@@ -82,10 +83,10 @@ def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data
         external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
     )
     if external:
-        check = functools.partial(_check_output_file, loaded.float_proto)
+        check = functools.partial(_check_output_file, loaded.proto)
         written, sha256 = write_with_external_data(model, path, check)
         return WrittenModel(written, sha256, None)
     ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
-    data = _check_output(loaded.float_proto, ir.to_proto(model))
+    data = _check_output(loaded.proto, ir.to_proto(model))
     write_atomically(data, path)
     return WrittenModel(len(data), hashlib.sha256(data).hexdigest(), data)
