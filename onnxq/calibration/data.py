@@ -26,12 +26,9 @@ import numpy as np
 import onnx
 import onnx.helper
 
-from onnxq.calibration.images import ImageFolder, image_files
+from onnxq.calibration.images import LABEL_KEY, ImageFolder, is_image_folder
 from onnxq.calibration.npz import OnDiskArray, open_npy, open_npz
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
-
-LABEL_KEY = "label"
-
 
 
 class DataReader(Protocol):
@@ -166,9 +163,8 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
     if isinstance(source, Mapping):
         yield "data", source
         return
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and image_files(Path(source)):
-        if not any(Path(source).glob("*.np[yz]")):
-            source = ImageFolder(Path(source))
+    if isinstance(source, (str, os.PathLike)) and is_image_folder(Path(source)):
+        source = ImageFolder(Path(source))
     if isinstance(source, ImageFolder):
         if len(inputs) != 1:
             raise CalibrationDataError(
@@ -246,7 +242,29 @@ class _Layout:
     stacked: frozenset[str]
 
 
-def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int) -> tuple[dict, _Layout]:
+def _class_indices(labels: np.ndarray) -> np.ndarray:
+    """A batch's labels as class indices: ``[n]`` or ``[n, 1]`` as they are, one-hot (or
+    per-class score) rows ``[n, classes]`` by their argmax."""
+    if labels.ndim == 2:
+        return labels[:, 0] if labels.shape[1] == 1 else labels.argmax(axis=1)
+    return labels
+
+
+def _check_labels(origin: str, labels: Any, samples: int) -> OnDiskArray | np.ndarray:
+    labels = _array(labels)
+    if labels.ndim == 0 and samples == 1:
+        labels = labels.reshape(1)
+    if labels.ndim not in (1, 2) or labels.shape[0] != samples:
+        raise CalibrationDataError(
+            f"{origin}: 'label' has shape {tuple(labels.shape)} for {samples} sample(s); give class indices "
+            f"[{samples}] or one-hot rows [{samples}, classes]"
+        )
+    return labels
+
+
+def _check_chunk(
+    origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int
+) -> tuple[dict, OnDiskArray | np.ndarray | None, _Layout]:
     names = {spec.name for spec in inputs}
     arrays = {}
     for key, value in chunk.items():
@@ -314,12 +332,14 @@ def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_siz
             f"{origin}: {samples} samples do not fill batches of the model's fixed batch size "
             f"{step}; give a multiple of {step}"
         )
-    return arrays, _Layout(samples, step, frozenset(stacked))
+    labels = chunk.get(LABEL_KEY)
+    labels = None if labels is None else _check_labels(origin, labels, samples)
+    return arrays, labels, _Layout(samples, step, frozenset(stacked))
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One model run's feed ``{input_name: array}``, its sample count and its labels, if any."""
+    """One model run's feed ``{input_name: array}``, its sample count and its labels (class indices), if any."""
 
     feed: dict[str, np.ndarray]
     samples: int
@@ -366,7 +386,8 @@ def iter_batches(
     batch_size: int = 1,
     max_samples: int | None = None,
 ) -> Iterator[Batch]:
-    """Yield the batches to run, with the matching slice of the chunk's ``label`` array.
+    """Yield the batches to run, with the matching slice of the chunk's ``label`` array as class
+    indices (one-hot rows by their argmax).
 
     Every chunk's names, dtypes and shapes are checked before it is fed, and each batch's values
     (NaN, Inf) before it is yielded; the first problem raises ``CalibrationDataError`` naming the
@@ -375,9 +396,7 @@ def iter_batches(
     """
     fed = 0
     for origin, chunk in _chunks(source, inputs):
-        arrays, layout = _check_chunk(origin, chunk, inputs, batch_size)
-        labels = chunk.get(LABEL_KEY)
-        labels = None if labels is None else _array(labels)
+        arrays, labels, layout = _check_chunk(origin, chunk, inputs, batch_size)
         for start in range(0, layout.samples, layout.step):
             stop = min(start + layout.step, layout.samples)
             if max_samples is not None:
@@ -387,7 +406,7 @@ def iter_batches(
                 for name, array in arrays.items()
             }
             _check_finite(origin, feed, start, stop - start)
-            yield Batch(feed, stop - start, None if labels is None else np.asarray(labels[start:stop]))
+            yield Batch(feed, stop - start, None if labels is None else _class_indices(np.asarray(labels[start:stop])))
             fed += stop - start
             if max_samples is not None and fed >= max_samples:
                 return
