@@ -3,10 +3,12 @@
 Data contract (shared/DESIGN.md section 2): a *chunk* is a dict ``{input_name: array}`` whose
 arrays hold samples on axis 0. An array with the input's rank is batched along axis 0; one with
 a rank more holds complete inputs, fed one by one. Keys starting with ``__`` and the key
-``label`` are metadata, never inputs. Chunks come from an ``.npz`` file, a folder of ``.npz``
-(or, for single-input models, ``.npy``) files, a folder of images (``onnxq.calibration.images``), a loader
+``label`` (class indices, or one-hot rows) are metadata, never inputs. Chunks come from an
+``.npz`` file, a folder of ``.npz`` (or, for single-input models, ``.npy``) files, read a batch
+at a time (``onnxq.calibration.npz``), a folder of images (``onnxq.calibration.images``), a loader
 ``file.py:func`` / ``pkg.mod:func`` returning an iterable of chunks, or, in the Python API, a
-dict or any iterable of dicts.
+dict, any iterable of dicts, or a ``get_next()`` reader (ONNX Runtime's ``CalibrationDataReader``
+protocol).
 """
 
 from __future__ import annotations
