@@ -8,21 +8,24 @@ that keeps every intermediate tensor cannot take the machine down.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.stream import write_samples
-from benchmarks.workloads import Workload
+from benchmarks.stream import write_npz, write_samples
+from benchmarks.workloads import WORKLOADS, Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("float pass", "float", "minmax"), ("onnxq minmax", "onnxq", "minmax"),
          ("onnxq percentile", "onnxq", "percentile"), ("onnxq entropy", "onnxq", "entropy"),
          ("ORT minmax", "ort", "minmax"), ("ORT percentile", "ort", "percentile"), ("ORT entropy", "ort", "entropy")]
+NPZ_CASE = ("onnxq percentile, one .npz", "onnxq", "percentile")  # onnxq reads the .npz itself
 
 
 def _rss_mb(pid: int) -> float:
@@ -75,42 +78,57 @@ def _resume_cost(model: Path, folder: Path, env: dict, uninterrupted: float) -> 
     return killed_at + resumed, resumed
 
 
+def _measure(workload: Workload, folder: Path, counts: tuple[int, int], limit_mb: float, cases: list) -> dict:
+    """``{(label, count): result}`` for each case at each count; the streamed cases read
+    ``benchmarks.stream.samples``, ``NPZ_CASE`` one uncompressed .npz per count."""
+    model = workload.model_path()
+    data = folder / f"{workload.name}.calibration.npy"
+    first = next(workload.calibration_stream(1))
+    if any(case != NPZ_CASE for case in cases):
+        write_samples(data, workload.calibration_stream(max(counts)), max(counts), first.shape)
+    results: dict[tuple[str, int], dict] = {}
+    for count in counts:
+        for label, tool, method in cases:
+            source = "stream"
+            if (label, tool, method) == NPZ_CASE:
+                source = str(folder / f"{workload.name}.{count}.npz")
+                write_npz(Path(source), workload.input_name, workload.calibration_stream(count), count, first.shape)
+            command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model),
+                       str(folder / f"{label}.onnx".replace(" ", "_").replace(",", "")), source, method]
+            results[label, count] = _run(command, _env(data, workload, count), limit_mb)
+            print(f"{workload.name} {label} {count}: {results[label, count]}", flush=True)
+    return results
+
+
+def _row(label: str, small: dict, large: dict, float_pass_seconds: float) -> str:
+    ratio = large["peak_rss_mb"] / small["peak_rss_mb"] if small["peak_rss_mb"] else float("nan")
+    calibration = large.get("calibration_seconds", float("nan"))
+    return (f"| {label} | {small['peak_rss_mb']:.0f} | {large['peak_rss_mb']:.0f} | {ratio:.2f} | {large['seconds']:.1f} "
+            f"| {calibration:.1f} | {calibration / float_pass_seconds:.2f} | {large['error'] or small['error'] or ''} |")
+
+
 def bench_calibration(workload: Workload, folder: Path, counts: tuple[int, int], limit_mb: float) -> str:
     """A markdown section with the calibration measurements for ``workload``."""
     model = workload.model_path()
     data = folder / f"{workload.name}.calibration.npy"
-    first = next(workload.calibration_stream(1))
-    write_samples(data, workload.calibration_stream(max(counts)), max(counts), first.shape)
-    results: dict[tuple[str, int], dict] = {}
-    for count in counts:
-        for label, tool, method in CASES:
-            command = [sys.executable, "-m", "benchmarks.convert_one", tool, str(model),
-                       str(folder / f"{label}.onnx".replace(" ", "_")), "stream", method]
-            results[label, count] = _run(command, _env(data, workload, count), limit_mb)
-            print(f"{workload.name} {label} {count}: {results[label, count]}", flush=True)
+    results = _measure(workload, folder, counts, limit_mb, [*CASES, NPZ_CASE])
     small, large = counts
     base = results["float pass", large].get("calibration_seconds", float("nan"))
     lines = [
         f"## Calibration cost: {workload.name}, {small} vs {large} samples",
         "",
-        "Each row is a fresh process streaming the same samples from disk. *total s* includes starting",
+        "Each row is a fresh process streaming the same samples from disk (the last row: onnxq reading",
+        "one uncompressed .npz of all the samples itself). *total s* includes starting",
         "Python, loading the model and, for the quantizers, rewriting and writing the int8 model;",
         "*calibration s* is the calibration alone (onnxq's `calibrate`, ORT's `collect_data` +",
         "`compute_data`; for the float pass, the inference loop), and the last ratio divides it by the",
         f"float pass's. Watchdog limit {limit_mb:.0f} MB.",
         "",
-        f"| run | peak RSS MB at {small} | peak RSS MB at {large} | RSS ratio {large}/{small} | total s at {large} "
-        f"| calibration s at {large} | calibration / float pass | note |",
+        (f"| run | peak RSS MB at {small} | peak RSS MB at {large} | RSS ratio {large}/{small} | total s at {large} "
+         f"| calibration s at {large} | calibration / float pass | note |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        *(_row(label, results[label, small], results[label, large], base) for label, _, _ in [*CASES, NPZ_CASE]),
     ]
-    for label, _, _ in CASES:
-        a, b = results[label, small], results[label, large]
-        ratio = b["peak_rss_mb"] / a["peak_rss_mb"] if a["peak_rss_mb"] else float("nan")
-        calibration = b.get("calibration_seconds", float("nan"))
-        lines.append(
-            f"| {label} | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | {ratio:.2f} | {b['seconds']:.1f} "
-            f"| {calibration:.1f} | {calibration / base:.2f} | {b['error'] or a['error'] or ''} |"
-        )
     total, resumed = _resume_cost(model, folder, _env(data, workload, large), results["onnxq minmax", large]["seconds"])
     extra = total - results["onnxq minmax", large]["seconds"]
     lines += [
@@ -121,3 +139,22 @@ def bench_calibration(workload: Workload, folder: Path, counts: tuple[int, int],
         "",
     ]
     return "\n".join(lines)
+
+
+def main() -> None:
+    """``python -m benchmarks.calibration [--model yolov8n] [--counts 64,512]``: the .npz row alone
+    (``NPZ_CASE``), printed as a table row; its float-pass ratio is left out (no float pass is run)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="yolov8n")
+    parser.add_argument("--counts", default="64,512")
+    parser.add_argument("--rss-limit-mb", type=float, default=12000)
+    args = parser.parse_args()
+    small, large = (int(n) for n in args.counts.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _measure(WORKLOADS[args.model], Path(tmp), (small, large), args.rss_limit_mb, [NPZ_CASE])
+    label = NPZ_CASE[0]
+    print(_row(label, results[label, small], results[label, large], float("nan")).replace("| nan |", "| - |"))
+
+
+if __name__ == "__main__":
+    main()

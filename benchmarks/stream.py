@@ -1,4 +1,5 @@
-"""Calibration samples streamed from a raw ``.npy`` file, one sample at a time.
+"""Calibration samples streamed from a raw ``.npy`` file, one sample at a time, and the same
+samples written as one ``.npz`` (``write_npz``) for onnxq to read itself.
 
 Both quantizers read the data through ``samples()`` in the calibration benchmark, so that the
 peak RSS they show is theirs, not the data set's: each sample is read from the file with a seek,
@@ -9,6 +10,7 @@ without memory-mapping the whole file. Set ``ONNXQ_BENCH_DATA`` (the .npy), ``ON
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,19 @@ def write_samples(path: Path, samples: Iterator[np.ndarray], count: int, shape: 
         array[index] = sample[0]
     array.flush()
     del array
+    os.replace(temp, path)
+
+
+def write_npz(path: Path, name: str, samples: Iterator[np.ndarray], count: int, shape: tuple[int, ...]) -> None:
+    """Write ``count`` samples of ``shape`` (batch 1 each) as the array ``name`` of one uncompressed
+    .npz (what ``numpy.savez`` writes) without holding them all."""
+    temp = path.with_suffix(".tmp.npz")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (count, *shape[1:])}
+    with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED) as archive, archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_2_0(member, header)
+        for _, sample in zip(range(count), samples):
+            member.write(np.ascontiguousarray(sample[0], dtype=np.float32).tobytes())
     os.replace(temp, path)
 
 

@@ -135,6 +135,24 @@ def weight_axis(node: ir.Node, weight_rank: int) -> int | None:
     return None
 
 
+def reduction_axis(op_type: str, weight_rank: int, trans_b: bool = False) -> int | None:
+    """The axis of a weight that ``op_type`` sums its products over (where 2:4 sparse kernels
+    want two zeros in every four), or ``None`` for an op without one.
+
+    Conv: 1 (input channels). ConvTranspose: 0 (input channels). Gemm: 1 with transB, else 0.
+    MatMul with B of rank >= 2: rank - 2 (K).
+    """
+    if op_type == "Conv":
+        return 1
+    if op_type == "ConvTranspose":
+        return 0
+    if op_type == "Gemm":
+        return 1 if trans_b else 0
+    if op_type == "MatMul" and weight_rank >= 2:
+        return weight_rank - 2
+    return None
+
+
 def output_channels(node: ir.Node, weight_shape: tuple[int, ...]) -> int:
     """How many output channels a node with a weight of ``weight_shape`` has (its bias length)."""
     op = node.op_type

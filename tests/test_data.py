@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime
 import pytest
 
+import onnxq
 from onnxq.calibration.data import InputSpec, iter_batches
 from onnxq.errors import CalibrationDataError
+from tests.test_cli_errors import DEMO
 
 IMAGE = InputSpec("image", np.dtype(np.float32), (None, 3, 4, 4))
 FIXED = InputSpec("image", np.dtype(np.float32), (1, 3, 4, 4))
@@ -140,3 +143,30 @@ def test_string_input_takes_arrays_of_str():
 def test_string_input_given_numbers_says_it_expects_strings():
     with pytest.raises(CalibrationDataError, match="'text' is float32 but the model expects strings"):
         _batches({"text": np.ones((3, 1), np.float32)}, [TEXT])
+
+
+def test_one_hot_labels_are_read_as_class_indices():
+    classes = np.random.default_rng(4).integers(0, 5, 10)
+    batches = _batches({"image": _images(10), "label": np.eye(5, dtype=np.float32)[classes]}, [IMAGE], batch_size=4)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), classes)
+    column = _batches({"image": _images(10), "label": classes[:, None]}, [IMAGE], batch_size=4)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in column]), classes)
+
+
+@pytest.mark.parametrize("label", [np.zeros((10, 2, 2)), np.zeros(9, np.int64)])
+def test_labels_that_are_not_one_per_sample_are_refused(label):
+    with pytest.raises(CalibrationDataError, match=r"'label' has shape .* give class indices \[10\] or one-hot rows"):
+        _batches({"image": _images(10), "label": label}, [IMAGE])
+
+
+def test_one_hot_eval_labels_give_the_top1_row(tmp_path):
+    """Top-1 with one-hot labels is the float model's accuracy, computed here with ONNX Runtime."""
+    with np.load(DEMO.parent / "eval.npz") as data:
+        inputs, labels = data["input"], data["label"]
+    one_hot = np.eye(10, dtype=np.float32)[labels]
+    result = onnxq.convert(DEMO, tmp_path / "m.onnx", DEMO.parent / "calib.npz",
+                           eval_data={"input": inputs, "label": one_hot})
+    session = onnxruntime.InferenceSession(str(DEMO), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {"input": inputs})[0].argmax(axis=1)
+    assert result.fidelity.float_top1 == pytest.approx(float((predicted == labels).mean()))
+    assert result.fidelity.quantized_top1 is not None

@@ -41,10 +41,10 @@ def test_unfused_groups_are_listed(tmp_path):
 
 def test_sparsity_and_two_four_pattern():
     dense = np.ones((4, 8), np.float32)
-    two_four = np.tile(np.array([1, 0, 2, 0], np.float32), (8, 2))  # 2 zeros in every 4
+    two_four = np.tile(np.array([1, 0, 2, 0], np.float32), (8, 2)).T  # 2 zeros in every 4 along K (axis 0)
     unstructured = two_four.copy()
-    unstructured[0, :4] = 0  # 4 zeros in one group, 0 in the next: as sparse, but not 2:4
-    unstructured[0, 4:8] = 3
+    unstructured[:4, 0] = 0  # 4 zeros in one group, 0 in the next: as sparse, but not 2:4
+    unstructured[4:8, 0] = 3
     model = make_model(
         [oh.make_node("MatMul", ["x", "dense"], ["h"]), oh.make_node("MatMul", ["h", "sparse"], ["g"]),
          oh.make_node("MatMul", ["g", "unstructured"], ["y"])],
@@ -54,6 +54,56 @@ def test_sparsity_and_two_four_pattern():
     assert weights["dense"].zero_fraction == 0 and not weights["dense"].two_four_sparse
     assert weights["sparse"].zero_fraction == 0.5 and weights["sparse"].two_four_sparse
     assert weights["unstructured"].zero_fraction == 0.5 and not weights["unstructured"].two_four_sparse
+
+
+def _pruned_two_four(shape, axis, seed=0):
+    """Random non-zero values with the 2 smallest |w| of every 4 along ``axis`` set to zero."""
+    w = np.random.default_rng(seed).uniform(0.1, 1, shape).astype(np.float32) * np.where(
+        np.random.default_rng(seed + 1).random(shape) < 0.5, -1, 1).astype(np.float32)
+    moved = np.moveaxis(w, axis, -1).reshape(-1, 4).copy()
+    order = np.argsort(np.abs(moved), axis=1)
+    np.put_along_axis(moved, order[:, :2], 0, axis=1)
+    return np.moveaxis(moved.reshape(np.moveaxis(w, axis, -1).shape), -1, axis)
+
+
+def _groups_of_four_have_two_zeros(w, axis):  # the reference, in plain numpy
+    groups = np.moveaxis(w, axis, -1).reshape(-1, 4)
+    return bool(((groups == 0).sum(axis=1) >= 2).all())
+
+
+WEIGHTED_CASES = {  # op, weight shape, the axis it sums over, attributes
+    "Conv": ("Conv", (8, 8, 3, 4), 1, {}),
+    "MatMul": ("MatMul", (8, 12), 0, {}),
+    "Gemm": ("Gemm", (8, 12), 0, {}),
+    "Gemm transB": ("Gemm", (12, 8), 1, {"transB": 1}),
+}
+
+
+def _weighted_model(op, shape, attributes, w):
+    if op == "Conv":
+        return make_model([oh.make_node("Conv", ["x", "w"], ["y"])], [("x", [None, 8, 5, 6])], [("y", None)], [("w", w)])
+    return make_model([oh.make_node(op, ["x", "w"], ["y"], **attributes)], [("x", [None, 8])], [("y", None)], [("w", w)])
+
+
+@pytest.mark.parametrize("case", WEIGHTED_CASES)
+def test_two_four_is_checked_along_the_axis_each_op_sums_over(case, tmp_path):
+    op, shape, axis, attributes = WEIGHTED_CASES[case]
+    other = 0 if axis == len(shape) - 1 else len(shape) - 1  # the last axis, or the output axis for Gemm transB
+    along_sum = _pruned_two_four(shape, axis)
+    along_other = _pruned_two_four(shape, other)
+    assert _groups_of_four_have_two_zeros(along_sum, axis) and not _groups_of_four_have_two_zeros(along_sum, other)
+    assert not _groups_of_four_have_two_zeros(along_other, axis)
+    for weight, expected in ((along_sum, True), (along_other, False)):
+        model = _weighted_model(op, shape, attributes, weight)
+        info = next(w for w in inspect_model(model).weights if w.name == "w")
+        assert (info.two_four_sparse, info.two_four_axes) == (expected, (axis,)), case
+    # quantized, as QDQ and as QLinear operators: the int8 weight keeps its zeros and its axis
+    model = _weighted_model(op, shape, attributes, along_sum)
+    data = {"x": np.random.default_rng(3).normal(size=(4, 8, 5, 6) if op == "Conv" else (4, 8)).astype(np.float32)}
+    for form in ("qdq", "qoperator"):
+        onnxq.convert(model, tmp_path / f"{form}.onnx", data, onnxq.QuantConfig(format=form))
+        int8 = [w for w in inspect_model(tmp_path / f"{form}.onnx").weights if w.dtype == "int8"]
+        assert len(int8) == 1 and int8[0].two_four_sparse and int8[0].two_four_axes == (axis,), (case, form)
 
 
 def test_cli_json_and_errors(tmp_path):
@@ -76,7 +126,7 @@ def _sparse_weights() -> dict[str, np.ndarray]:
     conv = magnitudes((8, 4, 3, 3))
     conv[rng.random(conv.shape) < 0.3] = 0
     matmul = magnitudes((8 * 6 * 6, 8))
-    matmul.reshape(-1, 4)[:, 1::2] = 0  # two zeros in every group of four along the last axis
+    matmul[1::2] = 0  # two zeros in every group of four along K (axis 0), the axis MatMul sums over
     return {"conv_w": conv, "conv_b": rng.normal(0, 0.1, 8).astype(np.float32), "fc": matmul}
 
 

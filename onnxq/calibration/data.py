@@ -3,33 +3,44 @@
 Data contract (shared/DESIGN.md section 2): a *chunk* is a dict ``{input_name: array}`` whose
 arrays hold samples on axis 0. An array with the input's rank is batched along axis 0; one with
 a rank more holds complete inputs, fed one by one. Keys starting with ``__`` and the key
-``label`` are metadata, never inputs. Chunks come from an ``.npz`` file, a folder of ``.npz``
-(or, for single-input models, ``.npy``) files, a folder of images (``onnxq.calibration.images``), a loader
+``label`` (class indices, or one-hot rows) are metadata, never inputs. Chunks come from an
+``.npz`` file, a folder of ``.npz`` (or, for single-input models, ``.npy``) files, read a batch
+at a time (``onnxq.calibration.npz``), a folder of images (``onnxq.calibration.images``), a loader
 ``file.py:func`` / ``pkg.mod:func`` returning an iterable of chunks, or, in the Python API, a
-dict or any iterable of dicts.
+dict, any iterable of dicts, or a ``get_next()`` reader (ONNX Runtime's ``CalibrationDataReader``
+protocol).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import itertools
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnx.helper
 
-from onnxq.calibration.images import ImageFolder, image_files
+from onnxq.calibration.images import LABEL_KEY, ImageFolder, is_image_folder
+from onnxq.calibration.npz import OnDiskArray, open_npy, open_npz
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 
-LABEL_KEY = "label"
 
-DataSource = Union[str, os.PathLike, ImageFolder, Mapping[str, Any], Iterable[Mapping[str, Any]]]
+class DataReader(Protocol):
+    """ONNX Runtime's ``CalibrationDataReader`` protocol: ``get_next()`` returns a
+    ``{input_name: array}`` dict, or ``None`` at the end; an optional ``rewind()`` starts it over."""
+
+    def get_next(self) -> Mapping[str, Any] | None: ...
+
+
+DataSource = str | os.PathLike | ImageFolder | Mapping[str, Any] | Iterable[Mapping[str, Any]] | DataReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,28 +72,28 @@ def model_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except Exception as exc:
-        raise CalibrationDataError(
-            f"cannot read {path} as .npz ({type(exc).__name__}: {exc}); save it with numpy.savez"
-        ) from exc
-
-
-def _load_npy(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _data_file(path: Path, inputs: list[InputSpec]) -> contextlib.AbstractContextManager[dict]:
+    """The arrays of an ``.npz`` or ``.npy`` file, read on demand while the context is open."""
+    if path.suffix == ".npz":
+        return _opened(path, open_npz(path), ".npz", "numpy.savez")
     if len(inputs) != 1:
         raise CalibrationDataError(
             f"{path}: .npy files only work for single-input models; this model has inputs "
             f"{[spec.name for spec in inputs]}, so save .npz files keyed by input name"
         )
-    try:
-        return {inputs[0].name: np.load(path, allow_pickle=False)}
-    except Exception as exc:
-        raise CalibrationDataError(
-            f"cannot read {path} as .npy ({type(exc).__name__}: {exc}); save it with numpy.save"
-        ) from exc
+    return _opened(path, open_npy(path, inputs[0].name), ".npy", "numpy.save")
+
+
+@contextlib.contextmanager
+def _opened(path: Path, opener: contextlib.AbstractContextManager[dict], kind: str, fix: str) -> Iterator[dict]:
+    with contextlib.ExitStack() as stack:
+        try:
+            arrays = stack.enter_context(opener)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise CalibrationDataError(
+                f"cannot read {path} as {kind} ({type(exc).__name__}: {exc}); save it with {fix}"
+            ) from exc
+        yield arrays
 
 
 def load_callable(spec: str, what: str, error: type[OnnxqError] = CalibrationDataError) -> Callable:
@@ -118,6 +129,17 @@ def _call_loader(spec: str) -> Any:
         ) from exc
 
 
+def is_reader(source: Any) -> bool:
+    """Whether ``source`` is a ``DataReader`` (it has ``get_next()``)."""
+    return not isinstance(source, (str, os.PathLike, Mapping)) and callable(getattr(source, "get_next", None))
+
+
+def _read_all(reader: DataReader) -> Iterator[Mapping[str, Any]]:
+    """The dicts ``reader.get_next()`` returns until it returns ``None``."""
+    while (item := reader.get_next()) is not None:
+        yield item
+
+
 def _guarded(items: Iterable) -> Iterator:
     """The items of a user's iterable; an exception it raises midway (a loader's generator
     failing) becomes a ``CalibrationDataError`` saying after how many items."""
@@ -143,9 +165,8 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
     if isinstance(source, Mapping):
         yield "data", source
         return
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and image_files(Path(source)):
-        if not any(Path(source).glob("*.np[yz]")):
-            source = ImageFolder(Path(source))
+    if isinstance(source, (str, os.PathLike)) and is_image_folder(Path(source)):
+        source = ImageFolder(Path(source))
     if isinstance(source, ImageFolder):
         if len(inputs) != 1:
             raise CalibrationDataError(
@@ -157,11 +178,9 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         path = Path(text)
-        if path.is_file() and path.suffix == ".npz":
-            yield str(path), _load_npz(path)
-            return
-        if path.is_file() and path.suffix == ".npy":
-            yield str(path), _load_npy(path, inputs)
+        if path.is_file() and path.suffix in (".npz", ".npy"):
+            with _data_file(path, inputs) as arrays:
+                yield str(path), arrays
             return
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
@@ -170,8 +189,8 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
                     f"folder {path} holds no .npz or .npy files; put calibration samples there"
                 )
             for file in files:
-                loaded = _load_npz(file) if file.suffix == ".npz" else _load_npy(file, inputs)
-                yield str(file), loaded
+                with _data_file(file, inputs) as arrays:
+                    yield str(file), arrays
             return
         if ":" in text and not path.exists():
             source = _call_loader(text)
@@ -183,6 +202,8 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
                 f"calibration data not found: {text}; give an .npz file, a folder of .npz "
                 "files, or a loader as file.py:function"
             )
+    if is_reader(source):
+        source = _read_all(source)
     if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
         raise CalibrationDataError(
             f"calibration data must be an iterable of {{input_name: array}} dicts, not "
@@ -197,6 +218,23 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
         yield f"item {index}", chunk
 
 
+def _array(value: Any) -> OnDiskArray | np.ndarray:
+    """An array of a chunk: an ``OnDiskArray`` stays on disk until its rows are fed."""
+    return value if isinstance(value, OnDiskArray) else np.asarray(value)
+
+
+def _check_finite(origin: str, feed: dict[str, np.ndarray], first_sample: int, samples: int) -> None:
+    """Refuse NaN or Inf in a batch, naming the input and the sample's index in its chunk."""
+    for name, array in feed.items():
+        if np.issubdtype(array.dtype, np.floating) and array.size:
+            finite = np.isfinite(array.reshape(samples, -1)).all(axis=1)
+            if not finite.all():
+                bad = first_sample + int(np.flatnonzero(~finite)[0])
+                raise CalibrationDataError(
+                    f"{origin}: input {name!r} sample {bad} contains NaN or Inf; clean or drop that sample"
+                )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """How one chunk's arrays feed the model: samples per run and which arrays are stacked."""
@@ -206,7 +244,29 @@ class _Layout:
     stacked: frozenset[str]
 
 
-def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int) -> tuple[dict, _Layout]:
+def _class_indices(labels: np.ndarray) -> np.ndarray:
+    """A batch's labels as class indices: ``[n]`` or ``[n, 1]`` as they are, one-hot (or
+    per-class score) rows ``[n, classes]`` by their argmax."""
+    if labels.ndim == 2:
+        return labels[:, 0] if labels.shape[1] == 1 else labels.argmax(axis=1)
+    return labels
+
+
+def _check_labels(origin: str, labels: Any, samples: int) -> OnDiskArray | np.ndarray:
+    labels = _array(labels)
+    if labels.ndim == 0 and samples == 1:
+        labels = labels.reshape(1)
+    if labels.ndim not in (1, 2) or labels.shape[0] != samples:
+        raise CalibrationDataError(
+            f"{origin}: 'label' has shape {tuple(labels.shape)} for {samples} sample(s); give class indices "
+            f"[{samples}] or one-hot rows [{samples}, classes]"
+        )
+    return labels
+
+
+def _check_chunk(
+    origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int
+) -> tuple[dict, OnDiskArray | np.ndarray | None, _Layout]:
     names = {spec.name for spec in inputs}
     arrays = {}
     for key, value in chunk.items():
@@ -217,7 +277,7 @@ def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_siz
                 f"{origin}: {key!r} is not an input of the model (inputs: {sorted(names)}); "
                 "rename it, or prefix it with __ to mark it as metadata"
             )
-        arrays[key] = np.asarray(value)
+        arrays[key] = _array(value)
     missing = sorted(names - arrays.keys())
     if missing:
         raise CalibrationDataError(
@@ -274,22 +334,14 @@ def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_siz
             f"{origin}: {samples} samples do not fill batches of the model's fixed batch size "
             f"{step}; give a multiple of {step}"
         )
-    for spec in inputs:
-        array = arrays[spec.name]
-        if np.issubdtype(array.dtype, np.floating) and array.size:
-            finite = np.isfinite(array.reshape(samples, -1)).all(axis=1)
-            if not finite.all():
-                bad = int(np.flatnonzero(~finite)[0])
-                raise CalibrationDataError(
-                    f"{origin}: input {spec.name!r} sample {bad} contains NaN or Inf; clean or "
-                    "drop that sample"
-                )
-    return arrays, _Layout(samples, step, frozenset(stacked))
+    labels = chunk.get(LABEL_KEY)
+    labels = None if labels is None else _check_labels(origin, labels, samples)
+    return arrays, labels, _Layout(samples, step, frozenset(stacked))
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One model run's feed ``{input_name: array}``, its sample count and its labels, if any."""
+    """One model run's feed ``{input_name: array}``, its sample count and its labels (class indices), if any."""
 
     feed: dict[str, np.ndarray]
     samples: int
@@ -298,11 +350,15 @@ class Batch:
 
 class BatchSource:
     """Batches that can be read again for another pass; the first batch is read, and so
-    checked, when the source is made. A one-shot iterator gives its batches only once."""
+    checked, when the source is made. A one-shot iterator, or a ``get_next()`` reader without
+    ``rewind()``, gives its batches only once; a reader with ``rewind()`` is rewound before
+    every pass, the first included."""
 
     def __init__(self, data: DataSource, inputs: list[InputSpec], batch_size: int = 1, max_samples: int | None = None):
-        self._restart = lambda: iter_batches(data, inputs, batch_size, max_samples)
-        self._one_shot = isinstance(data, Iterator)
+        rewind = getattr(data, "rewind", None) if is_reader(data) else None
+        rewind = rewind if callable(rewind) else None
+        self._one_shot = rewind is None if is_reader(data) else isinstance(data, Iterator)
+        self._restart = lambda: iter_batches(_rewound(data, rewind), inputs, batch_size, max_samples)
         stream = self._restart()
         self.first = next(stream)
         self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
@@ -314,22 +370,35 @@ class BatchSource:
         return iter(()) if self._one_shot else self._restart()
 
 
+def _rewound(reader: Any, rewind: Callable[[], Any] | None) -> Any:
+    """``reader`` after calling its ``rewind()``, if it has one."""
+    if rewind is not None:
+        try:
+            rewind()
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"the data reader's rewind() raised {type(exc).__name__}: {first_line(exc)}; fix the reader"
+            ) from exc
+    return reader
+
+
 def iter_batches(
     source: DataSource,
     inputs: list[InputSpec],
     batch_size: int = 1,
     max_samples: int | None = None,
 ) -> Iterator[Batch]:
-    """Yield the batches to run, with the matching slice of the chunk's ``label`` array.
+    """Yield the batches to run, with the matching slice of the chunk's ``label`` array as class
+    indices (one-hot rows by their argmax).
 
-    Every chunk is checked before it is fed; the first problem raises ``CalibrationDataError``
-    naming the chunk, input and sample.
+    Every chunk's names, dtypes and shapes are checked before it is fed, and each batch's values
+    (NaN, Inf) before it is yielded; the first problem raises ``CalibrationDataError`` naming the
+    chunk, input and sample. ``.npy`` files and ``.npz`` members are read a batch at a time
+    (``onnxq.calibration.npz``).
     """
     fed = 0
     for origin, chunk in _chunks(source, inputs):
-        arrays, layout = _check_chunk(origin, chunk, inputs, batch_size)
-        labels = chunk.get(LABEL_KEY)
-        labels = None if labels is None else np.asarray(labels)
+        arrays, labels, layout = _check_chunk(origin, chunk, inputs, batch_size)
         for start in range(0, layout.samples, layout.step):
             stop = min(start + layout.step, layout.samples)
             if max_samples is not None:
@@ -338,7 +407,8 @@ def iter_batches(
                 name: np.asarray(array[start]) if name in layout.stacked else array[start:stop]  # 0-d stays an array
                 for name, array in arrays.items()
             }
-            yield Batch(feed, stop - start, None if labels is None else labels[start:stop])
+            _check_finite(origin, feed, start, stop - start)
+            yield Batch(feed, stop - start, None if labels is None else _class_indices(np.asarray(labels[start:stop])))
             fed += stop - start
             if max_samples is not None and fed >= max_samples:
                 return

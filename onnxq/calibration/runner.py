@@ -178,8 +178,8 @@ def calibrate(
             checkpoints.maybe_record()
         if seen == 0:
             raise CalibrationDataError(
-                "the calibration data gave no samples on a later pass; pass a path, a loader or a "
-                "list rather than a one-shot iterator when calibrating in several passes"
+                "the calibration data gave no samples on a later pass; pass a path, a loader, a list "
+                "or a reader with rewind() rather than a one-shot iterator when calibrating in several passes"
             )
         state.pass_index += 1
         state.samples_done = 0

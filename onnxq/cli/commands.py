@@ -15,7 +15,7 @@ from rich.console import Console
 
 from onnxq.api import convert as convert_model
 from onnxq.api import recover as recover_model
-from onnxq.calibration.images import ImageFolder, image_files
+from onnxq.calibration.images import ImageFolder, is_image_folder
 from onnxq.cli import render
 from onnxq.cli.options import (
     JsonOption,
@@ -46,7 +46,7 @@ SAMPLING = OptionGroup(QuantConfig, "Data", only=("batch_size", "max_samples"))
 
 def _data(path: str | None, images: dict[str, Any]) -> str | ImageFolder | None:
     """An ``ImageFolder`` with the image options when ``path`` is a folder of images, else ``path``."""
-    if path is None or not Path(path).is_dir() or not image_files(Path(path)):
+    if path is None or not is_image_folder(Path(path)):
         return path
     return ImageFolder(Path(path), **images)
 

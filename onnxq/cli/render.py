@@ -155,10 +155,11 @@ def inspection_tables(report: Inspection) -> list[Table]:
     sparse = [w for w in report.weights if w.zero_fraction > 0]
     if sparse:
         sparsity = Table(title="weights with exact zeros")
-        for column in ("weight", "dtype", "zeros", "2:4"):
+        for column in ("weight", "dtype", "zeros", "2:4", "along axis"):
             sparsity.add_column(column)
         for weight in sorted(sparse, key=lambda w: -w.zero_fraction)[:20]:
-            sparsity.add_row(weight.name, weight.dtype, f"{weight.zero_fraction:.1%}", "yes" if weight.two_four_sparse else "")
+            sparsity.add_row(weight.name, weight.dtype, f"{weight.zero_fraction:.1%}", "yes" if weight.two_four_sparse else "",
+                             ", ".join(map(str, weight.two_four_axes)))
         tables.append(sparsity)
     return tables
 

@@ -1,5 +1,6 @@
 """What a model holds, for ``onnxq inspect``: per-node precision, sizes by dtype, weight
-sparsity, and quantized groups ONNX Runtime would not fuse.
+sparsity (the 2:4 pattern along the axis each op sums over), and quantized groups ONNX Runtime
+would not fuse.
 
 It answers "why is my quantized model not smaller (or not faster)?": float weights left beside
 quantized ones show in the size breakdown, unfused groups in the fusion list. Nodes and
@@ -22,7 +23,7 @@ import onnx.numpy_helper
 from onnxq.graph import proto_bodies
 from onnxq.load.model import external_data_folder, load_model
 from onnxq.load.model import model_bytes as bytes_on_disk
-from onnxq.ops import OPS, QLINEAR_OPS
+from onnxq.ops import OPS, QLINEAR_OPS, reduction_axis
 from onnxq.tune.fusion import unfused_nodes
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -41,7 +42,8 @@ class NodeInfo:
 @dataclasses.dataclass(frozen=True)
 class WeightInfo:
     """One initializer with at least two dimensions: dtype, bytes, exact zeros (count and share)
-    among its elements, 2:4 pattern."""
+    among its elements, 2:4 pattern along ``two_four_axes`` (the axes its ops sum over: Conv
+    input channels, MatMul and Gemm K; the last axis for an initializer no such op reads)."""
 
     name: str
     dtype: str
@@ -50,6 +52,7 @@ class WeightInfo:
     two_four_sparse: bool
     elements: int
     zeros: int
+    two_four_axes: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +85,41 @@ def _dtype_name(elem_type: int) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
 
 
-def _is_two_four(array: np.ndarray) -> bool:
-    """At least 2 exact zeros in every group of 4 consecutive values along the last axis."""
-    if array.shape[-1] % 4:
+def _is_two_four(array: np.ndarray, axis: int) -> bool:
+    """At least 2 exact zeros in every group of 4 consecutive values along ``axis``."""
+    if array.shape[axis] % 4:
         return False
-    groups = (array.reshape(-1, 4) == 0).sum(axis=1)
+    groups = (np.moveaxis(array, axis, -1).reshape(-1, 4) == 0).sum(axis=1)
     return bool((groups >= 2).all())
+
+
+def _weight_reads(graphs: list[tuple[onnx.GraphProto, dict, dict, dict]]) -> dict[str, list[tuple[str, bool]]]:
+    """``{initializer: [(float op type, transB), ...]}`` for each op that reads it as its weight
+    (``OpInfo.weight_input``; a QLinear operator's weight follows its input's scale and zero
+    point, so it sits at three times that slot), directly or through a DequantizeLinear."""
+    reads: dict[str, list[tuple[str, bool]]] = {}
+    for graph, producers, _, _ in graphs:
+        for node in graph.node:
+            op_type = QLINEAR_OPS.get(node.op_type, node.op_type)
+            info = OPS.get(op_type)
+            if info is None or info.weight_input is None:
+                continue
+            slot = info.weight_input * (3 if node.op_type in QLINEAR_OPS else 1)
+            if slot >= len(node.input):
+                continue
+            name = node.input[slot]
+            producer = producers.get(name)
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                name = producer.input[0]
+            trans_b = any(attr.name == "transB" and attr.i for attr in node.attribute)
+            reads.setdefault(name, []).append((op_type, trans_b))
+    return reads
+
+
+def _two_four_axes(array: np.ndarray, reads: list[tuple[str, bool]]) -> tuple[int, ...]:
+    """The axes a 2:4 pattern is checked along: those the reading ops sum over, else the last."""
+    axes = {reduction_axis(op_type, array.ndim, trans_b) for op_type, trans_b in reads} - {None}
+    return tuple(sorted(axes)) or (array.ndim - 1,)
 
 
 def _runs_quantized(node: onnx.NodeProto, producers: dict, consumers: dict) -> bool:
@@ -176,13 +208,15 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
             nodes.append(NodeInfo(node.name, QLINEAR_OPS.get(node.op_type, node.op_type), precision, dtypes))
     bytes_by_dtype: collections.Counter = collections.Counter()
     weights = []
+    reads = _weight_reads(graphs)
     for init in (init for graph, *_ in graphs for init in graph.initializer):
         array = _array(init, folder)
         bytes_by_dtype[array.dtype.name] += array.nbytes
         if array.ndim >= 2:
             zeros = int((array == 0).sum())
+            axes = _two_four_axes(array, reads.get(init.name, []))
             weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros / array.size if array.size else 0.0,
-                                      _is_two_four(array), array.size, zeros))
+                                      all(_is_two_four(array, axis) for axis in axes), array.size, zeros, axes))
     quantized = any(node.op_type == "DequantizeLinear" for node in all_nodes)
     return Inspection(
         nodes=tuple(nodes),
