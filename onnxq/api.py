@@ -21,7 +21,7 @@ from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
 from onnxq.files import check_writable, external_data_path
 from onnxq.load.prepare import LoadedModel, ModelInput, load
-from onnxq.report.evaluate import Fidelity, compare_models, compare_runs, run_checked
+from onnxq.report.evaluate import Fidelity, FloatRuns, compare_models, compare_runs, run_checked
 from onnxq.report.inspect import inspect_model
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
@@ -165,9 +165,11 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     """``--eval-data`` (all of it for ``--max-drop``, its first ``SAFETY_NET_SAMPLES`` for the
     safety net), else the held-out calibration batches; ``None`` without data to measure on."""
     if eval_source is not None:
-        if fallback.max_drop is not None:
+        if fallback.max_drop is not None or eval_source.one_shot:  # read once: kept for the search and the report
             batches = list(eval_source())
-            return _Measurement(batches, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
+            search = batches if fallback.max_drop is not None else \
+                first_samples(batches, SAFETY_NET_SAMPLES) if fallback.auto else None
+            return _Measurement(search, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
         search = first_samples(eval_source(), SAFETY_NET_SAMPLES) if fallback.auto else None
         return _Measurement(search, eval_source(), "--eval-data")
     if source is None:
@@ -182,22 +184,18 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, batches: Iterable[Batch]) -> Fidelity:
-    """Fidelity of the written model on the evaluation data; evaluation data the models fail
-    on removes the output (exit 2 leaves no output behind). A list of batches (held-out
-    samples) is run through the float model first and then the written one, so that one model
-    is in memory at a time; other data streams through both."""
+def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, batches: Iterable[Batch],
+              float_runs: FloatRuns | None) -> Fidelity:
+    """Fidelity of the written model on the evaluation data, against ``float_runs`` (the float
+    model's outputs, computed before) or streaming through both models; evaluation data the
+    models fail on removes the output (exit 2 leaves no output behind)."""
     try:
-        float_session = loaded.float_session()
-        names = [output.name for output in float_session.get_outputs()]
-        if isinstance(batches, list):
-            references = [run_checked(float_session, names, batch) for batch in batches]
-            float_session = None
         quantized = create_session(output_path if written.data is None else written.data, "the quantized model")
-        if float_session is not None:
-            return compare_models(float_session, quantized, batches)
+        if float_runs is None:
+            return compare_models(loaded.float_session(), quantized, batches)
+        names = float_runs.names
         return compare_runs(names, ((batch, reference, run_checked(quantized, names, batch))
-                                    for batch, reference in zip(batches, references)))
+                                    for batch, reference in zip(batches, float_runs.outputs)))
     except OnnxqError:
         output_path.unlink(missing_ok=True)
         if written.data is None:
@@ -267,12 +265,17 @@ def convert(
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index)
     measurement = _measurement(eval_source, source, config, fallback)
+    report_runs = None  # the float model's outputs, computed before any int8 model runs
+    if measurement is not None and isinstance(measurement.report, list):
+        report_runs = FloatRuns.of(loaded.float_session(), measurement.report)
     target = AccuracyTarget.of(fallback)
     report, keep = None, base
     if measurement is not None and measurement.search:
+        search_runs = report_runs if measurement.search is measurement.report else \
+            FloatRuns.of(loaded.float_session(), measurement.search)
         search_options = fallback if fallback.max_drop is not None else target.search_options(fallback)
         keep, report = tune_fallback(loaded, state, config, layers, base, search_options, measurement.search,
-                                     conversion.space, tuning_progress)
+                                     search_runs, conversion.space, tuning_progress)
         if fallback.max_drop is None and report.met and report.trials == 1:
             report = None  # the safety net's plain model met the target: nothing was searched
         else:
@@ -288,7 +291,7 @@ def convert(
     if measurement is None:
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
-        fidelity = _evaluate(loaded, written, output_path, measurement.report)
+        fidelity = _evaluate(loaded, written, output_path, measurement.report, report_runs)
         accuracy = target.check(fidelity, measurement.description)
     return ConversionResult(
         output=output_path,

@@ -125,10 +125,11 @@ def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tupl
     flat (for metrics that compare values, not positions)."""
     names = [output.name for output in session.get_outputs()]
     runs = [session.run(names, batch.feed) for batch in batches]
-    return [_concatenate(names, runs[part], flat_if_ragged) for part in parts]
+    return [concatenate_runs(names, runs[part], flat_if_ragged) for part in parts]
 
 
-def _concatenate(names: list[str], runs: list[list[np.ndarray]], flat_if_ragged: bool) -> dict[str, np.ndarray]:
+def concatenate_runs(names: list[str], runs: list[list[np.ndarray]], flat_if_ragged: bool = False) -> dict[str, np.ndarray]:
+    """The outputs ``names`` of several runs, each concatenated along the sample axis (see ``run_all``)."""
     try:
         return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
     except ValueError as exc:

@@ -363,6 +363,11 @@ class BatchSource:
         self.first = next(stream)
         self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
 
+    @property
+    def one_shot(self) -> bool:
+        """Whether the batches can be read only once."""
+        return self._one_shot
+
     def __call__(self) -> Iterator[Batch]:
         if self._pending is not None:
             pending, self._pending = self._pending, None

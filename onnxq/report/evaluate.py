@@ -131,6 +131,20 @@ def run_checked(session: ort.InferenceSession, names: list[str], batch: Batch) -
         ) from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class FloatRuns:
+    """The float model's outputs (``names``) on each of a list of batches, computed once, before
+    any quantized model runs: one model in memory at a time."""
+
+    names: list[str]
+    outputs: list[list[np.ndarray]]
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession, batches: list[Batch]) -> FloatRuns:
+        names = [output.name for output in session.get_outputs()]
+        return cls(names, [run_checked(session, names, batch) for batch in batches])
+
+
 def compare_runs(names: list[str], runs: Iterable[tuple[Batch, list[np.ndarray], list[np.ndarray]]]) -> Fidelity:
     """Fidelity from ``(batch, float outputs, quantized outputs)`` per batch; top-1 uses the
     first output's last axis and the batch's labels."""

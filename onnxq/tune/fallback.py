@@ -5,6 +5,7 @@ and every trial are workspace steps; a resumed run reuses them."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 import time
@@ -16,10 +17,11 @@ from onnxq.calibration.data import Batch
 from onnxq.calibration.holdout import first_samples
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import MIN_BATCHES_TO_SPLIT, FallbackOptions, QuantConfig
-from onnxq.errors import CalibrationDataError, ModelError, OnnxqError, first_line
+from onnxq.errors import ModelError
 from onnxq.load.prepare import LoadedModel
 from onnxq.rewrite.build import BuiltModel, build_model
-from onnxq.runtime import run_all, session_of
+from onnxq.report.evaluate import FloatRuns
+from onnxq.runtime import concatenate_runs, run_all, session_of
 from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
 from onnxq.tune.search import search_fallback
 from onnxq.tune.sensitivity import rank_units
@@ -88,8 +90,7 @@ class _EvalSet:
     flat_if_ragged: bool
 
     @classmethod
-    def of(cls, loaded: LoadedModel, batches: list[Batch], options: FallbackOptions) -> _EvalSet:
-        float_session = loaded.float_session()
+    def of(cls, batches: list[Batch], float_runs: FloatRuns, options: FallbackOptions) -> _EvalSet:
         middle = len(batches) // 2 if options.check_halves and len(batches) >= MIN_BATCHES_TO_SPLIT else 0
         parts = (slice(None),) + ((slice(0, middle), slice(middle, None)) if middle else ())
         has_labels = all(batch.labels is not None for batch in batches)
@@ -97,14 +98,9 @@ class _EvalSet:
         metric_name, metric = resolve_metric(options.metric, has_labels)
         flat = getattr(metric, "flat_if_ragged", False)
         subset = first_samples(batches, options.sensitivity_samples)
-        try:
-            references = run_all(float_session, batches, parts, flat)
-            [subset_reference] = run_all(float_session, subset, flat_if_ragged=flat)
-        except OnnxqError:
-            raise
-        except Exception as exc:  # ONNX Runtime's error on data that does not fit the model
-            raise CalibrationDataError(f"the float model fails on the evaluation data ({first_line(exc)}); check that "
-                                       "it matches the model's inputs") from exc
+        names, outputs = float_runs.names, float_runs.outputs
+        references = [concatenate_runs(names, outputs[part], flat) for part in parts]
+        subset_reference = concatenate_runs(names, outputs[: len(subset)], flat)
         float_scores = [float(metric(ref, ref, lab)) for ref, lab in zip(references, labels)]
         eval_id = hashlib.sha256("".join(batch_fingerprint(b) for b in batches).encode()).hexdigest()
         return cls(batches, parts, references, labels, metric_name, metric, float_scores, eval_id, subset,
@@ -141,6 +137,9 @@ class _Search:
         except ModelError as exc:
             self.unloadable += 1
             raise _Unloadable from exc
+        finally:
+            if self.loaded.offload:
+                gc.collect()  # a trial graph is a cycle of objects: a big model's int8 weights go now
 
     def _recorded_scores(self) -> dict[frozenset[str], list[float]]:
         scores = {}
@@ -252,13 +251,15 @@ def tune_fallback(
     base: dict[str, str],
     options: FallbackOptions,
     batches: list[Batch],
+    float_runs: FloatRuns,
     space: Workspace,
     progress: TuningProgress | None,
 ) -> tuple[dict[str, str], FallbackReport]:
     """Accuracy-driven fallback: rank the quantized units by sensitivity, then search the
-    smallest set to keep float; returns it (key: why) and the report. When ``options.budget_s``
-    runs out, the best set scored so far is returned."""
-    search = _Search(loaded, state, config, layers, base, options, _EvalSet.of(loaded, batches, options), space,
+    smallest set to keep float (``float_runs``: the float model's outputs on ``batches``); returns
+    it (key: why) and the report. When ``options.budget_s`` runs out, the best set scored so far
+    is returned."""
+    search = _Search(loaded, state, config, layers, base, options, _EvalSet.of(batches, float_runs, options), space,
                      progress)
     if accept(search.margin(frozenset(base))):
         return base, search.report(frozenset(base), {})
