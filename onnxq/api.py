@@ -11,20 +11,27 @@ import dataclasses
 import os
 from pathlib import Path
 
+import onnx
+
 from onnxq.analysis.rules import resolve_rules, save_rules
-from onnxq.calibration.data import BatchSource, DataSource, model_inputs
+from onnxq.calibration.data import BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
-from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
-from onnxq.files import check_writable, external_data_path
+from onnxq.errors import CalibrationDataError, ConfigError, WorkspaceError
+from onnxq.files import (
+    check_writable,
+    external_data_path,
+    refuse_overwriting_inputs,
+    remove_stale_temporaries,
+)
 from onnxq.load.prepare import LoadedModel, ModelInput, load
 from onnxq.report.evaluate import Fidelity, compare_models
 from onnxq.report.inspect import inspect_model
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
 from onnxq.runtime import create_session
-from onnxq.save.output import WrittenModel, write_output
+from onnxq.save.output import ModelSource, write_output
 from onnxq.tune.fallback import (
     FallbackReport,
     TuningProgress,
@@ -34,7 +41,7 @@ from onnxq.tune.fallback import (
 from onnxq.tune.layers import measure_layers
 from onnxq.workspace.manifest import build_manifest, default_workspace
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
-from onnxq.workspace.store import Step, Workspace
+from onnxq.workspace.store import Step, Workspace, locked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +144,6 @@ def _layer_choices(conversion: _Conversion, loaded: LoadedModel, state: Calibrat
     return layers
 
 
-def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, eval_source: BatchSource) -> Fidelity:
-    """Fidelity of the written model on the evaluation data; evaluation data the models fail
-    on removes the output (exit 2 leaves no output behind)."""
-    try:
-        return compare_models(
-            loaded.float_session(),
-            create_session(output_path if written.data is None else written.data, "the quantized model"),
-            eval_source(),
-        )
-    except OnnxqError:
-        output_path.unlink(missing_ok=True)
-        if written.data is None:
-            external_data_path(output_path).unlink(missing_ok=True)
-        raise
-
-
 def _save_rules(path: str, loaded: LoadedModel, built: BuiltModel) -> None:
     by_key = {key: node for node, key in loaded.keys.nodes.items()}
     kept = {by_key[k]: reason for k, reason in built.kept_float.items() if k in by_key}
@@ -191,8 +182,31 @@ def convert(
     fallback = fallback or FallbackOptions()
     if fallback.max_drop is not None and eval_data is None:
         raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
-    loaded = load(model)
     output_path = check_writable(output)
+    rules_path = None if fallback.save_rules is None else check_writable(fallback.save_rules)
+    inputs = {"the model": _model_path(model), "the calibration data": source_path(calibration_data),
+              "the evaluation data": source_path(eval_data)}
+    inputs |= {f"the rules file {rule.value}": Path(rule.value) for rule in fallback.keep_float if rule.kind == "file"}
+    refuse_overwriting_inputs([output_path, external_data_path(output_path)], inputs)
+    if rules_path is not None:
+        refuse_overwriting_inputs([rules_path], inputs | {"the output": output_path})
+    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
+    with locked(workspace_path):
+        remove_stale_temporaries(output_path.parent, output_path.name)
+        return _convert(model, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
+                        resume, progress, tuning_progress)
+
+
+def _model_path(model: ModelInput) -> Path | None:
+    return None if isinstance(model, onnx.ModelProto) else Path(model)
+
+
+def _convert(model: ModelInput, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
+             run: RunOptions, eval_data: DataSource | None, fallback: FallbackOptions, workspace_path: Path,
+             resume: bool, progress: ProgressCallback | None, tuning_progress: TuningProgress | None,
+             ) -> ConversionResult:
+    """``convert`` once its paths are checked and its workspace is held."""
+    loaded = load(model)
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, output_path, config, run)
     ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
@@ -205,7 +219,6 @@ def convert(
         raise CalibrationDataError("no calibration data; pass --calibration-data (an .npz file, a folder or a loader)")
     eval_source = None if eval_data is None else BatchSource(eval_data, inputs, config.batch_size)
 
-    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
@@ -218,11 +231,18 @@ def convert(
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    written = write_output(loaded, built.model, output_path, run.external_data)
+    fidelity = None
+
+    def evaluate(written: ModelSource) -> None:
+        nonlocal fidelity
+        if eval_source is not None:
+            fidelity = compare_models(loaded.float_session(), create_session(written, "the quantized model"),
+                                      eval_source())
+
+    written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
     if fallback.save_rules is not None:
         _save_rules(fallback.save_rules, loaded, built)
-    fidelity = None if eval_source is None else _evaluate(loaded, written, output_path, eval_source)
     return ConversionResult(
         output=output_path,
         float_bytes=loaded.float_bytes,
@@ -268,10 +288,16 @@ def recover(
     calibrating: by default the last one written (else the last calibration step); with
     ``index``, that step (a calibration step, a fallback trial, or a written model).
     ``run`` as in ``convert`` (only its ``external_data`` matters here)."""
-    loaded = load(model)
     output_path = check_writable(output)
+    refuse_overwriting_inputs([output_path, external_data_path(output_path)],
+                              {"the model": _model_path(model), "the workspace manifest": Path(workspace) / "manifest.json"})
+    loaded = load(model)
     space = Workspace.open(workspace)
-    config = QuantConfig(**space.manifest["config"])
+    try:
+        config = QuantConfig(**space.manifest["config"])
+    except (TypeError, ConfigError) as exc:
+        raise WorkspaceError(f"workspace {space.path} records options onnxq cannot read ({exc}); the workspace is "
+                             "damaged, start a new run") from exc
     space.check_matches(build_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)
     state = CalibrationState.from_step(step.read(CalibrationStep), config.percentile)

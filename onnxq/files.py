@@ -8,7 +8,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import onnx_ir as ir
@@ -32,6 +32,21 @@ def check_writable(output: str | os.PathLike) -> Path:
     return path
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Mapping[str, Path | None]) -> None:
+    """Refuse, before any work, an output that is one of the inputs (``inputs``: what it is ->
+    its path), by any spelling of its path or a link to it."""
+    for output in outputs:
+        for what, path in inputs.items():
+            if path is not None and _same_file(output, path):
+                raise OutputError(f"{output} is {what}: onnxq would overwrite its own input; write to another path")
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename durable: sync the folder entry (not possible on every platform)."""
     with contextlib.suppress(OSError):
@@ -42,11 +57,32 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc``)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Remove the temporary files and folders a killed write of ``folder/name`` left
+    (``.NAME.XXXXXXXX.tmp``, see ``write_atomically``); ``name="*"``: of any file there."""
+    for entry in folder.glob(f".{name}.{'?' * 8}.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def write_atomically(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file."""
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file. The
+    file gets the mode the umask gives a new file (``mkstemp`` alone would make it 0600)."""
     temp = None
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

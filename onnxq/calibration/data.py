@@ -61,6 +61,19 @@ def model_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def source_path(source: DataSource | None) -> Path | None:
+    """The file or folder a data source reads (a loader's ``.py`` file), if it is one."""
+    if isinstance(source, ImageFolder):
+        return Path(source.path)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    if ":" in text and not Path(text).exists():
+        target = text.rpartition(":")[0]
+        return Path(target) if target.endswith(".py") else None
+    return Path(text)
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from onnxq.calibration.observers import MinMaxObserver, observer_from_dict
+from onnxq.errors import WorkspaceError
 from onnxq.workspace.steps import CalibrationStep
 
 
@@ -28,7 +29,16 @@ class CalibrationState:
     @classmethod
     def from_step(cls, step: CalibrationStep, percentile: float) -> CalibrationState:
         """The state a calibration step recorded (``percentile``: of ``--method percentile``)."""
-        observers = {key: observer_from_dict(state, percentile) for key, state in step.observers.items()}
+        try:
+            observers = {key: observer_from_dict(state, percentile) for key, state in step.observers.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WorkspaceError(
+                f"a calibration step holds a malformed observer ({type(exc).__name__}: {exc}); the workspace is "
+                "damaged, start a new run"
+            ) from exc
+        if not all(isinstance(p, list) and all(k in observers for k in p) for p in step.passes):
+            raise WorkspaceError("a calibration step's passes name unknown tensors; the workspace is damaged, "
+                                 "start a new run")
         return cls(observers, step.passes, step.pass_index, step.samples_done, step.complete, step.samples_seen)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
