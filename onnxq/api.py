@@ -39,7 +39,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
-from onnxq.workspace.manifest import build_manifest, default_workspace
+from onnxq.workspace.manifest import build_manifest, data_fingerprint, default_workspace
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
 
@@ -117,6 +117,12 @@ def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfi
     """Finish calibration (unless the workspace holds a complete one); returns the final state
     and its workspace step."""
     state = conversion.state
+    if (state is not None and state.complete and source is not None and source.rereadable and state.data_sha256
+            and data_fingerprint(source()) != state.data_sha256):
+        raise CalibrationDataError(
+            f"workspace {conversion.space.path} was calibrated on other data (the same first batch, other batches "
+            "after it); resume with the same --calibration-data or start a new run without --resume"
+        )
     if state is None or not state.complete:
         if source is None:
             raise CalibrationDataError(

@@ -315,7 +315,7 @@ class BatchSource:
 
     def __init__(self, data: DataSource, inputs: list[InputSpec], batch_size: int = 1, max_samples: int | None = None):
         self._restart = lambda: iter_batches(data, inputs, batch_size, max_samples)
-        self._one_shot = isinstance(data, Iterator)
+        self.rereadable = not isinstance(data, Iterator)  # a one-shot iterator gives its batches once
         stream = self._restart()
         self.first = next(stream)
         self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
@@ -324,7 +324,7 @@ class BatchSource:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             return pending
-        return iter(()) if self._one_shot else self._restart()
+        return self._restart() if self.rereadable else iter(())
 
 
 def iter_batches(

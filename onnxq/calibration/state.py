@@ -19,12 +19,14 @@ class CalibrationState:
     samples_done: int = 0
     complete: bool = False
     samples_seen: int = 0  # samples in the data, as counted on the first pass
+    data_done_sha256: str = ""  # fingerprint of the batches done in the pass in progress
+    data_sha256: str = ""  # fingerprint of all the data, once the first pass is done
 
     def to_step(self) -> CalibrationStep:
         """The workspace step that records this state."""
         observers = {key: observer.to_dict() for key, observer in sorted(self.observers.items())}
         return CalibrationStep(observers, self.passes, self.pass_index, self.samples_done, self.complete,
-                               self.samples_seen)
+                               self.samples_seen, self.data_done_sha256, self.data_sha256)
 
     @classmethod
     def from_step(cls, step: CalibrationStep, percentile: float) -> CalibrationState:
@@ -39,7 +41,8 @@ class CalibrationState:
         if not all(isinstance(p, list) and all(k in observers for k in p) for p in step.passes):
             raise WorkspaceError("a calibration step's passes name unknown tensors; the workspace is damaged, "
                                  "start a new run")
-        return cls(observers, step.passes, step.pass_index, step.samples_done, step.complete, step.samples_seen)
+        return cls(observers, step.passes, step.pass_index, step.samples_done, step.complete, step.samples_seen,
+                   step.data_done_sha256, step.data_sha256)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """The chosen range of every observed tensor, by signature."""

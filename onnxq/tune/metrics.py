@@ -28,6 +28,17 @@ def relative_error(outputs: Outputs, reference: Outputs) -> float:
     return float(np.mean(errors))
 
 
+def cosine_similarity(dot: np.ndarray | float, reference_energy: np.ndarray | float,
+                      energy: np.ndarray | float) -> np.ndarray:
+    """Cosine of the angle between a float output and its quantized version, from their dot
+    product and energies (elementwise for arrays). Degenerate cases: both all zero are identical
+    (1.0); one all zero and the other not share nothing (0.0), never a perfect 1.0."""
+    dot, reference_energy, energy = (np.asarray(x, dtype=np.float64) for x in (dot, reference_energy, energy))
+    norms = np.sqrt(reference_energy) * np.sqrt(energy)
+    degenerate = np.where((reference_energy == 0) & (energy == 0), 1.0, 0.0)
+    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), degenerate)
+
+
 def sqnr_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
     """``1 - noise/signal``: 1 for the float model; a drop of 0.01 is an SQNR of 20 dB."""
     return 1.0 - relative_error(outputs, reference)
@@ -39,9 +50,8 @@ def cosine_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None
     for name, ref in reference.items():
         f = ref.astype(np.float64).reshape(len(ref), -1)
         q = outputs[name].astype(np.float64).reshape(len(ref), -1)
-        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
-        dots = np.einsum("ij,ij->i", f, q)
-        scores.append(np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0).mean())
+        dots, f_energy, q_energy = (np.einsum("ij,ij->i", a, b) for a, b in ((f, q), (f, f), (q, q)))
+        scores.append(cosine_similarity(dots, f_energy, q_energy).mean())
     return float(np.mean(scores))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import types
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -46,6 +47,20 @@ def batch_fingerprint(batch: Batch) -> str:
         digest.update(f"{name}{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def fold_batch(digest: str, batch: Batch) -> str:
+    """The fingerprint of the batches folded into ``digest`` followed by ``batch``: computed
+    batch by batch, so that a checkpoint can record the data it has consumed so far."""
+    return hashlib.sha256(f"{digest}:{batch_fingerprint(batch)}".encode()).hexdigest()
+
+
+def data_fingerprint(batches: Iterable[Batch]) -> str:
+    """``fold_batch`` over every batch, from the empty fingerprint."""
+    digest = ""
+    for batch in batches:
+        digest = fold_batch(digest, batch)
+    return digest
 
 
 def build_manifest(graph: ir.Graph, config: QuantConfig, first_batch: Batch | None) -> dict:
