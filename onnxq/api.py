@@ -39,7 +39,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
-from onnxq.workspace.manifest import build_manifest, data_fingerprint, default_workspace
+from onnxq.workspace.manifest import build_manifest, check_tied_ranges, data_fingerprint, default_workspace
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
 
@@ -98,7 +98,7 @@ class _Conversion:
 def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSource | None, path: Path,
                     resume: bool) -> _Conversion:
     """Create the workspace, or open and check the one to resume (a new one when there is none)."""
-    manifest = build_manifest(loaded.model.graph, config, None if source is None else source.first)
+    manifest = build_manifest(loaded.keys, loaded.model.graph, config, None if source is None else source.first)
     notes = []
     if resume and not (path / "manifest.json").is_file():
         notes.append(f"nothing to resume in {path}: started a new run")
@@ -109,6 +109,8 @@ def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSourc
     space.check_matches(manifest)
     step = space.latest(CalibrationStep)
     state = None if step is None else CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    if state is not None:
+        check_tied_ranges(space.manifest, loaded.keys, state, path)
     return _Conversion(space, state, True, notes)
 
 
@@ -304,9 +306,11 @@ def recover(
     except (TypeError, ConfigError) as exc:
         raise WorkspaceError(f"workspace {space.path} records options onnxq cannot read ({exc}); the workspace is "
                              "damaged, start a new run") from exc
-    space.check_matches(build_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
+    space.check_matches(build_manifest(loaded.keys, loaded.model.graph, config, None)
+                        | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)
     state = CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    check_tied_ranges(space.manifest, loaded.keys, state, space.path)
     recorded = space.latest(LayersStep)
     layers = measure_layers(loaded, state, config, None, step.index) if recorded is None else recorded.read(LayersStep)
     built = build_model(loaded, state, config, layers, keep_float, fallback_dtype)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnx
 import onnx.helper as oh
 import pytest
 
 import onnxq
 from onnxq.report.evaluate import ErrorAccumulator
 from onnxq.tune.metrics import cosine_score, cosine_similarity
-from tests.graphs import make_model
+from tests.graphs import make_model, run, sqnr_db
 from tests.test_cli_errors import DEMO, onnxq as run_cli
 from tests.test_data_safety import assert_one_line_error
 
@@ -109,3 +110,71 @@ def test_calibrating_on_constant_data_is_named_in_the_notes(tmp_path):
     assert any("['input'] hold a single value" in note for note in result.notes), result.notes
     real = onnxq.convert(DEMO, tmp_path / "real.onnx", str(CALIB))
     assert not any("single value" in note for note in real.notes)
+
+
+@pytest.mark.parametrize("labels", [10, 60], ids=["fewer", "more"])
+def test_labels_that_do_not_match_the_samples_are_refused(tmp_path, labels):
+    with np.load(DEMO.parent / "eval.npz") as data:
+        inputs, label = data["input"][:50], np.resize(data["label"], labels)
+    np.savez(tmp_path / "eval.npz", input=inputs, label=label)
+    out = tmp_path / "out.onnx"
+    result = run_cli("convert", DEMO, "-o", out, "--calibration-data", CALIB, "--eval-data", tmp_path / "eval.npz")
+    assert_one_line_error(result, f"holds {labels} label(s) for 50 sample(s)")
+    assert not out.exists()
+    compared = run_cli("compare", DEMO, DEMO, "--data", tmp_path / "eval.npz")
+    assert_one_line_error(compared, f"holds {labels} label(s) for 50 sample(s)")
+
+
+def _two_heads(order: tuple[int, ...], prefix: str) -> onnx.ModelProto:
+    """Two Gemm+Relu heads of one structure on the same input, with weights 1x and 40x apart,
+    listed in ``order``; node and tensor names carry ``prefix`` (as a re-export renames them)."""
+    rng = np.random.default_rng(7)
+    weights = rng.normal(size=(16, 8)).astype(np.float32)
+    heads = []
+    for head, scale in enumerate((1.0, 40.0)):
+        heads.append([
+            oh.make_node("Gemm", ["x", f"w{head}", f"b{head}"], [f"{prefix}g{head}"], name=f"{prefix}gemm{head}"),
+            oh.make_node("Relu", [f"{prefix}g{head}"], [f"y{head}"], name=f"{prefix}relu{head}"),
+        ])
+    initializers = [(f"w{h}", weights * s) for h, s in enumerate((1.0, 40.0))]
+    initializers += [(f"b{h}", np.full(8, 0.1 * s, np.float32)) for h, s in enumerate((1.0, 40.0))]
+    return make_model([n for head in order for n in heads[head]], [("x", [None, 16])],
+                      [("y0", [None, 8]), ("y1", [None, 8])], initializers)
+
+
+def test_recover_on_a_reordered_export_keeps_each_branch_its_own_ranges(tmp_path):
+    data = {"x": np.random.default_rng(8).normal(size=(64, 16)).astype(np.float32)}
+    original, reordered = _two_heads((0, 1), "a_"), _two_heads((1, 0), "b_")
+    onnxq.convert(original, tmp_path / "a.onnx", data, workspace=tmp_path / "ws")
+    onnxq.recover(reordered, tmp_path / "ws", tmp_path / "b.onnx")
+    for model, path in ((original, tmp_path / "a.onnx"), (reordered, tmp_path / "b.onnx")):
+        for reference, quantized in zip(run(model, data), run(str(path), data)):
+            assert sqnr_db(reference, quantized) > 30
+
+
+def _symmetric_chains(order: tuple[int, ...]) -> onnx.ModelProto:
+    """Two chains Mul -> 6x Relu -> Gemm of one structure and one weight, scaled 1x and 10x by
+    their Mul, summed into one output: the Relus far from the sum are told apart by nothing but
+    their order in the graph."""
+    chains = []
+    for chain in range(2):
+        nodes = [oh.make_node("Mul", ["x", f"c{chain}"], [f"m{chain}_0"])]
+        nodes += [oh.make_node("Relu", [f"m{chain}_{i}"], [f"m{chain}_{i + 1}"]) for i in range(6)]
+        nodes.append(oh.make_node("Gemm", [f"m{chain}_6", "w"], [f"g{chain}"]))
+        chains.append(nodes)
+    nodes = [n for chain in order for n in chains[chain]] + [oh.make_node("Add", ["g0", "g1"], ["y"])]
+    initializers = [("c0", np.full(16, 1.0, np.float32)), ("c1", np.full(16, 10.0, np.float32)),
+                    ("w", np.random.default_rng(9).normal(size=(16, 8)).astype(np.float32))]
+    return make_model(nodes, [("x", [None, 16])], [("y", [None, 8])], initializers)
+
+
+def test_resume_or_recover_is_refused_when_ties_cannot_be_broken_and_their_ranges_differ(tmp_path):
+    data = {"x": np.random.default_rng(10).normal(size=(16, 16)).astype(np.float32)}
+    onnxq.convert(_symmetric_chains((0, 1)), tmp_path / "a.onnx", data, workspace=tmp_path / "ws")
+    onnxq.recover(_symmetric_chains((0, 1)), tmp_path / "ws", tmp_path / "same.onnx")  # same order: fine
+    assert (tmp_path / "same.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    with pytest.raises(onnxq.WorkspaceError, match="cannot tell which is which"):
+        onnxq.recover(_symmetric_chains((1, 0)), tmp_path / "ws", tmp_path / "b.onnx")
+    with pytest.raises(onnxq.WorkspaceError, match="cannot tell which is which"):
+        onnxq.convert(_symmetric_chains((1, 0)), tmp_path / "b.onnx", data, workspace=tmp_path / "ws", resume=True)
+    assert not (tmp_path / "b.onnx").exists()

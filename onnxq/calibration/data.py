@@ -343,6 +343,11 @@ def iter_batches(
         arrays, layout = _check_chunk(origin, chunk, inputs, batch_size)
         labels = chunk.get(LABEL_KEY)
         labels = None if labels is None else np.asarray(labels)
+        if labels is not None and (labels.ndim == 0 or len(labels) != layout.samples):
+            raise CalibrationDataError(
+                f"{origin}: the {LABEL_KEY!r} array holds {labels.size if labels.ndim == 0 else len(labels)} "
+                f"label(s) for {layout.samples} sample(s); give one label per sample on axis 0"
+            )
         for start in range(0, layout.samples, layout.step):
             stop = min(start + layout.step, layout.samples)
             if max_samples is not None:

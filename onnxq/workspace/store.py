@@ -1,10 +1,10 @@
 """The workspace: a folder that makes a conversion resumable and every recorded step recoverable.
 
-Format (version 1), all JSON, no pickle::
+Format (version 2: version 1 numbered nodes of equal signature in graph order), all JSON, no pickle::
 
-    WORKSPACE/manifest.json        {"format": "onnxq-workspace", "version": 1, "onnxq_version",
+    WORKSPACE/manifest.json        {"format": "onnxq-workspace", "version": 2, "onnxq_version",
                                      "model": {"structure", "weights"}, "config": {...},
-                                     "data": {"first_batch_sha256"}}
+                                     "data": {"first_batch_sha256"}, "ties": {key: node name}}
     WORKSPACE/steps/NNNNNN-KIND.json {"format", "version", "index", "kind", "sha256", "payload"}
 
 Steps are append-only and numbered from 0. ``sha256`` is the hash of the payload serialized
@@ -40,7 +40,7 @@ from onnxq.workspace.steps import StepRecord
 
 T = TypeVar("T", bound=StepRecord)
 FORMAT = "onnxq-workspace"
-VERSION = 1
+VERSION = 2
 LOCK_FILE = ".lock"
 _STEP_GLOB = "[0-9][0-9][0-9][0-9][0-9][0-9]-*.json"
 
