@@ -39,7 +39,12 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
-from onnxq.workspace.manifest import build_manifest, check_tied_ranges, data_fingerprint, default_workspace
+from onnxq.workspace.manifest import (
+    build_manifest,
+    check_tied_ranges,
+    data_fingerprint,
+    default_workspace,
+)
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
 

@@ -14,7 +14,8 @@ import onnxq
 from onnxq.report.evaluate import ErrorAccumulator
 from onnxq.tune.metrics import cosine_score, cosine_similarity
 from tests.graphs import make_model, run, sqnr_db
-from tests.test_cli_errors import DEMO, onnxq as run_cli
+from tests.test_cli_errors import DEMO
+from tests.test_cli_errors import onnxq as run_cli
 from tests.test_data_safety import assert_one_line_error
 
 CALIB = DEMO.parent / "calib.npz"
