@@ -179,3 +179,14 @@ def test_resume_or_recover_is_refused_when_ties_cannot_be_broken_and_their_range
     with pytest.raises(onnxq.WorkspaceError, match="cannot tell which is which"):
         onnxq.convert(_symmetric_chains((1, 0)), tmp_path / "b.onnx", data, workspace=tmp_path / "ws", resume=True)
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_resuming_a_finished_accuracy_search_writes_the_same_bytes(tmp_path):
+    args = ["convert", DEMO, "-o", tmp_path / "out.onnx", "--calibration-data", CALIB, "--eval-data",
+            DEMO.parent / "eval.npz", "--max-drop", "0.001", "--max-trials", "3", "--workspace", tmp_path / "ws", "-q"]
+    assert run_cli(*args).returncode == 0
+    first = (tmp_path / "out.onnx").read_bytes()
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "out.onnx").read_bytes() == first
+    assert len(list((tmp_path / "ws" / "steps").glob("*-sensitivity.json"))) == 1  # read back, not measured again

@@ -94,7 +94,9 @@ class LayersStep(StepRecord):
 @dataclasses.dataclass(frozen=True)
 class SensitivityStep(StepRecord):
     """Per-unit sensitivity (unit keys joined by ``|`` -> gain) measured on ``samples`` samples
-    of the evaluation set ``eval``, with the ``base`` keep-float set, in ``mode``."""
+    of the evaluation set ``eval``, with the ``base`` keep-float set, in ``mode``; ``ranking``:
+    the units most sensitive first, in the order the search tries them (JSON keeps no dict
+    order; a step without it is measured again)."""
 
     KIND: ClassVar[str] = "sensitivity"
     calibration_step: int
@@ -104,6 +106,7 @@ class SensitivityStep(StepRecord):
     baseline: float
     gains: dict
     mode: str = "only-float"
+    ranking: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
