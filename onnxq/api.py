@@ -10,15 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-
-import onnx
+from typing import TypeVar
 
 from onnxq.analysis.rules import resolve_rules, save_rules
 from onnxq.calibration.data import BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
-from onnxq.errors import CalibrationDataError, ConfigError, WorkspaceError
+from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
 from onnxq.files import (
     check_writable,
     external_data_path,
@@ -47,6 +46,8 @@ from onnxq.workspace.manifest import (
 )
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +191,10 @@ def convert(
     ``eval_data``, by measured sensitivity until the metric is met. Bad input raises an
     ``OnnxqError`` subclass, and nothing is written then.
     """
-    config = config or QuantConfig()
-    run = run or RunOptions()
-    fallback = fallback or FallbackOptions()
+    config = _argument("config", QuantConfig() if config is None else config, QuantConfig, ConfigError)
+    run = _argument("run", RunOptions() if run is None else run, RunOptions, ConfigError)
+    fallback = _argument("fallback", FallbackOptions() if fallback is None else fallback, FallbackOptions, ConfigError)
+    _argument("workspace", workspace, (*_PATH, type(None)), WorkspaceError)
     if fallback.max_drop is not None and eval_data is None:
         raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
     output_path = check_writable(output)
@@ -210,8 +212,19 @@ def convert(
                         resume, progress, tuning_progress)
 
 
+def _argument(name: str, value: T, kind: type[T] | tuple[type, ...], error: type[OnnxqError]) -> T:
+    """``value`` if it is a ``kind``, else ``error`` naming the argument and the type expected."""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        wanted = "a path" if isinstance(kind, tuple) else "a whole number" if kind is int else f"a {kind.__name__}"
+        raise error(f"{name} must be {wanted}, not {type(value).__name__}")
+    return value
+
+
+_PATH = (str, os.PathLike)
+
+
 def _model_path(model: ModelInput) -> Path | None:
-    return None if isinstance(model, onnx.ModelProto) else Path(model)
+    return Path(model) if isinstance(model, _PATH) else None  # anything else: load() says what it must be
 
 
 def _convert(model: ModelInput, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
@@ -301,6 +314,10 @@ def recover(
     calibrating: by default the last one written (else the last calibration step); with
     ``index``, that step (a calibration step, a fallback trial, or a written model).
     ``run`` as in ``convert`` (only its ``external_data`` matters here)."""
+    _argument("workspace", workspace, _PATH, WorkspaceError)
+    if index is not None:
+        _argument("index", index, int, ConfigError)
+    run = _argument("run", RunOptions() if run is None else run, RunOptions, ConfigError)
     output_path = check_writable(output)
     refuse_overwriting_inputs([output_path, external_data_path(output_path)],
                               {"the model": _model_path(model), "the workspace manifest": Path(workspace) / "manifest.json"})
@@ -319,7 +336,7 @@ def recover(
     recorded = space.latest(LayersStep)
     layers = measure_layers(loaded, state, config, None, step.index) if recorded is None else recorded.read(LayersStep)
     built = build_model(loaded, state, config, layers, keep_float, fallback_dtype)
-    written = write_output(loaded, built.model, output_path, (run or RunOptions()).external_data)
+    written = write_output(loaded, built.model, output_path, run.external_data)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} "
                                          f"of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(

@@ -11,6 +11,7 @@ the checks below and the command line:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ class QuantConfig:
             raise ConfigError(f"max samples must be at least 1 (or unset for all), not {self.max_samples}")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
-        if self.max_shared_range_ratio <= 1:
+        if not self.max_shared_range_ratio > 1:  # NaN too
             raise ConfigError(f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}")
 
     def result_options(self) -> dict:
@@ -100,8 +101,12 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
-            raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
+        if not 0 < self.memory_budget_mb < math.inf:
+            raise ConfigError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb}")
+        if not 0 <= self.checkpoint_interval_s < math.inf:
+            raise ConfigError(
+                f"--checkpoint-interval must be a number of seconds, 0 or more, not {self.checkpoint_interval_s}"
+            )
 
 
 def _rules(rules: Any) -> tuple[Rule, ...]:
@@ -137,8 +142,8 @@ class FallbackOptions:
         None, help="Write the final keep-float set as a rules file (reusable on re-exports).")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keep_float", _rules(self.keep_float))
         check_choices(self)
+        object.__setattr__(self, "keep_float", _rules(self.keep_float))
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
         if self.sensitivity_samples < 1 or self.max_trials < 1:

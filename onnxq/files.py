@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxq.errors import OutputError
+from onnxq.errors import OutputError, first_line
 
 SINGLE_FILE_LIMIT = 2_000_000_000  # bytes: protobuf cannot serialize a message of 2 GiB or more
 EXTERNAL_DATA_SUFFIX = ".data"  # OUTPUT.onnx -> OUTPUT.onnx.data
@@ -21,6 +21,8 @@ EXTERNAL_DATA_SUFFIX = ".data"  # OUTPUT.onnx -> OUTPUT.onnx.data
 
 def check_writable(output: str | os.PathLike) -> Path:
     """Fail early, before any work, when ``output`` cannot be written."""
+    if not isinstance(output, (str, os.PathLike)):
+        raise OutputError(f"output must be a path, not {type(output).__name__}")
     path = Path(output)
     if path.is_dir():
         raise OutputError(f"output path {path} is a folder; give a file name such as model.int8.onnx")
@@ -45,6 +47,11 @@ def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Mapping[str, Path
         for what, path in inputs.items():
             if path is not None and _same_file(output, path):
                 raise OutputError(f"{output} is {what}: onnxq would overwrite its own input; write to another path")
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong in an ``OSError``: its strerror, else its first line (never "None")."""
+    return exc.strerror or first_line(exc)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -94,9 +101,7 @@ def write_atomically(data: bytes, path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         if isinstance(exc, OSError):
-            raise OutputError(
-                f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
-            ) from exc
+            raise OutputError(f"could not write {path}: {os_reason(exc)}; check the path, permissions and free space") from exc
         raise
 
 
@@ -161,9 +166,7 @@ def write_with_external_data(model: ir.Model, path: Path, finish: Callable[[Path
         _fsync_folder(path.parent)
         return size, digest.hexdigest()
     except OSError as exc:
-        raise OutputError(
-            f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
-        ) from exc
+        raise OutputError(f"could not write {path}: {os_reason(exc)}; check the path, permissions and free space") from exc
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

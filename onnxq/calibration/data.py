@@ -220,6 +220,11 @@ class _Layout:
 
 
 def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int) -> tuple[dict, _Layout]:
+    if not inputs:
+        raise CalibrationDataError(
+            "the model has no inputs to feed: its outputs come from constants alone, so there is nothing to "
+            "calibrate or compare on data; fold it to constants or give a model with inputs"
+        )
     names = {spec.name for spec in inputs}
     arrays = {}
     for key, value in chunk.items():

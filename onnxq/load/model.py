@@ -109,6 +109,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     locations must name files inside that folder (``check_external_data``).
     """
     external = False
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise ModelError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
@@ -120,6 +122,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     else:
         path = Path(model)
         where = str(path)
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a folder; give the model's .onnx file")
         if not path.is_file():
             raise ModelError(f"model file not found: {path}; check the path")
         try:

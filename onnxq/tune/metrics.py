@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from onnxq.calibration.data import load_callable
-from onnxq.errors import ConfigError
+from onnxq.errors import ConfigError, first_line
 
 Outputs = dict[str, np.ndarray]
 
@@ -68,18 +69,41 @@ def top1_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None =
 _BUILTIN = {"sqnr": sqnr_score, "cosine": cosine_score, "top1": top1_score}
 
 
+def _checked(name: str, metric: Metric) -> Metric:
+    """The user's ``metric``, whose exceptions and non-numbers (NaN, inf, text, arrays of more
+    than one value) are ``ConfigError``s naming it."""
+
+    def score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None) -> float:
+        try:
+            value = metric(outputs, reference, labels)
+        except Exception as exc:
+            raise ConfigError(f"metric {name} raised {type(exc).__name__}: {first_line(exc)}; fix the metric") from exc
+        try:
+            number = float(np.asarray(value, dtype=np.float64).item())
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"metric {name} returned {value!r:.60}; a metric returns one finite number, higher "
+                              "is better")
+        return number
+
+    return score
+
+
 def resolve_metric(metric: str | Metric, has_labels: bool) -> tuple[str, Metric]:
     """A metric's name and function: ``auto`` (top1 with labels, else sqnr), a builtin name, a
     loader spec ``file.py:func`` / ``pkg.mod:func``, or a callable
-    ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
+    ``metric(outputs, float_outputs, labels) -> float`` (higher is better); the user's metrics
+    are checked (``_checked``)."""
     if callable(metric):
-        return getattr(metric, "__name__", "custom"), metric
+        name = getattr(metric, "__name__", "custom")
+        return name, _checked(name, metric)
     if metric == "auto":
         metric = "top1" if has_labels else "sqnr"
     if metric in _BUILTIN:
         return metric, _BUILTIN[metric]
     if ":" in metric:
-        return metric, load_callable(metric, "metric", ConfigError)
+        return metric, _checked(metric, load_callable(metric, "metric", ConfigError))
     raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or file.py:func")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from onnxq.errors import WorkspaceError
-from onnxq.files import remove_stale_temporaries, write_atomically
+from onnxq.files import os_reason, remove_stale_temporaries, write_atomically
 from onnxq.workspace.steps import StepRecord
 
 T = TypeVar("T", bound=StepRecord)
@@ -102,7 +102,7 @@ def locked(path: str | Path) -> Iterator[None]:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise WorkspaceError(f"cannot create workspace {path}: {exc.strerror}; choose another --workspace") from exc
+        raise WorkspaceError(f"cannot create workspace {path}: {os_reason(exc)}; choose another --workspace") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,6 +137,8 @@ class Workspace:
         self.path = path
         self.manifest = manifest
         self._steps_dir = path / "steps"
+        files = self._files()  # listed once: a run holds the workspace (``locked``), so it alone appends
+        self._next_index = int(files[-1].name[:6]) + 1 if files else 0
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict) -> Workspace:
@@ -151,7 +153,7 @@ class Workspace:
                 file.unlink()
             _remove_stale_temporaries(path)
         except OSError as exc:
-            raise WorkspaceError(f"cannot create workspace {path}: {exc.strerror}; choose another --workspace") from exc
+            raise WorkspaceError(f"cannot create workspace {path}: {os_reason(exc)}; choose another --workspace") from exc
         write_atomically(json.dumps(manifest, indent=2, sort_keys=True).encode(), path / "manifest.json")
         return cls(path, manifest)
 
@@ -161,7 +163,10 @@ class Workspace:
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
-            raise WorkspaceError(f"no workspace at {path} (no manifest.json); run without --resume to start one")
+            raise WorkspaceError(
+                f"no workspace at {path} (no manifest.json); give the workspace folder of an earlier convert "
+                "(its --workspace, by default OUTPUT.onnxq)"
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
@@ -204,8 +209,7 @@ class Workspace:
     def append(self, step: StepRecord) -> int:
         """Record a step atomically; returns its index."""
         kind, payload = step.KIND, step.to_payload()
-        files = self._files()
-        index = int(files[-1].name[:6]) + 1 if files else 0
+        index = self._next_index
         record = {
             "format": FORMAT,
             "version": VERSION,
@@ -215,6 +219,7 @@ class Workspace:
             "payload": payload,
         }
         write_atomically(json.dumps(record, sort_keys=True).encode(), self._steps_dir / f"{index:06d}-{kind}.json")
+        self._next_index += 1
         return index
 
     def _read(self, file: Path) -> Step | None:
@@ -244,5 +249,8 @@ class Workspace:
     def latest(self, kind: str | type[StepRecord]) -> Step | None:
         """The last intact step of ``kind`` (a kind name or a step type), if any."""
         kind = kind if isinstance(kind, str) else kind.KIND
-        matching = [step for step in self.steps() if step.kind == kind]
-        return matching[-1] if matching else None
+        for file in reversed(self._files()):  # newest first, by the kind in the file name
+            step = self._read(file) if file.name[7:-5] == kind else None
+            if step is not None and step.kind == kind:
+                return step
+        return None

@@ -1,0 +1,121 @@
+"""The error contract: bad input is exit code 2 and one line saying what and how to fix it, never
+exit 1, never a traceback, nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import onnxq
+from tests.test_cli_errors import DEMO, assert_clean_failure, onnxq as run_cli
+
+CALIB = DEMO.parent / "calib.npz"
+EVAL = DEMO.parent / "eval.npz"
+
+METRICS = {
+    "raises": ("def metric(outputs, reference, labels):\n    return 1 / 0\n", ["raised ZeroDivisionError"]),
+    "text": ("def metric(outputs, reference, labels):\n    return 'abc'\n", ["returned 'abc'", "finite number"]),
+    "nan": ("def metric(outputs, reference, labels):\n    return float('nan')\n", ["returned nan", "finite number"]),
+    "array": ("import numpy as np\ndef metric(outputs, reference, labels):\n    return np.ones(3)\n",
+              ["finite number"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(METRICS))
+def test_a_custom_metric_that_fails_is_a_one_line_error(tmp_path, kind):
+    source, words = METRICS[kind]
+    (tmp_path / "m.py").write_text(source)
+    out = tmp_path / "out.onnx"
+    result = run_cli("convert", DEMO, "-o", out, "--calibration-data", CALIB, "--eval-data", EVAL,
+                     "--max-drop", "0.01", "--metric", f"{tmp_path / 'm.py'}:metric")
+    assert_clean_failure(result, out, "metric", *words)
+
+
+def test_a_custom_metric_that_raises_is_an_onnxq_error_in_the_api(tmp_path):
+    def broken(outputs, reference, labels):
+        return 1 / 0
+
+    with pytest.raises(onnxq.ConfigError, match="metric broken raised ZeroDivisionError") as caught:
+        onnxq.convert(DEMO, tmp_path / "out.onnx", str(CALIB), eval_data=str(EVAL),
+                      fallback=onnxq.FallbackOptions(max_drop=0.01, metric=broken))
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_model_without_inputs_is_refused_in_one_line(tmp_path):
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+
+    graph = oh.make_graph([oh.make_node("Relu", ["c"], ["y"])], "g", [], [oh.make_tensor_value_info("y", 1, [2, 2])],
+                          [onh.from_array(np.ones((2, 2), np.float32), "c")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "empty.npz")
+    out = tmp_path / "out.onnx"
+    assert_clean_failure(run_cli("convert", tmp_path / "m.onnx", "-o", out, "--calibration-data", tmp_path / "empty.npz"),
+                         out, "no inputs")
+    assert_clean_failure(run_cli("compare", tmp_path / "m.onnx", tmp_path / "m.onnx", "--data", tmp_path / "empty.npz"),
+                         out, "no inputs")
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--batch-size", "0"], ["batch size", "at least 1"]),
+    (["--max-samples", "0"], ["max samples", "at least 1"]),
+])
+def test_compare_refuses_sampling_that_measures_nothing(tmp_path, options, words):
+    result = run_cli("compare", DEMO, DEMO, "--data", EVAL, *options)
+    assert_clean_failure(result, tmp_path / "none", *words)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: onnxq.QuantConfig(batch_size=2.5), ["batch size must be a whole number", "2.5"]),
+    (lambda: onnxq.QuantConfig(batch_size=True), ["batch size must be a whole number"]),
+    (lambda: onnxq.QuantConfig(per_channel="no"), ["per channel must be true or false"]),
+    (lambda: onnxq.RunOptions(memory_budget_mb="1"), ["memory budget mb must be a number"]),
+    (lambda: onnxq.RunOptions(memory_budget_mb=float("nan")), ["--memory-budget", "nan"]),
+    (lambda: onnxq.RunOptions(checkpoint_interval_s=float("nan")), ["--checkpoint-interval", "nan"]),
+    (lambda: onnxq.RunOptions(checkpoint_interval_s=float("inf")), ["--checkpoint-interval", "inf"]),
+    (lambda: onnxq.FallbackOptions(keep_float="Softmax"), ["keep float must be a tuple"]),
+    (lambda: onnxq.FallbackOptions(metric=5), ["metric must be text or a function"]),
+    (lambda: onnxq.QuantConfig(max_shared_range_ratio=float("nan")), ["max shared range ratio"]),
+], ids=["float-batch", "bool-batch", "text-bool", "text-number", "nan-budget", "nan-interval", "inf-interval",
+        "string-rules", "int-metric", "nan-ratio"])
+def test_options_of_the_wrong_type_or_not_a_number_are_config_errors(make, words):
+    with pytest.raises(onnxq.ConfigError) as caught:
+        make()
+    for word in words:
+        assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--checkpoint-interval", "nan"], ["--checkpoint-interval", "nan"]),
+    (["--memory-budget", "nan"], ["--memory-budget", "nan"]),
+])
+def test_nan_run_options_are_refused_on_the_command_line(tmp_path, options, words):
+    out = tmp_path / "out.onnx"
+    assert_clean_failure(run_cli("convert", DEMO, "-o", out, "--calibration-data", CALIB, *options), out, *words)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda tmp: onnxq.convert(123, tmp / "o.onnx", str(CALIB)), onnxq.ModelError, ["model must be a path"]),
+    (lambda tmp: onnxq.convert(DEMO, tmp / "o.onnx", str(CALIB), config="abc"), onnxq.ConfigError,
+     ["config must be a QuantConfig", "str"]),
+    (lambda tmp: onnxq.convert(DEMO, tmp / "o.onnx", str(CALIB), run={}), onnxq.ConfigError,
+     ["run must be a RunOptions"]),
+    (lambda tmp: onnxq.convert(DEMO, tmp / "o.onnx", str(CALIB), fallback=0.1), onnxq.ConfigError,
+     ["fallback must be a FallbackOptions"]),
+    (lambda tmp: onnxq.convert(DEMO, 5, str(CALIB)), onnxq.OutputError, ["output must be a path"]),
+    (lambda tmp: onnxq.convert(DEMO, tmp / "o.onnx", str(CALIB), workspace=3), onnxq.WorkspaceError,
+     ["workspace must be a path"]),
+    (lambda tmp: onnxq.recover(DEMO, tmp, tmp / "o.onnx", index="2"), onnxq.ConfigError,
+     ["index must be a whole number"]),
+    (lambda tmp: onnxq.compare(DEMO, 7, str(CALIB)), onnxq.ModelError, ["model must be a path"]),
+], ids=["model", "config", "run", "fallback", "output", "workspace", "index", "compare-model"])
+def test_api_arguments_of_the_wrong_type_are_onnxq_errors(tmp_path, call, error, words):
+    with pytest.raises(error) as caught:
+        call(tmp_path)
+    for word in words:
+        assert word in str(caught.value)
+    assert not (tmp_path / "o.onnx").exists()
