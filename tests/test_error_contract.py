@@ -4,10 +4,14 @@ exit 1, never a traceback, nothing written."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
-from tests.test_cli_errors import DEMO, assert_clean_failure, onnxq as run_cli
+from tests.test_cli_errors import DEMO, assert_clean_failure
+from tests.test_cli_errors import onnxq as run_cli
 
 CALIB = DEMO.parent / "calib.npz"
 EVAL = DEMO.parent / "eval.npz"
@@ -43,10 +47,6 @@ def test_a_custom_metric_that_raises_is_an_onnxq_error_in_the_api(tmp_path):
 
 
 def test_a_model_without_inputs_is_refused_in_one_line(tmp_path):
-    import onnx
-    import onnx.helper as oh
-    import onnx.numpy_helper as onh
-
     graph = oh.make_graph([oh.make_node("Relu", ["c"], ["y"])], "g", [], [oh.make_tensor_value_info("y", 1, [2, 2])],
                           [onh.from_array(np.ones((2, 2), np.float32), "c")])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
