@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from onnxq.analysis.rules import Rule, parse_rule
 from onnxq.errors import ConfigError
 from onnxq.options import check_choices, model_options, option
+
+if TYPE_CHECKING:
+    from onnxq.analysis.rules import Rule
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -110,6 +112,8 @@ class RunOptions:
 
 
 def _rules(rules: Any) -> tuple[Rule, ...]:
+    from onnxq.analysis.rules import Rule, parse_rule  # needs onnx: not imported for ``onnxq --help``
+
     return tuple(rule if isinstance(rule, Rule) else parse_rule(rule) for rule in rules or ())
 
 

@@ -3,6 +3,11 @@ exit 1, never a traceback, nothing written."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -10,6 +15,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
+from onnxq.cli import INTERRUPTED
 from tests.test_cli_errors import DEMO, assert_clean_failure
 from tests.test_cli_errors import onnxq as run_cli
 
@@ -119,3 +125,52 @@ def test_api_arguments_of_the_wrong_type_are_onnxq_errors(tmp_path, call, error,
     for word in words:
         assert word in str(caught.value)
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["convert"], ["Missing argument 'model'", "onnxq convert --help"]),
+    (["convert", "m.onnx", "-o", "o.onnx", "--bogus"], ["No such option: --bogus"]),
+    (["convert", "m.onnx", "-o", "o.onnx", "--method", "foo"], ["'foo' is not one of"]),
+    (["frobnicate"], ["No such command 'frobnicate'", "onnxq --help"]),
+])
+def test_usage_errors_are_one_line(tmp_path, args, words):
+    assert_clean_failure(run_cli(*args, cwd=tmp_path), tmp_path / "o.onnx", *words)
+
+
+SLOW_LOADER = """
+import time
+import numpy as np
+
+def samples():
+    for index in range(400):
+        time.sleep(0.02)
+        yield {"input": np.full((1, 1, 8, 8), index / 400, np.float32)}
+"""
+
+
+def test_ctrl_c_is_one_line_saying_the_run_can_be_resumed(tmp_path):
+    (tmp_path / "loader.py").write_text(SLOW_LOADER)
+    args = [sys.executable, "-m", "onnxq", "convert", str(DEMO), "-o", str(tmp_path / "out.onnx"),
+            "--calibration-data", f"{tmp_path / 'loader.py'}:samples", "--checkpoint-interval", "0", "-q"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    steps = tmp_path / "out.onnx.onnxq" / "steps"
+    deadline = time.monotonic() + 120
+    while not (steps.is_dir() and len(list(steps.glob("*-calibration.json"))) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == [f"error: {INTERRUPTED}"]
+    assert not (tmp_path / "out.onnx").exists()
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "onnxq", "compare", str(DEMO), str(DEMO), "--data", str(EVAL)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing ONNX and ONNX Runtime, or already running the models
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [f"error: {INTERRUPTED}"]

@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,11 +23,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from onnxq.api import ConversionResult
-from onnxq.calibration.runner import ProgressCallback
-from onnxq.report.compare import Comparison
-from onnxq.report.inspect import Inspection, InspectionPair
-from onnxq.tune.fallback import TuningProgress
+if TYPE_CHECKING:  # annotations only: ``onnxq --help`` does not import the pipeline
+    from onnxq.api import ConversionResult
+    from onnxq.calibration.runner import ProgressCallback
+    from onnxq.report.compare import Comparison
+    from onnxq.report.inspect import Inspection, InspectionPair
+    from onnxq.tune.fallback import TuningProgress
 
 console = Console(stderr=True)
 
