@@ -112,7 +112,8 @@ class RunOptions:
 
 
 def _rules(rules: Any) -> tuple[Rule, ...]:
-    from onnxq.analysis.rules import Rule, parse_rule  # needs onnx: not imported for ``onnxq --help``
+    """Rule strings parsed (``onnxq.analysis.rules`` needs ONNX: imported here, not for ``--help``)."""
+    from onnxq.analysis.rules import Rule, parse_rule
 
     return tuple(rule if isinstance(rule, Rule) else parse_rule(rule) for rule in rules or ())
 
