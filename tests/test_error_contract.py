@@ -12,10 +12,12 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
+import onnx_ir as ir
 import pytest
 
 import onnxq
 from onnxq.cli import INTERRUPTED
+from onnxq.files import write_with_external_data
 from tests.test_cli_errors import DEMO, assert_clean_failure
 from tests.test_cli_errors import onnxq as run_cli
 
@@ -174,3 +176,30 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == [f"error: {INTERRUPTED}"]
+
+
+def test_messages_name_the_real_problem(tmp_path):
+    out = tmp_path / "out.onnx"
+    (tmp_path / "model.bin").write_bytes(DEMO.read_bytes())
+    (tmp_path / "data.bin").write_bytes(CALIB.read_bytes())
+    (tmp_path / "folder").mkdir()
+    result = run_cli("convert", tmp_path / "model.bin", "-o", out, "--calibration-data", tmp_path / "data.bin")
+    assert_clean_failure(result, out, "data.bin is neither an .npz/.npy file nor a folder", "numpy.savez")
+    assert run_cli("convert", tmp_path / "model.bin", "-o", out, "--calibration-data", CALIB, "-q").returncode == 0
+    out.unlink()
+    result = run_cli("convert", tmp_path / "folder", "-o", out, "--calibration-data", CALIB)
+    assert_clean_failure(result, out, "is a folder", ".onnx file")
+    result = run_cli("recover", DEMO, tmp_path / "folder", "-o", out)
+    assert_clean_failure(result, out, "no workspace at", "--workspace")
+    assert "--resume" not in result.stderr
+
+
+def test_a_write_error_without_an_errno_is_named_not_none(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("write of 65536 bytes failed: no space left")  # as a library re-raises it: no strerror
+
+    monkeypatch.setattr(ir, "save", full_disk)
+    with pytest.raises(onnxq.OutputError) as caught:
+        write_with_external_data(ir.load(DEMO), tmp_path / "out.onnx", lambda staged: None)
+    assert "no space left" in str(caught.value) and "None" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

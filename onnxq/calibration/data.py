@@ -191,6 +191,11 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
             if isinstance(source, Mapping):
                 yield text, source
                 return
+        elif path.exists():
+            raise CalibrationDataError(
+                f"{text} is neither an .npz/.npy file nor a folder; save the data with numpy.savez as an .npz "
+                "file (keys: input names), or give a loader as file.py:function"
+            )
         else:
             raise CalibrationDataError(
                 f"calibration data not found: {text}; give an .npz file, a folder of .npz "
