@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,29 @@ CPU = "CPUExecutionProvider"
 
 
 CUDA = "CUDAExecutionProvider"
+
+
+_RUNTIME_API = ("InferenceSession", "SessionOptions", "GraphOptimizationLevel", "get_available_providers")
+
+
+@functools.cache
+def check_installation() -> None:
+    """Refuse a broken ONNX Runtime: two distributions (``onnxruntime`` and ``onnxruntime-gpu``)
+    install one ``onnxruntime`` module, and removing either leaves it without its API; say which
+    distributions are installed and how to repair them."""
+    missing = [name for name in _RUNTIME_API if not hasattr(ort, name)]
+    if not missing:
+        return
+    installed = sorted({
+        dist.metadata["Name"] for dist in importlib.metadata.distributions()
+        if (dist.metadata["Name"] or "").lower().startswith("onnxruntime")
+    })
+    names = " ".join(installed) or "onnxruntime"
+    raise DeviceError(
+        f"ONNX Runtime is broken: its module lacks {missing[0]} (installed: {', '.join(installed) or 'none'}; two "
+        f"distributions shared one module and one was removed); repair with: pip uninstall -y {names} && "
+        "pip install onnxruntime (or onnxruntime-gpu alone)"
+    )
 
 
 def session_options(external_folder: Path | None = None) -> ort.SessionOptions:

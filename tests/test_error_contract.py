@@ -3,6 +3,7 @@ exit 1, never a traceback, nothing written."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -203,3 +204,16 @@ def test_a_write_error_without_an_errno_is_named_not_none(tmp_path, monkeypatch)
         write_with_external_data(ir.load(DEMO), tmp_path / "out.onnx", lambda staged: None)
     assert "no space left" in str(caught.value) and "None" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_a_broken_onnx_runtime_is_named_with_its_repair(tmp_path, command):
+    """What removing one of onnxruntime and onnxruntime-gpu leaves: a module without its API."""
+    (tmp_path / "left" / "onnxruntime").mkdir(parents=True)
+    (tmp_path / "left" / "onnxruntime" / "__init__.py").write_text('"""left behind by an uninstall"""\n')
+    out = tmp_path / "out.onnx"
+    args = {"convert": ["convert", DEMO, "-o", out, "--calibration-data", CALIB], "inspect": ["inspect", DEMO]}[command]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "left"), *sys.path]))
+    result = subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
+                            env=environment, timeout=300, check=False)
+    assert_clean_failure(result, out, "ONNX Runtime is broken", "pip uninstall -y", "pip install onnxruntime")
