@@ -17,6 +17,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
+from onnxq.calibration.images import parse_number
 from onnxq.cli import INTERRUPTED
 from onnxq.files import write_with_external_data
 from tests.test_cli_errors import DEMO, assert_clean_failure
@@ -217,3 +218,21 @@ def test_a_broken_onnx_runtime_is_named_with_its_repair(tmp_path, command):
     result = subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
                             env=environment, timeout=300, check=False)
     assert_clean_failure(result, out, "ONNX Runtime is broken", "pip uninstall -y", "pip install onnxruntime")
+
+
+def test_nhwc_data_for_an_nchw_model_is_told_to_transpose(tmp_path):
+    with np.load(CALIB) as data:
+        np.savez(tmp_path / "nhwc.npz", input=data["input"][:4].transpose(0, 2, 3, 1))
+    out = tmp_path / "out.onnx"
+    result = run_cli("convert", DEMO, "-o", out, "--calibration-data", tmp_path / "nhwc.npz")
+    assert_clean_failure(result, out, "transpose", "array.transpose(0, 3, 1, 2)")
+    with np.load(CALIB) as data:  # the transpose it names fixes the data
+        fixed = {"input": np.load(tmp_path / "nhwc.npz")["input"].transpose(0, 3, 1, 2)}
+        assert np.array_equal(fixed["input"], data["input"][:4])
+
+
+def test_pixel_scale_takes_a_fraction():
+    assert parse_number("1/255", "--pixel-scale") == 1 / 255
+    assert parse_number("0.5", "--pixel-scale") == 0.5
+    with pytest.raises(onnxq.ConfigError, match="a number or a fraction"):
+        parse_number("1/0", "--pixel-scale")

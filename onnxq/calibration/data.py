@@ -224,6 +224,20 @@ class _Layout:
     stacked: frozenset[str]
 
 
+def _shape_fix(got: tuple[int, ...], expected: tuple[int | None, ...]) -> str:
+    """How to fix per-sample dims ``got`` that do not fit ``expected``: a transpose when they are
+    the expected dims in another order (NHWC data for an NCHW model), else a resize."""
+    unused = list(range(len(got)))
+    order = []
+    for want in expected:
+        match = next((axis for axis in unused if want is None or got[axis] == want), None)
+        if match is None:
+            return "resize the data to match"
+        unused.remove(match)
+        order.append(match + 1)
+    return f"its axes are in another order (NHWC for NCHW?): transpose it, array.transpose(0, {', '.join(map(str, order))})"
+
+
 def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int) -> tuple[dict, _Layout]:
     if not inputs:
         raise CalibrationDataError(
@@ -273,12 +287,11 @@ def _check_chunk(origin: str, chunk: Mapping, inputs: list[InputSpec], batch_siz
                 f"{spec.shape_text()} has rank {rank}; give rank {rank} (samples on axis 0) or "
                 f"{rank + 1} (a stack of complete inputs)"
             )
-        for got, want in zip(per_sample, expected):
-            if want is not None and got != want:
-                raise CalibrationDataError(
-                    f"{origin}: input {spec.name!r} has per-sample shape {tuple(per_sample)} but "
-                    f"the model expects {spec.shape_text()}; resize the data to match"
-                )
+        if any(want is not None and got != want for got, want in zip(per_sample, expected)):
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} has per-sample shape {tuple(per_sample)} but "
+                f"the model expects {spec.shape_text()}; {_shape_fix(tuple(per_sample), expected)}"
+            )
         counts[spec.name] = array.shape[0]
     if len(set(counts.values())) > 1:
         raise CalibrationDataError(

@@ -10,6 +10,7 @@ layout (``auto``: whichever axis of the model input has 1 or 3 channels).
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_number(text: str, flag: str) -> float:
+    """A number or a fraction (``0.00392``, ``1/255``)."""
+    try:
+        return float(fractions.Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{flag} takes a number or a fraction such as 1/255, not {text!r}") from None
+
+
 def parse_floats(text: str, flag: str) -> tuple[float, ...]:
     """Comma-separated numbers (``0.485,0.456,0.406``) as a tuple."""
     try:
@@ -59,7 +68,8 @@ class ImageFolder:
         "stretch", choices=("stretch", "letterbox", "crop"),
         help="Image folders: stretch to the size, fit inside and pad with gray 114 (letterbox, YOLO), or cover "
         "and crop the center.")
-    scale: float = option(1 / 255, flag="--pixel-scale", help="Image folders: pixels (0-255) are multiplied by this.")
+    scale: float = option(1 / 255, flag="--pixel-scale", parse=functools.partial(parse_number, flag="--pixel-scale"),
+                          help="Image folders: pixels (0-255) are multiplied by this (a number or a fraction, 1/255).")
     mean: tuple[float, ...] = option(
         (0.0,), parse=functools.partial(parse_floats, flag="--mean"),
         help="Image folders: per-channel mean subtracted after scaling (a,b,c).")
