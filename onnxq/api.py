@@ -206,9 +206,12 @@ def convert(
     if rules_path is not None:
         refuse_overwriting_inputs([rules_path], inputs | {"the output": output_path})
     workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
+    loaded = load(model)
+    if has_quantize_nodes(loaded.model):
+        return _convert_quantized(loaded, output_path, config, run)
     with locked(workspace_path):
         remove_stale_temporaries(output_path.parent, output_path.name)
-        return _convert(model, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
+        return _convert(loaded, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
                         resume, progress, tuning_progress)
 
 
@@ -227,14 +230,11 @@ def _model_path(model: ModelInput) -> Path | None:
     return Path(model) if isinstance(model, _PATH) else None  # anything else: load() says what it must be
 
 
-def _convert(model: ModelInput, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
+def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
              run: RunOptions, eval_data: DataSource | None, fallback: FallbackOptions, workspace_path: Path,
              resume: bool, progress: ProgressCallback | None, tuning_progress: TuningProgress | None,
              ) -> ConversionResult:
-    """``convert`` once its paths are checked and its workspace is held."""
-    loaded = load(model)
-    if has_quantize_nodes(loaded.model):
-        return _convert_quantized(loaded, output_path, config, run)
+    """``convert`` of a float model once its paths are checked and its workspace is held."""
     ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
     base = {loaded.keys.nodes[node]: reason for node, reason in ruled.items()}
     inputs = model_inputs(loaded.proto)
