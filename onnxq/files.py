@@ -4,6 +4,7 @@ the temporary external data of big trial models."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -76,7 +77,7 @@ def _umask() -> int:
 def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
     """Remove the temporary files and folders a killed write of ``folder/name`` left
     (``.NAME.XXXXXXXX.tmp``, see ``write_atomically``); ``name="*"``: of any file there."""
-    for entry in folder.glob(f".{name}.{'?' * 8}.tmp"):
+    for entry in folder.glob(f".{name if name == '*' else glob.escape(name)}.{'?' * 8}.tmp"):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
