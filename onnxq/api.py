@@ -146,14 +146,19 @@ def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfi
 
 
 def _layer_choices(conversion: _Conversion, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
-                   source: BatchSource | None, calibration_step: int) -> LayersStep:
-    """The per-layer choices of this calibration step: recorded when resuming, else measured."""
+                   source: BatchSource | None, calibration_step: int, progress: TuningProgress | None) -> LayersStep:
+    """The per-layer choices of this calibration step: recorded when resuming, else measured
+    (a phase ``progress`` shows, as it may take seconds)."""
     recorded = conversion.space.latest(LayersStep) if conversion.resume else None
     if recorded is not None:
         layers = recorded.read(LayersStep)
         if layers.calibration_step == calibration_step:
             return layers
+    if progress is not None:
+        progress("measuring layers (saturation, fusion)", 0, 1)
     layers = measure_layers(loaded, state, config, source, calibration_step)
+    if progress is not None:
+        progress("measuring layers (saturation, fusion)", 1, 1)
     conversion.space.append(layers)
     return layers
 
@@ -248,7 +253,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
-    layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index)
+    layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
     report, keep = None, base
     if fallback.max_drop is not None:
         keep, report = tune_fallback(loaded, state, config, layers, base, fallback, list(eval_source()), conversion.space,

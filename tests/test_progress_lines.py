@@ -26,6 +26,7 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
     calibrating = [line for line in lines if line.startswith("onnxq: calibrating ")]
     assert calibrating and calibrating[-1].startswith("onnxq: calibrating 128 samples")
     assert any(line.startswith("onnxq: fallback search ") for line in lines)
+    assert any(line.startswith("onnxq: measuring layers (saturation, fusion) 1/1") for line in lines)
 
 
 def test_no_progress_lines_with_quiet(tmp_path, capsys, monkeypatch):
