@@ -17,9 +17,11 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
+from onnxq import runtime
 from onnxq.calibration.images import parse_number
 from onnxq.cli import INTERRUPTED
 from onnxq.files import write_with_external_data
+from onnxq.load.prepare import load
 from tests.test_cli_errors import DEMO, assert_clean_failure
 from tests.test_cli_errors import onnxq as run_cli
 
@@ -236,3 +238,15 @@ def test_pixel_scale_takes_a_fraction():
     assert parse_number("0.5", "--pixel-scale") == 0.5
     with pytest.raises(onnxq.ConfigError, match="a number or a fraction"):
         parse_number("1/0", "--pixel-scale")
+
+
+def test_two_onnx_runtime_distributions_sharing_one_module_are_named_in_a_note(monkeypatch):
+    """onnxruntime and onnxruntime-gpu both installed: it works until either is removed."""
+    monkeypatch.setattr(runtime, "_runtime_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    runtime.installation_note.cache_clear()
+    try:
+        notes = load(DEMO).notes
+    finally:
+        runtime.installation_note.cache_clear()
+    assert any("onnxruntime and onnxruntime-gpu are all installed" in note and "pip uninstall -y" in note
+               for note in notes), notes

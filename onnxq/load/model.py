@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 
 from onnxq.errors import ModelError, first_line
 from onnxq.files import SINGLE_FILE_LIMIT
-from onnxq.runtime import check_installation
+from onnxq.runtime import installation_note
 
 
 def uses_external_data(proto: onnx.ModelProto) -> bool:
@@ -109,7 +109,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     model's folder (``external_data_folder``), so a model over 2 GB is never one protobuf. Their
     locations must name files inside that folder (``check_external_data``).
     """
-    check_installation()  # every command reads a model first: a broken ONNX Runtime is named here
+    installation_note()  # every command reads a model first: a broken ONNX Runtime is named here
     external = False
     if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         raise ModelError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")

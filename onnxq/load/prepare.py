@@ -18,7 +18,7 @@ from onnxq.analysis.signatures import GraphKeys
 from onnxq.load.model import external_data_folder, load_model, model_bytes
 from onnxq.load.opset import fit_opset
 from onnxq.load.shapes import correct_declared_shapes
-from onnxq.runtime import create_session
+from onnxq.runtime import create_session, installation_note
 
 ModelInput = str | os.PathLike | onnx.ModelProto
 
@@ -89,5 +89,6 @@ def load(model: ModelInput) -> LoadedModel:
     proto, shape_notes = correct_declared_shapes(float_proto)
     proto, upgrade_note = fit_opset(proto)
     prepared, notes = prepare(proto, external_folder)
-    notes = shape_notes + ([upgrade_note] if upgrade_note else []) + notes
+    installation = installation_note()
+    notes = ([installation] if installation else []) + shape_notes + ([upgrade_note] if upgrade_note else []) + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)
