@@ -67,11 +67,10 @@ def _check_output_file(float_proto: onnx.ModelProto, before_commit: BeforeCommit
 
 @dataclasses.dataclass(frozen=True)
 class WrittenModel:
-    """The quantized model as written: its size on disk, sha256, and bytes when held in memory."""
+    """The quantized model as written: its size on disk and sha256."""
 
     size: int
     sha256: str
-    data: bytes | None
 
 
 def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data: str,
@@ -93,9 +92,9 @@ def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data
     if external:
         check = functools.partial(_check_output_file, loaded.float_proto, before_commit)
         written, sha256 = write_with_external_data(model, path, check)
-        return WrittenModel(written, sha256, None)
+        return WrittenModel(written, sha256)
     ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
     data = _check_output(loaded.float_proto, ir.to_proto(model))
     before_commit(data)
     write_atomically(data, path)
-    return WrittenModel(len(data), hashlib.sha256(data).hexdigest(), data)
+    return WrittenModel(len(data), hashlib.sha256(data).hexdigest())
