@@ -1,5 +1,5 @@
 """``python -m onnxq`` runs the CLI."""
 
-from onnxq.cli.commands import app
+from onnxq.cli import main
 
-app(prog_name="onnxq")
+main()

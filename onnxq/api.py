@@ -11,22 +11,28 @@ import dataclasses
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from onnxq.analysis.rules import resolve_rules, save_rules
-from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs
+from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samples
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
-from onnxq.files import check_writable, external_data_path
+from onnxq.files import (
+    check_writable,
+    external_data_path,
+    refuse_overwriting_inputs,
+    remove_stale_temporaries,
+)
 from onnxq.load.prepare import LoadedModel, ModelInput, load
 from onnxq.report.evaluate import Fidelity, FloatRuns, compare_models, compare_runs, run_checked
 from onnxq.report.inspect import inspect_model
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
 from onnxq.runtime import create_session
-from onnxq.save.output import WrittenModel, write_output
+from onnxq.save.output import ModelSource, write_output
 from onnxq.tune.fallback import (
     FallbackReport,
     TuningProgress,
@@ -35,9 +41,16 @@ from onnxq.tune.fallback import (
 )
 from onnxq.tune.layers import measure_layers
 from onnxq.tune.target import AccuracyCheck, AccuracyTarget
-from onnxq.workspace.manifest import build_manifest, default_workspace
+from onnxq.workspace.manifest import (
+    build_manifest,
+    check_tied_ranges,
+    data_fingerprint,
+    default_workspace,
+)
 from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
-from onnxq.workspace.store import Step, Workspace
+from onnxq.workspace.store import Step, Workspace, locked
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +114,7 @@ class _Conversion:
 def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSource | None, path: Path,
                     resume: bool) -> _Conversion:
     """Create the workspace, or open and check the one to resume (a new one when there is none)."""
-    manifest = build_manifest(loaded.model.graph, config, None if source is None else source.first)
+    manifest = build_manifest(loaded.keys, loaded.model.graph, config, None if source is None else source.first)
     notes = []
     if resume and not (path / "manifest.json").is_file():
         notes.append(f"nothing to resume in {path}: started a new run")
@@ -112,6 +125,8 @@ def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSourc
     space.check_matches(manifest)
     step = space.latest(CalibrationStep)
     state = None if step is None else CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    if state is not None:
+        check_tied_ranges(space.manifest, loaded.keys, state, path)
     return _Conversion(space, state, True, notes)
 
 
@@ -120,6 +135,12 @@ def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfi
     """Finish calibration (unless the workspace holds a complete one); returns the final state
     and its workspace step."""
     state = conversion.state
+    if (state is not None and state.complete and source is not None and not source.one_shot and state.data_sha256
+            and data_fingerprint(source()) != state.data_sha256):
+        raise CalibrationDataError(
+            f"workspace {conversion.space.path} was calibrated on other data (the same first batch, other batches "
+            "after it); resume with the same --calibration-data or start a new run without --resume"
+        )
     if state is None or not state.complete:
         if source is None:
             raise CalibrationDataError(
@@ -135,14 +156,19 @@ def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfi
 
 
 def _layer_choices(conversion: _Conversion, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
-                   source: BatchSource | None, calibration_step: int) -> LayersStep:
-    """The per-layer choices of this calibration step: recorded when resuming, else measured."""
+                   source: BatchSource | None, calibration_step: int, progress: TuningProgress | None) -> LayersStep:
+    """The per-layer choices of this calibration step: recorded when resuming, else measured
+    (a phase ``progress`` shows, as it may take seconds)."""
     recorded = conversion.space.latest(LayersStep) if conversion.resume else None
     if recorded is not None:
         layers = recorded.read(LayersStep)
         if layers.calibration_step == calibration_step:
             return layers
+    if progress is not None:
+        progress("measuring layers (saturation, fusion)", 0, 1)
     layers = measure_layers(loaded, state, config, source, calibration_step)
+    if progress is not None:
+        progress("measuring layers (saturation, fusion)", 1, 1)
     conversion.space.append(layers)
     return layers
 
@@ -184,23 +210,15 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _evaluate(loaded: LoadedModel, written: WrittenModel, output_path: Path, batches: Iterable[Batch],
+def _fidelity(loaded: LoadedModel, quantized: ModelSource, batches: Iterable[Batch],
               float_runs: FloatRuns | None) -> Fidelity:
-    """Fidelity of the written model on the evaluation data, against ``float_runs`` (the float
-    model's outputs, computed before) or streaming through both models; evaluation data the
-    models fail on removes the output (exit 2 leaves no output behind)."""
-    try:
-        quantized = create_session(output_path if written.data is None else written.data, "the quantized model")
-        if float_runs is None:
-            return compare_models(loaded.float_session(), quantized, batches)
-        names = float_runs.names
-        return compare_runs(names, ((batch, reference, run_checked(quantized, names, batch))
-                                    for batch, reference in zip(batches, float_runs.outputs)))
-    except OnnxqError:
-        output_path.unlink(missing_ok=True)
-        if written.data is None:
-            external_data_path(output_path).unlink(missing_ok=True)
-        raise
+    """Fidelity of the written model on the measuring data, against ``float_runs`` (the float
+    model's outputs, computed before) or streaming through both models."""
+    session = create_session(quantized, "the quantized model")
+    if float_runs is None:
+        return compare_models(loaded.float_session(), session, batches)
+    return compare_runs(float_runs.names, ((batch, reference, run_checked(session, float_runs.names, batch))
+                                           for batch, reference in zip(batches, float_runs.outputs)))
 
 
 def _save_rules(path: str, loaded: LoadedModel, built: BuiltModel) -> None:
@@ -238,15 +256,50 @@ def convert(
     ``onnxq.tune.target``); or, with ``max_drop`` and ``eval_data``, until the metric is within
     ``max_drop`` of float. Bad input raises an ``OnnxqError`` subclass, and nothing is written then.
     """
-    config = config or QuantConfig()
-    run = run or RunOptions()
-    fallback = fallback or FallbackOptions()
+    config = _argument("config", QuantConfig() if config is None else config, QuantConfig, ConfigError)
+    run = _argument("run", RunOptions() if run is None else run, RunOptions, ConfigError)
+    fallback = _argument("fallback", FallbackOptions() if fallback is None else fallback, FallbackOptions, ConfigError)
+    _argument("workspace", workspace, (*_PATH, type(None)), WorkspaceError)
     if fallback.max_drop is not None and eval_data is None:
         raise ConfigError("--max-drop needs --eval-data: the metric is measured on it")
-    loaded = load(model)
     output_path = check_writable(output)
+    rules_path = None if fallback.save_rules is None else check_writable(fallback.save_rules)
+    inputs = {"the model": _model_path(model), "the calibration data": source_path(calibration_data),
+              "the evaluation data": source_path(eval_data)}
+    inputs |= {f"the rules file {rule.value}": Path(rule.value) for rule in fallback.keep_float if rule.kind == "file"}
+    refuse_overwriting_inputs([output_path, external_data_path(output_path)], inputs)
+    if rules_path is not None:
+        refuse_overwriting_inputs([rules_path], inputs | {"the output": output_path})
+    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
+    loaded = load(model)
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, output_path, config, run)
+    with locked(workspace_path):
+        remove_stale_temporaries(output_path.parent, output_path.name)
+        return _convert(loaded, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
+                        resume, progress, tuning_progress)
+
+
+def _argument(name: str, value: T, kind: type[T] | tuple[type, ...], error: type[OnnxqError]) -> T:
+    """``value`` if it is a ``kind``, else ``error`` naming the argument and the type expected."""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        wanted = "a path" if isinstance(kind, tuple) else "a whole number" if kind is int else f"a {kind.__name__}"
+        raise error(f"{name} must be {wanted}, not {type(value).__name__}")
+    return value
+
+
+_PATH = (str, os.PathLike)
+
+
+def _model_path(model: ModelInput) -> Path | None:
+    return Path(model) if isinstance(model, _PATH) else None  # anything else: load() says what it must be
+
+
+def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
+             run: RunOptions, eval_data: DataSource | None, fallback: FallbackOptions, workspace_path: Path,
+             resume: bool, progress: ProgressCallback | None, tuning_progress: TuningProgress | None,
+             ) -> ConversionResult:
+    """``convert`` of a float model once its paths are checked and its workspace is held."""
     ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
     base = {loaded.keys.nodes[node]: reason for node, reason in ruled.items()}
     inputs = model_inputs(loaded.proto)
@@ -259,11 +312,10 @@ def convert(
     if source is not None and eval_source is None and config.hold_out:
         source = HeldOutSplit(source)
 
-    workspace_path = Path(workspace) if workspace is not None else default_workspace(output_path)
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
-    layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index)
+    layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
     measurement = _measurement(eval_source, source, config, fallback)
     report_runs = None  # the float model's outputs, computed before any int8 model runs
     if measurement is not None and isinstance(measurement.report, list):
@@ -283,15 +335,21 @@ def convert(
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    written = write_output(loaded, built.model, output_path, run.external_data)
+    fidelity = None
+
+    def evaluate(written: ModelSource) -> None:
+        nonlocal fidelity
+        if measurement is not None:
+            fidelity = _fidelity(loaded, written, measurement.report, report_runs)
+
+    written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
     if fallback.save_rules is not None:
         _save_rules(fallback.save_rules, loaded, built)
-    fidelity = accuracy = None
+    accuracy = None
     if measurement is None:
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
-        fidelity = _evaluate(loaded, written, output_path, measurement.report, report_runs)
         accuracy = target.check(fidelity, measurement.description)
     return ConversionResult(
         output=output_path,
@@ -339,17 +397,29 @@ def recover(
     calibrating: by default the last one written (else the last calibration step); with
     ``index``, that step (a calibration step, a fallback trial, or a written model).
     ``run`` as in ``convert`` (only its ``external_data`` matters here)."""
-    loaded = load(model)
+    _argument("workspace", workspace, _PATH, WorkspaceError)
+    if index is not None:
+        _argument("index", index, int, ConfigError)
+    run = _argument("run", RunOptions() if run is None else run, RunOptions, ConfigError)
     output_path = check_writable(output)
+    refuse_overwriting_inputs([output_path, external_data_path(output_path)],
+                              {"the model": _model_path(model), "the workspace manifest": Path(workspace) / "manifest.json"})
+    loaded = load(model)
     space = Workspace.open(workspace)
-    config = QuantConfig(**space.manifest["config"])
-    space.check_matches(build_manifest(loaded.model.graph, config, None) | {"data": space.manifest.get("data")})
+    try:
+        config = QuantConfig(**space.manifest["config"])
+    except (TypeError, ConfigError) as exc:
+        raise WorkspaceError(f"workspace {space.path} records options onnxq cannot read ({exc}); the workspace is "
+                             "damaged, start a new run") from exc
+    space.check_matches(build_manifest(loaded.keys, loaded.model.graph, config, None)
+                        | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)
     state = CalibrationState.from_step(step.read(CalibrationStep), config.percentile)
+    check_tied_ranges(space.manifest, loaded.keys, state, space.path)
     recorded = space.latest(LayersStep)
     layers = measure_layers(loaded, state, config, None, step.index) if recorded is None else recorded.read(LayersStep)
     built = build_model(loaded, state, config, layers, keep_float, fallback_dtype)
-    written = write_output(loaded, built.model, output_path, (run or RunOptions()).external_data)
+    written = write_output(loaded, built.model, output_path, run.external_data)
     partial = [] if state.complete else [f"step {step.index} holds partial calibration (pass {state.pass_index + 1} "
                                          f"of {len(state.passes)}, {state.samples_done} samples in)"]
     return ConversionResult(

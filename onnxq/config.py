@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from onnxq.analysis.rules import Rule, parse_rule
 from onnxq.errors import ConfigError
 from onnxq.options import check_choices, model_options, option
+
+if TYPE_CHECKING:
+    from onnxq.analysis.rules import Rule
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -74,7 +76,7 @@ class QuantConfig:
             raise ConfigError(f"max samples must be at least 1 (or unset for all), not {self.max_samples}")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
-        if self.max_shared_range_ratio <= 1:
+        if not self.max_shared_range_ratio > 1:  # NaN too
             raise ConfigError(f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}")
 
     def result_options(self) -> dict:
@@ -105,11 +107,18 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.memory_budget_mb <= 0 or self.checkpoint_interval_s < 0:
-            raise ConfigError("memory budget must be positive and checkpoint interval non-negative")
+        if not 0 < self.memory_budget_mb < math.inf:
+            raise ConfigError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb}")
+        if not 0 <= self.checkpoint_interval_s < math.inf:
+            raise ConfigError(
+                f"--checkpoint-interval must be a number of seconds, 0 or more, not {self.checkpoint_interval_s}"
+            )
 
 
 def _rules(rules: Any) -> tuple[Rule, ...]:
+    """Rule strings parsed (``onnxq.analysis.rules`` needs ONNX: imported here, not for ``--help``)."""
+    from onnxq.analysis.rules import Rule, parse_rule
+
     return tuple(rule if isinstance(rule, Rule) else parse_rule(rule) for rule in rules or ())
 
 
@@ -156,8 +165,8 @@ class FallbackOptions:
         None, help="Write the final keep-float set as a rules file (reusable on re-exports).")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "keep_float", _rules(self.keep_float))
         check_choices(self)
+        object.__setattr__(self, "keep_float", _rules(self.keep_float))
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"--max-drop is a relative drop between 0 and 1 (0.01 = 1%), not {self.max_drop}")
         if not (math.isfinite(self.min_sqnr_db) and 0 <= self.min_agreement < 1

@@ -4,16 +4,17 @@ the temporary external data of big trial models."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxq.errors import OutputError
+from onnxq.errors import OutputError, first_line
 
 SINGLE_FILE_LIMIT = 2_000_000_000  # bytes: protobuf cannot serialize a message of 2 GiB or more
 EXTERNAL_DATA_SUFFIX = ".data"  # OUTPUT.onnx -> OUTPUT.onnx.data
@@ -21,6 +22,8 @@ EXTERNAL_DATA_SUFFIX = ".data"  # OUTPUT.onnx -> OUTPUT.onnx.data
 
 def check_writable(output: str | os.PathLike) -> Path:
     """Fail early, before any work, when ``output`` cannot be written."""
+    if not isinstance(output, (str, os.PathLike)):
+        raise OutputError(f"output must be a path, not {type(output).__name__}")
     path = Path(output)
     if path.is_dir():
         raise OutputError(f"output path {path} is a folder; give a file name such as model.int8.onnx")
@@ -30,6 +33,26 @@ def check_writable(output: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder {folder} is not writable; choose another output path")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Mapping[str, Path | None]) -> None:
+    """Refuse, before any work, an output that is one of the inputs (``inputs``: what it is ->
+    its path), by any spelling of its path or a link to it."""
+    for output in outputs:
+        for what, path in inputs.items():
+            if path is not None and _same_file(output, path):
+                raise OutputError(f"{output} is {what}: onnxq would overwrite its own input; write to another path")
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong in an ``OSError``: its strerror, else its first line (never "None")."""
+    return exc.strerror or first_line(exc)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -42,11 +65,32 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc``)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Remove the temporary files and folders a killed write of ``folder/name`` left
+    (``.NAME.XXXXXXXX.tmp``, see ``write_atomically``); ``name="*"``: of any file there."""
+    for entry in folder.glob(f".{name if name == '*' else glob.escape(name)}.{'?' * 8}.tmp"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def write_atomically(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file."""
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a partial file. The
+    file gets the mode the umask gives a new file (``mkstemp`` alone would make it 0600)."""
     temp = None
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -58,9 +102,7 @@ def write_atomically(data: bytes, path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         if isinstance(exc, OSError):
-            raise OutputError(
-                f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
-            ) from exc
+            raise OutputError(f"could not write {path}: {os_reason(exc)}; check the path, permissions and free space") from exc
         raise
 
 
@@ -125,9 +167,7 @@ def write_with_external_data(model: ir.Model, path: Path, finish: Callable[[Path
         _fsync_folder(path.parent)
         return size, digest.hexdigest()
     except OSError as exc:
-        raise OutputError(
-            f"could not write {path}: {exc.strerror}; check the path, permissions and free space"
-        ) from exc
+        raise OutputError(f"could not write {path}: {os_reason(exc)}; check the path, permissions and free space") from exc
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -7,8 +7,15 @@ classes (``QuantConfig``, ``RunOptions``, ``FallbackOptions``, ``ImageFolder``),
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import types
+import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from onnxq.errors import ConfigError, OnnxqError
 
@@ -44,8 +51,48 @@ def label(field: dataclasses.Field) -> str:
     return field.name.replace("_", " ")
 
 
+_KINDS: dict[Any, tuple[tuple[type, ...], str]] = {
+    int: ((numbers.Integral,), "a whole number"),
+    float: ((numbers.Real,), "a number"),
+    str: ((str,), "text"),
+    bool: ((bool, np.bool_), "true or false"),
+    tuple: ((tuple, list), "a tuple"),
+    Path: ((str, os.PathLike), "a path"),
+    Callable: ((Callable,), "a function"),
+}
+
+
+def _kinds(annotation: Any) -> list[tuple[tuple[type, ...], str]] | None:
+    """The accepted (types, description) of an annotation; ``None`` for any value."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [_KINDS[str]]
+    if origin in (typing.Union, types.UnionType):
+        parts = [_kinds(arg) for arg in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else [kind for part in parts for kind in part]
+    if annotation is type(None):
+        return [((type(None),), "unset (None)")]
+    return [_KINDS[origin or annotation]] if (origin or annotation) in _KINDS else None
+
+
+def check_types(instance: Any, error: type[OnnxqError] = ConfigError) -> None:
+    """Refuse a value whose type its option's annotation does not allow (``True`` is not a
+    number, ``2.5`` not a whole number), naming what it must be."""
+    hints = typing.get_type_hints(type(instance))
+    for field, _ in declared(type(instance)):
+        value, kinds = getattr(instance, field.name), _kinds(hints[field.name])
+        if kinds is None:
+            continue
+        is_bool = isinstance(value, (bool, np.bool_))
+        if not any(isinstance(value, accepted) and (not is_bool or bool in accepted) for accepted, _ in kinds):
+            wanted = " or ".join(description for _, description in kinds)
+            raise error(f"{label(field)} must be {wanted}, not {value!r:.60} ({type(value).__name__})")
+
+
 def check_choices(instance: Any, error: type[OnnxqError] = ConfigError) -> None:
-    """Refuse a value outside its option's choices, naming the choices."""
+    """Refuse a value of a type its option does not allow (``check_types``), or outside its
+    option's choices, naming the choices."""
+    check_types(instance, error)
     for field, spec in declared(type(instance)):
         value = getattr(instance, field.name)
         if spec.choices and value is not None and value not in spec.choices:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,38 @@ CPU = "CPUExecutionProvider"
 
 
 CUDA = "CUDAExecutionProvider"
+
+
+_RUNTIME_API = ("InferenceSession", "SessionOptions", "GraphOptimizationLevel", "get_available_providers")
+
+
+def _runtime_distributions() -> list[str]:
+    """The installed distributions that provide the ``onnxruntime`` module."""
+    return sorted({
+        dist.metadata["Name"] for dist in importlib.metadata.distributions()
+        if (dist.metadata["Name"] or "").lower().startswith("onnxruntime")
+        and "onnxruntime" in (dist.read_text("top_level.txt") or "onnxruntime").split()
+    })
+
+
+@functools.cache
+def installation_note() -> str | None:
+    """Refuse a broken ONNX Runtime: two distributions (``onnxruntime`` and ``onnxruntime-gpu``)
+    install one ``onnxruntime`` module, and removing either leaves it without its API; say which
+    distributions are installed and how to repair them. Two that still work give a note."""
+    installed = _runtime_distributions()
+    names = " ".join(installed) or "onnxruntime"
+    missing = [name for name in _RUNTIME_API if not hasattr(ort, name)]
+    if not missing:
+        if len(installed) < 2:
+            return None
+        return (f"{' and '.join(installed)} are all installed and share one onnxruntime module: removing one breaks "
+                f"the others; keep one: pip uninstall -y {names} && pip install {installed[-1]}")
+    raise DeviceError(
+        f"ONNX Runtime is broken: its module lacks {missing[0]} (installed: {', '.join(installed) or 'none'}; two "
+        f"distributions shared one module and one was removed); repair with: pip uninstall -y {names} && "
+        "pip install onnxruntime (or onnxruntime-gpu alone)"
+    )
 
 
 def session_options(external_folder: Path | None = None) -> ort.SessionOptions:

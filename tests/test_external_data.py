@@ -142,7 +142,7 @@ def test_auto_switches_to_external_data_over_the_single_file_limit(tmp_path, mon
 def test_cli_option_and_its_error(tmp_path):
     from typer.testing import CliRunner
 
-    from onnxq.cli import app
+    from onnxq.cli.commands import app
 
     output = tmp_path / "demo.int8.onnx"
     args = ["convert", str(DEMO), "-o", str(output), "--calibration-data", str(CALIBRATION), "--max-samples", "8", "-q"]

@@ -168,3 +168,28 @@ def test_inspect_float_and_quantized_side_by_side(tmp_path):
 
     text = run_cli("inspect", float_path, quant_path)
     assert text.returncode == 0 and "before and after" in text.stdout and f"{zero_share:.2%}" in text.stdout
+
+
+def test_unfused_list_names_only_quantized_nodes_of_the_model(tmp_path):
+    """A float HardSwish (which ONNX Runtime splits into an unnamed HardSigmoid and Mul) and a
+    float Softmax reading a dequantized tensor are not quantized nodes that failed to fuse."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        oh.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        oh.make_node("HardSwish", ["c1"], ["h"], name="hardswish"),
+        oh.make_node("Conv", ["h", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        oh.make_node("Add", ["c2", "c1"], ["a"], name="add"),
+        oh.make_node("Softmax", ["a"], ["y"], name="softmax", axis=1),
+    ]
+    weights = [("w1", rng.normal(size=(4, 3, 3, 3))), ("b1", rng.normal(size=4)), ("w2", rng.normal(size=(4, 4, 3, 3))),
+               ("b2", rng.normal(size=4))]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])],
+                       [(name, array.astype(np.float32)) for name, array in weights])
+    data = {"x": rng.normal(size=(4, 1, 3, 8, 8)).astype(np.float32)}
+    onnxq.convert(model, tmp_path / "q.onnx", data)
+    report = inspect_model(tmp_path / "q.onnx")
+    precision = {node.name: node.precision for node in report.nodes}
+    assert precision["hardswish"] == precision["softmax"] == "float"
+    assert all(name and precision[name] == "int8" for name in report.unfused), report.unfused
+    printed = run_cli("inspect", tmp_path / "q.onnx")
+    assert ": , " not in printed.stdout and "softmax" not in printed.stdout.split("would not fuse")[-1]

@@ -11,7 +11,7 @@ import typer.main
 from PIL import Image
 
 import onnxq
-from onnxq.cli import app
+from onnxq.cli.commands import app
 from onnxq.errors import CalibrationDataError, ConfigError
 from tests.test_cli_errors import DEMO, ROOT
 from tests.test_cli_errors import onnxq as run_cli

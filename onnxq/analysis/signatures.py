@@ -7,8 +7,11 @@ Node names and tensor names change between exports of the same network; stored d
    shape.
 2. Weisfeiler-Lehman refinement: ``DEPTH`` times, each node's signature is rehashed with the
    signatures of its producers (per input slot and output index) and of its consumers.
-3. Nodes with equal final signatures are told apart by their occurrence index in topological
-   order.
+3. Nodes with equal final signatures are told apart by an occurrence index, given in the order
+   of their place between the graph's inputs and outputs (depth below the inputs, height above
+   the outputs, which inputs reach them and which outputs they reach, by position), then of a
+   fingerprint of their constant inputs' bytes, then of topological order. Only nodes equal in
+   all of these (``GraphKeys.tied``) are numbered by the order the export happened to give them.
 4. Nodes inside subgraphs (If branches, Loop and Scan bodies) are keyed within their own graph
    as above, prefixed with their parent node's key and the attribute that holds the graph, so
    the keys of a body do not depend on the rest of the model and never collide with others.
@@ -18,6 +21,7 @@ body: below the parent node's key).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 
@@ -62,7 +66,40 @@ def _local(node: ir.Node) -> str:
     )
 
 
-def _graph_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
+def _positions(graph: ir.Graph, nodes: list[ir.Node]) -> dict[ir.Node, tuple[int, int, int, int]]:
+    """Each node's place between the graph's inputs and outputs, independent of names and node
+    order: (longest path from an input, longest path to an output, the inputs that reach it and
+    the outputs it reaches as bit masks of their positions)."""
+    input_bits = {value: 1 << index for index, value in enumerate(graph.inputs)}
+    output_bits = {value: 1 << index for index, value in enumerate(graph.outputs)}
+    depth, reached_by, height, reaches = {}, {}, {}, {}
+    for node in nodes:
+        producers = [v.producer() for v in node.inputs if v is not None and v.producer() in depth]
+        depth[node] = 1 + max((depth[p] for p in producers), default=-1)
+        reached_by[node] = sum(input_bits.get(v, 0) for v in set(node.inputs)) if node.inputs else 0
+        for producer in set(producers):
+            reached_by[node] |= reached_by[producer]
+    for node in reversed(nodes):
+        consumers = {use.node for v in node.outputs for use in v.uses() if use.node in height}
+        height[node] = 1 + max((height[c] for c in consumers), default=-1)
+        reaches[node] = sum(output_bits.get(v, 0) for v in node.outputs)
+        for consumer in consumers:
+            reaches[node] |= reaches[consumer]
+    return {node: (depth[node], height[node], reached_by[node], reaches[node]) for node in nodes}
+
+
+def _weights_digest(node: ir.Node) -> str:
+    """A fingerprint of the bytes of ``node``'s constant inputs."""
+    digest = hashlib.sha256()
+    for value in node.inputs:
+        if value is not None and value.const_value is not None:
+            digest.update(value.const_value.tobytes())
+    return digest.hexdigest()
+
+
+def _graph_signatures(graph: ir.Graph, tied: set[ir.Node] | None = None) -> dict[ir.Node, str]:
+    """The keys of the nodes of ``graph`` (rules 1-3); the nodes only topological order tells
+    apart are added to ``tied``."""
     nodes = list(graph)
     signature = {node: _local(node) for node in nodes}
     for _ in range(DEPTH):
@@ -78,21 +115,30 @@ def _graph_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
             )
             refined[node] = _digest(signature[node], producers, consumers)
         signature = refined
-    seen: dict[str, int] = {}
-    keys = {}
+    groups: dict[str, list[ir.Node]] = {}
     for node in nodes:
-        occurrence = seen.get(signature[node], 0)
-        seen[signature[node]] = occurrence + 1
-        keys[node] = f"{node.op_type}:{signature[node]}:{occurrence}"
-    return keys
+        groups.setdefault(signature[node], []).append(node)
+    occurrence, positions = {}, None
+    for group in groups.values():
+        if len(group) > 1:
+            positions = positions or _positions(graph, nodes)
+            rank = {node: (positions[node], _weights_digest(node)) for node in group}
+            group = sorted(group, key=rank.__getitem__)  # stable: equal ranks keep topological order
+            counts = collections.Counter(rank.values())
+            if tied is not None:
+                tied.update(node for node in group if counts[rank[node]] > 1)
+        occurrence.update((node, index) for index, node in enumerate(group))
+    return {node: f"{node.op_type}:{signature[node]}:{occurrence[node]}" for node in nodes}
 
 
-def node_signatures(graph: ir.Graph) -> dict[ir.Node, str]:
-    """A key per node of ``graph`` and of its subgraphs, stable under renaming of nodes and tensors."""
-    keys = _graph_signatures(graph)
+def node_signatures(graph: ir.Graph, tied: set[ir.Node] | None = None) -> dict[ir.Node, str]:
+    """A key per node of ``graph`` and of its subgraphs, stable under renaming of nodes and tensors
+    and under reordering; the nodes only their order tells apart are added to ``tied``."""
+    keys = _graph_signatures(graph, tied)
     for node, key in list(keys.items()):
         for label, body in bodies(node):
-            keys.update((inner, f"{key}/{label}/{inner_key}") for inner, inner_key in node_signatures(body).items())
+            inner_keys = node_signatures(body, tied).items()
+            keys.update((inner, f"{key}/{label}/{inner_key}") for inner, inner_key in inner_keys)
     return keys
 
 
@@ -122,10 +168,21 @@ class GraphKeys:
     nodes: dict[ir.Node, str]
     tensors: dict[str, str]
     order: tuple[ir.Node, ...]  # the nodes in ``all_nodes`` order
+    tied: frozenset[ir.Node] = frozenset()  # nodes only their order in the graph tells apart (rule 3)
 
     @classmethod
     def of(cls, graph: ir.Graph) -> GraphKeys:
-        return cls(node_signatures(graph), tensor_keys(graph), tuple(all_nodes(graph)))
+        tied: set[ir.Node] = set()
+        nodes = node_signatures(graph, tied)
+        return cls(nodes, tensor_keys(graph), tuple(all_nodes(graph)), frozenset(tied))
+
+    def tied_names(self) -> dict[str, str]:
+        """The key -> ``node name(output names)`` of the tied nodes: what a workspace records to
+        know, on resume, whether they come in the same order with the same names."""
+        return {
+            self.nodes[node]: f"{node.name}({', '.join(v.name for v in node.outputs)})"
+            for node in self.order if node in self.tied
+        }
 
     def for_copy(self, graph: ir.Graph) -> dict[ir.Node, str]:
         """The node keys of ``graph``, a copy of the graph these keys were computed on."""

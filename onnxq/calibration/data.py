@@ -72,6 +72,19 @@ def model_inputs(proto: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def source_path(source: DataSource | None) -> Path | None:
+    """The file or folder a data source reads (a loader's ``.py`` file), if it is one."""
+    if isinstance(source, ImageFolder):
+        return Path(source.path)
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    text = os.fspath(source)
+    if ":" in text and not Path(text).exists():
+        target = text.rpartition(":")[0]
+        return Path(target) if target.endswith(".py") else None
+    return Path(text)
+
+
 def _data_file(path: Path, inputs: list[InputSpec]) -> contextlib.AbstractContextManager[dict]:
     """The arrays of an ``.npz`` or ``.npy`` file, read on demand while the context is open."""
     if path.suffix == ".npz":
@@ -197,6 +210,11 @@ def _chunks(source: DataSource, inputs: list[InputSpec]) -> Iterator[tuple[str, 
             if isinstance(source, Mapping):
                 yield text, source
                 return
+        elif path.exists():
+            raise CalibrationDataError(
+                f"{text} is neither an .npz/.npy file nor a folder; save the data with numpy.savez as an .npz "
+                "file (keys: input names), or give a loader as file.py:function"
+            )
         else:
             raise CalibrationDataError(
                 f"calibration data not found: {text}; give an .npz file, a folder of .npz "
@@ -264,9 +282,28 @@ def _check_labels(origin: str, labels: Any, samples: int) -> OnDiskArray | np.nd
     return labels
 
 
+def _shape_fix(got: tuple[int, ...], expected: tuple[int | None, ...]) -> str:
+    """How to fix per-sample dims ``got`` that do not fit ``expected``: a transpose when they are
+    the expected dims in another order (NHWC data for an NCHW model), else a resize."""
+    unused = list(range(len(got)))
+    order = []
+    for want in expected:
+        match = next((axis for axis in unused if want is None or got[axis] == want), None)
+        if match is None:
+            return "resize the data to match"
+        unused.remove(match)
+        order.append(match + 1)
+    return f"its axes are in another order (NHWC for NCHW?): transpose it, array.transpose(0, {', '.join(map(str, order))})"
+
+
 def _check_chunk(
     origin: str, chunk: Mapping, inputs: list[InputSpec], batch_size: int
 ) -> tuple[dict, OnDiskArray | np.ndarray | None, _Layout]:
+    if not inputs:
+        raise CalibrationDataError(
+            "the model has no inputs to feed: its outputs come from constants alone, so there is nothing to "
+            "calibrate or compare on data; fold it to constants or give a model with inputs"
+        )
     names = {spec.name for spec in inputs}
     arrays = {}
     for key, value in chunk.items():
@@ -310,12 +347,11 @@ def _check_chunk(
                 f"{spec.shape_text()} has rank {rank}; give rank {rank} (samples on axis 0) or "
                 f"{rank + 1} (a stack of complete inputs)"
             )
-        for got, want in zip(per_sample, expected):
-            if want is not None and got != want:
-                raise CalibrationDataError(
-                    f"{origin}: input {spec.name!r} has per-sample shape {tuple(per_sample)} but "
-                    f"the model expects {spec.shape_text()}; resize the data to match"
-                )
+        if any(want is not None and got != want for got, want in zip(per_sample, expected)):
+            raise CalibrationDataError(
+                f"{origin}: input {spec.name!r} has per-sample shape {tuple(per_sample)} but "
+                f"the model expects {spec.shape_text()}; {_shape_fix(tuple(per_sample), expected)}"
+            )
         counts[spec.name] = array.shape[0]
     if len(set(counts.values())) > 1:
         raise CalibrationDataError(

@@ -40,6 +40,10 @@ class HeldOutSplit(BatchSource):
         self.first = source.first
         self._held: list[Batch] | None = None
 
+    @property
+    def one_shot(self) -> bool:
+        return self.source.one_shot
+
     def _split(self) -> Iterator[tuple[bool, Batch]]:
         held = 0
         for index, batch in enumerate(self.source()):

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import itertools
 import warnings
@@ -68,6 +69,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_number(text: str, flag: str) -> float:
+    """A number or a fraction (``0.00392``, ``1/255``)."""
+    try:
+        return float(fractions.Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{flag} takes a number or a fraction such as 1/255, not {text!r}") from None
+
+
 def parse_floats(text: str, flag: str) -> tuple[float, ...]:
     """Comma-separated numbers (``0.485,0.456,0.406``) as a tuple."""
     try:
@@ -93,7 +102,8 @@ class ImageFolder:
         None, help="Image folders: with --resize crop, resize the short side to this first, then crop the center "
         "(256 for the 256 -> 224 recipe of most classifiers).")
     pad_value: int = option(114, help="Image folders: the gray level (0-255) letterbox pads with.")
-    scale: float = option(1 / 255, flag="--pixel-scale", help="Image folders: pixels (0-255) are multiplied by this.")
+    scale: float = option(1 / 255, flag="--pixel-scale", parse=functools.partial(parse_number, flag="--pixel-scale"),
+                          help="Image folders: pixels (0-255) are multiplied by this (a number or a fraction, 1/255).")
     mean: tuple[float, ...] = option(
         (0.0,), parse=functools.partial(parse_floats, flag="--mean"),
         help="Image folders: per-channel mean subtracted after scaling (a,b,c).")

@@ -31,6 +31,7 @@ from onnxq.config import QuantConfig, RunOptions
 from onnxq.errors import CalibrationDataError, ModelError, first_line
 from onnxq.load.prepare import LoadedModel
 from onnxq.runtime import calibration_providers, create_session
+from onnxq.workspace.manifest import fold_batch
 
 ProgressCallback = Callable[[int], None]
 Checkpoint = Callable[[CalibrationState], None]
@@ -106,6 +107,20 @@ def _observe(state: CalibrationState, tensors: dict[str, str], names: list[str],
             observer.update(array)
 
 
+_OTHER_DATA = (
+    "the calibration data differs from the data the run being resumed consumed; resume with the same "
+    "--calibration-data, or start a new run without --resume"
+)
+
+
+def _constant_inputs(batch: Batch) -> set[str]:
+    """The float inputs of ``batch`` that hold a single value."""
+    return {
+        name for name, array in batch.feed.items()
+        if np.issubdtype(array.dtype, np.floating) and (array.size == 0 or array.min() == array.max())
+    }
+
+
 def _run(session, outputs: list[str], batch: Batch, exposed: dict[str, dict[str, str]]) -> dict[str, np.ndarray]:
     try:
         return dict(zip(outputs, session.run(outputs, batch.feed)))
@@ -154,15 +169,21 @@ def calibrate(
     if len(state.passes) > 1:
         notes.append(f"calibrated in {len(state.passes)} passes to stay within {run.memory_budget_mb:g} MB")
     checkpoints = _Checkpoints(checkpoint, state, run.checkpoint_interval_s)
+    constant = set(_constant_inputs(batches.first))
     while state.pass_index < len(state.passes):
         names = [names_of[key] for key in state.passes[state.pass_index]]
         model, exposed = augmented_model(proto, [n for n in names if n not in inputs], reduce_in_graph)
         outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
         session = create_session(model, "the float model", providers, external_folder)
-        skip, seen = state.samples_done, 0
+        skip, seen, digest = state.samples_done, 0, ""
         for batch in batches():
             seen += batch.samples
+            digest = fold_batch(digest, batch)
+            if state.pass_index == 0:
+                constant.intersection_update(_constant_inputs(batch))
             if seen <= skip:
+                if seen == skip and state.data_done_sha256 and digest != state.data_done_sha256:
+                    raise CalibrationDataError(_OTHER_DATA)
                 continue
             if seen - batch.samples < skip:
                 raise CalibrationDataError(
@@ -170,7 +191,7 @@ def calibrate(
                     "resume with the same data and --batch-size"
                 )
             _observe(state, tensors, names, inputs, exposed, _run(session, outputs, batch, exposed), batch)
-            state.samples_done = seen
+            state.samples_done, state.data_done_sha256 = seen, digest
             if state.pass_index == 0:
                 state.samples_seen = seen
             if progress is not None:
@@ -181,6 +202,16 @@ def calibrate(
                 "the calibration data gave no samples on a later pass; pass a path, a loader, a list "
                 "or a reader with rewind() rather than a one-shot iterator when calibrating in several passes"
             )
+        if seen < skip or (state.pass_index > 0 and state.data_sha256 and digest != state.data_sha256):
+            raise CalibrationDataError(_OTHER_DATA)
+        if state.pass_index == 0:
+            state.data_sha256 = digest
+            if constant:
+                notes.append(
+                    f"calibration input(s) {sorted(constant)} hold a single value (such as all zeros) in every "
+                    "sample: ranges taken on such data do not fit real inputs; calibrate on real samples"
+                )
+        state.data_done_sha256 = ""
         state.pass_index += 1
         state.samples_done = 0
         state.complete = state.pass_index == len(state.passes)

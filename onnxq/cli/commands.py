@@ -1,5 +1,7 @@
 """The ``onnxq`` commands: each parses its options (declared once, ``onnxq.cli.options``), calls
-the Python API and renders the result (``onnxq.cli.render``).
+the Python API and renders the result (``onnxq.cli.render``). The API is imported by the command
+that runs (it brings ONNX, ONNX Runtime and their dependencies), so that ``--help`` and usage
+errors answer at once.
 
 Exit codes: 0 success, 2 bad input or usage (one line saying what and how to fix), 1 a bug.
 """
@@ -13,8 +15,6 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from onnxq.api import convert as convert_model
-from onnxq.api import recover as recover_model
 from onnxq.calibration.images import ImageFolder, is_image_folder
 from onnxq.cli import render
 from onnxq.cli.options import (
@@ -27,8 +27,6 @@ from onnxq.cli.options import (
     with_options,
 )
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
-from onnxq.report.compare import compare as compare_models
-from onnxq.report.inspect import InspectionPair, inspect_model, inspect_pair
 
 app = typer.Typer(
     add_completion=False,
@@ -77,6 +75,8 @@ def convert(
     as_json: JsonOption = False,
 ) -> None:
     """Quantize MODEL to int8, calibrated on --calibration-data (an already quantized MODEL needs none)."""
+    from onnxq.api import convert as convert_model
+
     try:
         options = QuantConfig(**config)
         with render.sample_progress(not quiet, "calibrating", options.max_samples) as progress, \
@@ -104,6 +104,8 @@ def recover(
     as_json: JsonOption = False,
 ) -> None:
     """Rebuild the int8 model of a recorded workspace step, without calibrating."""
+    from onnxq.api import recover as recover_model
+
     try:
         result = recover_model(model, workspace, output, index, RunOptions(**run))
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
@@ -121,6 +123,8 @@ def inspect(
 ) -> None:
     """Per-node precision, sizes by dtype, weight sparsity and unfused quantized groups of MODEL;
     with QUANTIZED, MODEL and QUANTIZED side by side."""
+    from onnxq.report.inspect import InspectionPair, inspect_model, inspect_pair
+
     try:
         report = inspect_model(model) if quantized is None else inspect_pair(model, quantized)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes 2 / 1
@@ -160,6 +164,8 @@ def compare(
 ) -> None:
     """Per-output SQNR, cosine, max error (and top-1) of QUANTIZED_MODEL vs FLOAT_MODEL, and each
     quantized tensor's SQNR vs float, matched by topology, worst first."""
+    from onnxq.report.compare import compare as compare_models
+
     try:
         options = QuantConfig(**sampling)
         result = compare_models(float_model, quantized_model, _data(data, images), options.batch_size,

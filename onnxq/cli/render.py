@@ -7,8 +7,10 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,21 +24,54 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from onnxq.api import ConversionResult
-from onnxq.calibration.runner import ProgressCallback
-from onnxq.report.compare import Comparison
-from onnxq.report.inspect import Inspection, InspectionPair
-from onnxq.tune.fallback import TuningProgress
-from onnxq.tune.target import METRIC_NAME
+if TYPE_CHECKING:  # annotations only: ``onnxq --help`` does not import the pipeline
+    from onnxq.api import ConversionResult
+    from onnxq.calibration.runner import ProgressCallback
+    from onnxq.report.compare import Comparison
+    from onnxq.report.inspect import Inspection, InspectionPair
+    from onnxq.tune.fallback import TuningProgress
 
 console = Console(stderr=True)
 
 
+PROGRESS_LINE_INTERVAL_S = 30.0  # without a terminal (CI logs): a progress line at most this often
+
+
+class _ProgressLines:
+    """Progress as a plain line on stderr at most every ``PROGRESS_LINE_INTERVAL_S`` seconds, for
+    runs whose stderr is not a terminal (a log), where a bar would not show."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.monotonic()
+
+    def report(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_LINE_INTERVAL_S:
+            self._last = now
+            print(f"onnxq: {text}, {now - self._start:.0f} s", file=sys.stderr, flush=True)
+
+
+def _sample_lines(description: str, total: int | None) -> ProgressCallback:
+    lines, done = _ProgressLines(), 0
+
+    def advance(samples: int) -> None:
+        nonlocal done
+        done += samples
+        lines.report(f"{description} {done}{'' if total is None else f'/{total}'} samples")
+
+    return advance
+
+
+def _phase_lines() -> TuningProgress:
+    lines = _ProgressLines()
+    return lambda phase, done, total: lines.report(f"{phase} {done}/{max(total, done)}")
+
+
 @contextlib.contextmanager
 def sample_progress(enabled: bool, description: str, total: int | None) -> Iterator[ProgressCallback | None]:
-    """A rich progress bar on a terminal; nothing when quiet or not on a terminal."""
+    """A rich progress bar on a terminal; a line now and then without one (a log); nothing when quiet."""
     if not enabled or not console.is_terminal:
-        yield None
+        yield _sample_lines(description, total) if enabled else None
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
@@ -53,9 +88,10 @@ def sample_progress(enabled: bool, description: str, total: int | None) -> Itera
 
 @contextlib.contextmanager
 def phase_progress(enabled: bool) -> Iterator[TuningProgress | None]:
-    """One rich progress bar per named phase (sensitivity, fallback search) on a terminal."""
+    """One rich progress bar per named phase (sensitivity, fallback search) on a terminal; a line
+    now and then without one; nothing when quiet."""
     if not enabled or not console.is_terminal:
-        yield None
+        yield _phase_lines() if enabled else None
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bars:
@@ -79,6 +115,8 @@ def summary(result: ConversionResult) -> Table:
     table.add_section()
     table.add_row("size", f"{result.quantized_bytes / 1e6:.2f} MB",
                   f"{result.float_bytes / 1e6:.2f} MB  ({result.size_ratio:.2f}x)")
+    from onnxq.tune.target import METRIC_NAME  # deferred, as every pipeline import here
+
     if result.fallback is not None and not result.fallback.metric.startswith(METRIC_NAME):
         report = result.fallback
         table.add_row(f"{report.metric} (fallback)", f"{report.final_score:.4f}", f"{report.float_score:.4f}")

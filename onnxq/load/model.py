@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from onnxq.errors import ModelError, first_line
 from onnxq.files import SINGLE_FILE_LIMIT
+from onnxq.runtime import installation_note
 
 
 def uses_external_data(proto: onnx.ModelProto) -> bool:
@@ -108,7 +109,10 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     model's folder (``external_data_folder``), so a model over 2 GB is never one protobuf. Their
     locations must name files inside that folder (``check_external_data``).
     """
+    installation_note()  # every command reads a model first: a broken ONNX Runtime is named here
     external = False
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise ModelError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
     if isinstance(model, onnx.ModelProto):
         proto = model
         where = "the given ModelProto"
@@ -120,6 +124,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     else:
         path = Path(model)
         where = str(path)
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a folder; give the model's .onnx file")
         if not path.is_file():
             raise ModelError(f"model file not found: {path}; check the path")
         try:

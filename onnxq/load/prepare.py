@@ -19,7 +19,7 @@ from onnxq.load.float16 import lift_float16
 from onnxq.load.model import external_data_folder, load_model, model_bytes
 from onnxq.load.opset import fit_ir_version, fit_opset
 from onnxq.load.shapes import correct_declared_shapes, read_minus_one_as_dynamic
-from onnxq.runtime import create_session
+from onnxq.runtime import create_session, installation_note
 
 ModelInput = str | os.PathLike | onnx.ModelProto
 
@@ -93,5 +93,7 @@ def load(model: ModelInput) -> LoadedModel:
     proto, ir_note = fit_ir_version(proto)
     proto, float16_note = lift_float16(proto, external_folder)
     prepared, notes = prepare(proto, external_folder)
-    notes = dynamic_notes + shape_notes + [note for note in (opset_note, ir_note, float16_note) if note] + notes
+    installation = installation_note()
+    notes = ([installation] if installation else []) + dynamic_notes + shape_notes + \
+        [note for note in (opset_note, ir_note, float16_note) if note] + notes
     return LoadedModel(model, float_proto, proto, prepared, tuple(notes), external_folder)

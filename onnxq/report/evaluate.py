@@ -12,6 +12,7 @@ import onnxruntime as ort
 from onnxq.calibration.data import Batch
 from onnxq.errors import CalibrationDataError, first_line
 from onnxq.report.parts import is_distribution, output_parts
+from onnxq.tune.metrics import cosine_similarity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +71,7 @@ class ErrorAccumulator:
 
     def result(self, name: str) -> OutputFidelity:
         sqnr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
-        norms = math.sqrt(self.signal * self.quant_energy)
-        cosine = 1.0 if norms == 0 else self.dot / norms
+        cosine = float(cosine_similarity(self.dot, self.signal, self.quant_energy))
         return OutputFidelity(name, sqnr, cosine, self.max_abs_error)
 
 

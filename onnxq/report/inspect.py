@@ -218,11 +218,12 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto, fusion: bool = Tru
             weights.append(WeightInfo(init.name, array.dtype.name, array.nbytes, zeros / array.size if array.size else 0.0,
                                       all(_is_two_four(array, axis) for axis in axes), array.size, zeros, axes))
     quantized = any(node.op_type == "DequantizeLinear" for node in all_nodes)
+    int8 = {node.name for node in nodes if node.precision == "int8"}  # a float Softmax reading a DQ is not listed
     return Inspection(
         nodes=tuple(nodes),
         bytes_by_dtype=dict(sorted(bytes_by_dtype.items(), key=lambda item: -item[1])),
         weights=tuple(weights),
-        unfused=tuple(unfused_nodes(proto, folder)) if quantized and fusion else (),
+        unfused=tuple(n for n in unfused_nodes(proto, folder) if n in int8) if quantized and fusion else (),
         quantize_nodes=sum(node.op_type == "QuantizeLinear" for node in all_nodes),
         dequantize_nodes=sum(node.op_type == "DequantizeLinear" for node in all_nodes),
         model_bytes=proto.ByteSize() if isinstance(model, onnx.ModelProto) else bytes_on_disk(Path(model), proto),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -49,7 +50,11 @@ def _check_output(float_proto: onnx.ModelProto, proto: onnx.ModelProto) -> bytes
     return data
 
 
-def _check_output_file(float_proto: onnx.ModelProto, path: Path) -> None:
+ModelSource = bytes | Path  # a serialized model, or a model file (with its data beside it)
+BeforeCommit = Callable[[ModelSource], None]
+
+
+def _check_output_file(float_proto: onnx.ModelProto, before_commit: BeforeCommit, path: Path) -> None:
     """``_check_output`` for a model written with external data: done by path, where the model
     file is rewritten without onnxq's own shape annotations."""
     proto = onnx.load(path, load_external_data=False)
@@ -58,21 +63,24 @@ def _check_output_file(float_proto: onnx.ModelProto, path: Path) -> None:
         handle.write(proto.SerializeToString())
     onnx.checker.check_model(path, full_check=True)
     create_session(path, "the quantized model")
+    before_commit(path)
 
 
 @dataclasses.dataclass(frozen=True)
 class WrittenModel:
-    """The quantized model as written: its size on disk, sha256, and bytes when held in memory."""
+    """The quantized model as written: its size on disk and sha256."""
 
     size: int
     sha256: str
-    data: bytes | None
 
 
-def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data: str) -> WrittenModel:
+def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data: str,
+                 before_commit: BeforeCommit = lambda model: None) -> WrittenModel:
     """Check and write the quantized ``model``: one protobuf file, or with its tensors in
     ``OUTPUT.data`` per ``external_data`` (``RunOptions``) (``auto``: when the float model had external
-    data or the output would pass protobuf's 2 GB limit)."""
+    data or the output would pass protobuf's 2 GB limit). ``before_commit`` gets the checked
+    model (its bytes, or its file still under a temporary name) before it replaces ``path``;
+    if it raises, nothing is written and an existing file at ``path`` stays as it was."""
     size = tensor_bytes(model)
     if external_data == "never" and size > SINGLE_FILE_LIMIT:
         raise OutputError(
@@ -83,10 +91,11 @@ def write_output(loaded: LoadedModel, model: ir.Model, path: Path, external_data
         external_data == "auto" and (loaded.external_folder is not None or size > SINGLE_FILE_LIMIT)
     )
     if external:
-        check = functools.partial(_check_output_file, loaded.proto)
+        check = functools.partial(_check_output_file, loaded.proto, before_commit)
         written, sha256 = write_with_external_data(model, path, check)
-        return WrittenModel(written, sha256, None)
+        return WrittenModel(written, sha256)
     ir.external_data.load_to_model(model)  # weights still in the float model's data files come in
     data = _check_output(loaded.proto, ir.to_proto(model))
+    before_commit(data)
     write_atomically(data, path)
-    return WrittenModel(len(data), hashlib.sha256(data).hexdigest(), data)
+    return WrittenModel(len(data), hashlib.sha256(data).hexdigest())

@@ -188,8 +188,8 @@ class _Search:
             recorded = step.read(SensitivityStep)
             if recorded.calibration_step == self.calibration_step and recorded.eval == data.eval_id \
                     and recorded.base == sorted(base) and recorded.samples == data.samples \
-                    and recorded.mode == options.sensitivity:
-                return {tuple(k.split("|")): v for k, v in recorded.gains.items()}
+                    and recorded.mode == options.sensitivity and sorted(recorded.ranking) == sorted(recorded.gains):
+                return {tuple(key.split("|")): recorded.gains[key] for key in recorded.ranking}  # JSON sorts keys
 
         def error_of(keys: frozenset[str]) -> float:
             try:
@@ -214,6 +214,7 @@ class _Search:
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
             mode=options.sensitivity, baseline=baseline, gains={"|".join(unit): gain for unit, gain in gains.items()},
+            ranking=["|".join(unit) for unit in gains],
         ))
         return gains
 

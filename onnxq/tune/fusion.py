@@ -20,10 +20,21 @@ from onnxq.ops import FUSION_CHECKED
 from onnxq.runtime import session_options
 
 
+def _node_names(graph: onnx.GraphProto) -> set[str]:
+    """The names of the nodes of ``graph`` and its bodies."""
+    names = {node.name for node in graph.node if node.name}
+    for node in graph.node:
+        for body in proto_bodies(node):
+            names |= _node_names(body)
+    return names
+
+
 def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = None) -> list[str]:
     """Names of the compute nodes of ``qdq_model`` (If/Loop/Scan bodies included) that would
     still read dequantized tensors after ONNX Runtime's CPU graph optimizations;
-    ``external_folder`` holds the external data files the model references, if any."""
+    ``external_folder`` holds the external data files the model references, if any. Nodes
+    ONNX Runtime made itself (such as the HardSigmoid and Mul a float HardSwish becomes) are not
+    the model's and are not listed."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as folder:
         path = Path(folder) / "optimized.onnx"
         options = session_options(external_folder)
@@ -34,7 +45,8 @@ def unfused_nodes(qdq_model: onnx.ModelProto, external_folder: Path | None = Non
             options.add_session_config_entry(key, "optimized.data")
         ort.InferenceSession(qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path, load_external_data=False)
-    return _unfused_in(optimized.graph, {})
+    own = _node_names(qdq_model.graph)
+    return [name for name in _unfused_in(optimized.graph, {}) if name in own]
 
 
 def _unfused_in(graph: onnx.GraphProto, outer_producers: dict[str, onnx.NodeProto]) -> list[str]:

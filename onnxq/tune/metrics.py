@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from onnxq.calibration.data import load_callable
-from onnxq.errors import ConfigError
+from onnxq.errors import ConfigError, first_line
 
 Outputs = dict[str, np.ndarray]
 
@@ -29,6 +30,17 @@ def relative_error(outputs: Outputs, reference: Outputs) -> float:
     return float(np.mean(errors))
 
 
+def cosine_similarity(dot: np.ndarray | float, reference_energy: np.ndarray | float,
+                      energy: np.ndarray | float) -> np.ndarray:
+    """Cosine of the angle between a float output and its quantized version, from their dot
+    product and energies (elementwise for arrays). Degenerate cases: both all zero are identical
+    (1.0); one all zero and the other not share nothing (0.0), never a perfect 1.0."""
+    dot, reference_energy, energy = (np.asarray(x, dtype=np.float64) for x in (dot, reference_energy, energy))
+    norms = np.sqrt(reference_energy) * np.sqrt(energy)
+    degenerate = np.where((reference_energy == 0) & (energy == 0), 1.0, 0.0)
+    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), degenerate)
+
+
 def sqnr_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
     """``1 - noise/signal``: 1 for the float model; a drop of 0.01 is an SQNR of 20 dB."""
     return 1.0 - relative_error(outputs, reference)
@@ -40,9 +52,8 @@ def cosine_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None
     for name, ref in reference.items():
         f = ref.astype(np.float64).reshape(len(ref), -1)
         q = outputs[name].astype(np.float64).reshape(len(ref), -1)
-        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
-        dots = np.einsum("ij,ij->i", f, q)
-        scores.append(np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0).mean())
+        dots, f_energy, q_energy = (np.einsum("ij,ij->i", a, b) for a, b in ((f, q), (f, f), (q, q)))
+        scores.append(cosine_similarity(dots, f_energy, q_energy).mean())
     return float(np.mean(scores))
 
 
@@ -59,18 +70,41 @@ def top1_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None =
 _BUILTIN = {"sqnr": sqnr_score, "cosine": cosine_score, "top1": top1_score}
 
 
+def _checked(name: str, metric: Metric) -> Metric:
+    """The user's ``metric``, whose exceptions and non-numbers (NaN, inf, text, arrays of more
+    than one value) are ``ConfigError``s naming it."""
+
+    def score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None) -> float:
+        try:
+            value = metric(outputs, reference, labels)
+        except Exception as exc:
+            raise ConfigError(f"metric {name} raised {type(exc).__name__}: {first_line(exc)}; fix the metric") from exc
+        try:
+            number = float(np.asarray(value, dtype=np.float64).item())
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"metric {name} returned {value!r:.60}; a metric returns one finite number, higher "
+                              "is better")
+        return number
+
+    return score
+
+
 def resolve_metric(metric: str | Metric, has_labels: bool) -> tuple[str, Metric]:
     """A metric's name and function: ``auto`` (top1 with labels, else sqnr), a builtin name, a
     loader spec ``file.py:func`` / ``pkg.mod:func``, or a callable
-    ``metric(outputs, float_outputs, labels) -> float`` (higher is better)."""
+    ``metric(outputs, float_outputs, labels) -> float`` (higher is better); the user's metrics
+    are checked (``_checked``)."""
     if callable(metric):
-        return getattr(metric, "__name__", "custom"), metric
+        name = getattr(metric, "__name__", "custom")
+        return name, _checked(name, metric)
     if metric == "auto":
         metric = "top1" if has_labels else "sqnr"
     if metric in _BUILTIN:
         return metric, _BUILTIN[metric]
     if ":" in metric:
-        return metric, load_callable(metric, "metric", ConfigError)
+        return metric, _checked(metric, load_callable(metric, "metric", ConfigError))
     raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or file.py:func")
 
 

@@ -63,8 +63,9 @@ class StepRecord:
 @dataclasses.dataclass(frozen=True)
 class CalibrationStep(StepRecord):
     """Observer states by tensor key (each observer's ``to_dict``), the tensor keys of each pass
-    over the data, the pass in progress, samples done in it, whether all passes are done, and
-    the samples in the data (counted on the first pass)."""
+    over the data, the pass in progress, samples done in it, whether all passes are done, the
+    samples in the data (counted on the first pass), the fingerprint of the batches done in the
+    pass in progress and of all the data (once the first pass ends; ``fold_batch``)."""
 
     KIND: ClassVar[str] = "calibration"
     observers: dict
@@ -73,6 +74,8 @@ class CalibrationStep(StepRecord):
     samples_done: int
     complete: bool
     samples_seen: int
+    data_done_sha256: str = ""
+    data_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,9 @@ class LayersStep(StepRecord):
 @dataclasses.dataclass(frozen=True)
 class SensitivityStep(StepRecord):
     """Per-unit sensitivity (unit keys joined by ``|`` -> gain) measured on ``samples`` samples
-    of the evaluation set ``eval``, with the ``base`` keep-float set, in ``mode``."""
+    of the evaluation set ``eval``, with the ``base`` keep-float set, in ``mode``; ``ranking``:
+    the units most sensitive first, in the order the search tries them (JSON keeps no dict
+    order; a step without it is measured again)."""
 
     KIND: ClassVar[str] = "sensitivity"
     calibration_step: int
@@ -102,6 +107,7 @@ class SensitivityStep(StepRecord):
     baseline: float
     gains: dict
     mode: str = "only-float"
+    ranking: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
