@@ -120,10 +120,10 @@ def test_labels_that_do_not_match_the_samples_are_refused(tmp_path, labels):
     np.savez(tmp_path / "eval.npz", input=inputs, label=label)
     out = tmp_path / "out.onnx"
     result = run_cli("convert", DEMO, "-o", out, "--calibration-data", CALIB, "--eval-data", tmp_path / "eval.npz")
-    assert_one_line_error(result, f"holds {labels} label(s) for 50 sample(s)")
+    assert_one_line_error(result, f"'label' has shape ({labels},) for 50 sample(s)")
     assert not out.exists()
     compared = run_cli("compare", DEMO, DEMO, "--data", tmp_path / "eval.npz")
-    assert_one_line_error(compared, f"holds {labels} label(s) for 50 sample(s)")
+    assert_one_line_error(compared, f"'label' has shape ({labels},) for 50 sample(s)")
 
 
 def _two_heads(order: tuple[int, ...], prefix: str) -> onnx.ModelProto:

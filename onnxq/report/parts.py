@@ -69,6 +69,8 @@ def output_parts(reference: np.ndarray) -> tuple[Part, ...]:
             continue
         moved = np.moveaxis(values, axis, 0).reshape(extent, -1).astype(np.float64)
         rms = np.sqrt(np.mean(moved * moved, axis=1))
+        if not np.isfinite(rms).all():  # non-finite values have no scale to split by
+            return ()
         log_rms = np.log10(np.maximum(rms, rms.max() * _RMS_FLOOR + 1e-30))  # a dead row is not a part
         split, gap = _best_split(log_rms)
         if gap >= SPLIT_DECADES and gap > best[0]:

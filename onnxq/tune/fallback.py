@@ -96,7 +96,7 @@ class _EvalSet:
         has_labels = all(batch.labels is not None for batch in batches)
         labels = [np.concatenate([b.labels.reshape(-1) for b in batches[part]]) if has_labels else None for part in parts]
         metric_name, metric = resolve_metric(options.metric, has_labels)
-        flat = getattr(metric, "flat_if_ragged", False)
+        flat = getattr(options.metric, "flat_if_ragged", False)
         subset = first_samples(batches, options.sensitivity_samples)
         names, outputs = float_runs.names, float_runs.outputs
         references = [concatenate_runs(names, outputs[part], flat) for part in parts]

@@ -38,7 +38,8 @@ def cosine_similarity(dot: np.ndarray | float, reference_energy: np.ndarray | fl
     dot, reference_energy, energy = (np.asarray(x, dtype=np.float64) for x in (dot, reference_energy, energy))
     norms = np.sqrt(reference_energy) * np.sqrt(energy)
     degenerate = np.where((reference_energy == 0) & (energy == 0), 1.0, 0.0)
-    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), degenerate)
+    with np.errstate(invalid="ignore"):  # infinite energies give NaN, not a warning
+        return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), degenerate)
 
 
 def sqnr_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:

@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from onnxq.config import FallbackOptions
 from onnxq.report.evaluate import Fidelity, fidelity_of
@@ -25,6 +26,7 @@ from onnxq.tune.metrics import Metric, Outputs
 
 MIN_DECISIONS = 50  # fewer arg-max decisions than this are too few to judge agreement on
 SEARCH_DROP = 0.01
+MAX_SHORTFALL = 1e12  # the search's scores stay finite (a model with non-finite outputs scores lowest)
 METRIC_NAME = "accuracy target"  # how the search's metric is named (with its thresholds) in reports and steps
 
 
@@ -63,8 +65,9 @@ class AccuracyTarget:
         for output in fidelity.outputs:
             judged = [(f"{output.name}{p.label}", p.sqnr_db) for p in output.parts if p.signal] if output.parts \
                 else [(output.name, output.sqnr_db)]
-            for what, sqnr in judged:
-                criteria.append((what, 10 ** ((self.min_sqnr_db - sqnr) / 10), f"SQNR {sqnr:.1f} dB"))
+            for what, sqnr in judged:  # NaN: non-finite outputs, which miss any target
+                shortfall = math.inf if math.isnan(sqnr) else 10 ** ((self.min_sqnr_db - sqnr) / 10)
+                criteria.append((what, shortfall, f"SQNR {sqnr:.1f} dB"))
             if output.agreement is not None and output.decisions >= MIN_DECISIONS:
                 criteria.append((output.name, (1 - output.agreement) / (1 - self.min_agreement),
                                  f"arg-max agreement {output.agreement:.3f}"))
@@ -86,7 +89,7 @@ class AccuracyTarget:
         """Rule 4: the search's score of outputs against the float model's."""
 
         def accuracy_target(outputs: Outputs, reference: Outputs, labels=None) -> float:
-            return 1.0 - SEARCH_DROP * self.shortfall(fidelity_of(outputs, reference))
+            return 1.0 - SEARCH_DROP * min(self.shortfall(fidelity_of(outputs, reference)), MAX_SHORTFALL)
 
         accuracy_target.__name__ = f"{METRIC_NAME} (SQNR >= {self.min_sqnr_db:g} dB, agreement >= {self.min_agreement:g})"
         accuracy_target.flat_if_ragged = True  # outputs of varying shapes are compared as flat values
