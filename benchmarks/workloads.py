@@ -398,16 +398,22 @@ def _average_precision(hits: list[tuple[float, bool]], positives: int) -> float:
     return float(np.mean([envelope[i] if i < len(envelope) else 0.0 for i in index]))
 
 
-def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+Decoder = Callable[[list[np.ndarray], float], list[Detection]]
+"""Decodes one image's model outputs into detections scored at least the given confidence."""
+
+
+def detection_map50(
+    float_outputs: Outputs, quant_outputs: Outputs, decode: Decoder, truth_conf: float
+) -> float:
     """mAP at IoU 0.5 of the quantized model's detections (conf >= 0.001, the usual evaluation
-    setting) with the float model's detections (conf 0.25) as ground truth; 1.0 for the float
-    model itself. Classes are those with float detections."""
+    setting) with the float model's detections (conf ``truth_conf``, the deployment threshold)
+    as ground truth; 1.0 for the float model itself. Classes are those with float detections."""
     truth: dict[int, list[tuple[int, np.ndarray]]] = {}
     predicted: dict[int, list[tuple[float, int, np.ndarray]]] = {}
     for image, (f_out, q_out) in enumerate(zip(float_outputs, quant_outputs, strict=True)):
-        for box, _, cls in decode_yolo(f_out[0]):
+        for box, _, cls in decode(f_out, truth_conf):
             truth.setdefault(cls, []).append((image, box))
-        for box, score, cls in decode_yolo(q_out[0], conf=0.001):
+        for box, score, cls in decode(q_out, 0.001):
             predicted.setdefault(cls, []).append((score, image, box))
     if not truth:
         return 1.0
@@ -427,6 +433,11 @@ def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
             hits.append((score, matched))
         precisions.append(_average_precision(hits, len(boxes)))
     return float(np.mean(precisions))
+
+
+def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """YOLOv8's mAP50 against float detections at conf 0.25 (``detection_map50``)."""
+    return detection_map50(float_outputs, quant_outputs, lambda outputs, conf: decode_yolo(outputs[0], conf), 0.25)
 
 
 # --------------------------------------------------------------------------
