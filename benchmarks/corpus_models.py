@@ -36,8 +36,8 @@ from benchmarks.workloads import (
     Detection,
     Outputs,
     _face_mosaic,
-    _nms,
     _font,
+    _nms,
     _random_crop,
     _random_photo,
     _resize,
@@ -306,7 +306,7 @@ def decode_picodet(outputs: list[np.ndarray], conf: float, max_candidates: int =
         probabilities = np.exp(bins - bins.max(axis=-1, keepdims=True))
         probabilities /= probabilities.sum(axis=-1, keepdims=True)
         distance = (probabilities * np.arange(bins.shape[-1])).sum(axis=-1) * stride
-        rows, cols = np.divmod(np.arange(len(score)), LAYOUT_SIZE[1] // stride)
+        rows, cols = np.divmod(np.arange(len(score)), -(-LAYOUT_SIZE[1] // stride))  # ceil, as np.arange(W / s)
         centre = np.stack([(cols + 0.5) * stride, (rows + 0.5) * stride] * 2, axis=1)
         top = np.argsort(-score.max(axis=1), kind="stable")[:LAYOUT_TOP_K]
         boxes.append(centre[top] + np.array([-1, -1, 1, 1]) * distance[top])
