@@ -342,6 +342,25 @@ def _installed_files() -> list[Path]:
     return sorted(files, key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())
 
 
+@functools.cache
+def _files_by_suffix(held_out: bool) -> dict[str, list[Path]]:
+    """The calibration or held-out half of ``_installed_files`` by file name suffix."""
+    groups: dict[str, list[Path]] = {}
+    for path in _half(_installed_files(), held_out):
+        groups.setdefault(path.suffix.lower(), []).append(path)
+    return groups
+
+
+def _beg_ints(content: bytes, size: int) -> list[int]:
+    """The first ``size`` bytes, padded at the end (``Magika._get_beg_ints_with_padding``)."""
+    return list(content[:size]) + [MAGIKA_PADDING] * max(0, size - len(content))
+
+
+def _end_ints(content: bytes, size: int) -> list[int]:
+    """The last ``size`` bytes, padded at the start (``Magika._get_end_ints_with_padding``)."""
+    return [MAGIKA_PADDING] * max(0, size - len(content)) + list(content[max(0, len(content) - size) :])
+
+
 def magika_features(content: bytes) -> np.ndarray:
     """magika 0.5's features of a file: 512 ints from the stripped beginning, middle and end
     (padding token 256), as a ``[1, 1536]`` float32 row (``Magika._extract_features_from_seekable``)."""
@@ -353,21 +372,35 @@ def magika_features(content: bytes) -> np.ndarray:
         trimmed_beg, trimmed_end = MAGIKA_BLOCK - len(beg), MAGIKA_BLOCK - len(end)
         start = trimmed_beg + (len(content) - trimmed_beg - trimmed_end - MAGIKA_MID) // 2
         mid = content[start : start + MAGIKA_MID]
-    beg_ints = list(beg[:MAGIKA_BEG]) + [MAGIKA_PADDING] * max(0, MAGIKA_BEG - len(beg))
     if len(mid) >= MAGIKA_MID:
         offset = (len(mid) - MAGIKA_MID) // 2
         mid_ints = list(mid[offset : offset + MAGIKA_MID])
     else:
         pad = MAGIKA_MID - len(mid)
         mid_ints = [MAGIKA_PADDING] * (pad // 2) + list(mid) + [MAGIKA_PADDING] * (pad - pad // 2)
-    end_ints = [MAGIKA_PADDING] * max(0, MAGIKA_END - len(end)) + list(end[-MAGIKA_END:] if end else b"")
-    return np.asarray([beg_ints + mid_ints + end_ints], np.float32)
+    return np.asarray([_beg_ints(beg, MAGIKA_BEG) + mid_ints + _end_ints(end, MAGIKA_END)], np.float32)
 
 
-def _magika_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
-    """One file of the Python installation, from the calibration or held-out half."""
-    files = _half(_installed_files(), held_out)
-    return {"bytes": magika_features(files[int(rng.integers(len(files)))].read_bytes())}
+MAGIKA_V3_BEG = MAGIKA_V3_END = 1024  # magika 0.6's standard_v3_3/config.min.json
+
+
+def magika_v3_features(content: bytes) -> np.ndarray:
+    """magika 0.6's features (model standard_v3_3): 1024 ints from the lstripped first block and
+    1024 from the rstripped last block, as a ``[1, 2048]`` int32 row."""
+    block = min(MAGIKA_BLOCK, len(content))
+    beg, end = content[:block].lstrip(), content[len(content) - block :].rstrip()
+    return np.asarray([_beg_ints(beg, MAGIKA_V3_BEG) + _end_ints(end, MAGIKA_V3_END)], np.int32)
+
+
+def _magika_feed(features: Callable[[bytes], np.ndarray]) -> Callable[[np.random.Generator, bool, int], Feed]:
+    def make_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
+        """A file of the Python installation from the calibration or held-out half: a file name
+        suffix drawn first (so that .py files do not crowd out the others), then a file."""
+        by_suffix = _files_by_suffix(held_out)
+        files = by_suffix[sorted(by_suffix)[int(rng.integers(len(by_suffix)))]]
+        return {"bytes": features(files[int(rng.integers(len(files)))].read_bytes())}
+
+    return make_feed
 
 
 # --------------------------------------------------------------------------
@@ -614,7 +647,14 @@ CORPUS: dict[str, CorpusModel] = {
         CorpusModel(
             name="magika", kind="byte content-type classifier exported from Keras by tf2onnx (magika 0.5)",
             package="magika", version="0.5.1", member="magika/models/standard_v1/model.onnx",
-            metric_name="label (top-1) agreement over 113 content types", make_feed=_magika_feed,
+            metric_name="label (top-1) agreement over 113 content types", make_feed=_magika_feed(magika_features),
+            metric=top1_agreement,
+        ),
+        CorpusModel(
+            name="magika_v3", kind="byte content-type classifier from JAX via tf2onnx: LayerNorm as ReduceSum, Mul, "
+                                 "Reciprocal(Sqrt) (magika 0.6)",
+            package="magika", version="0.6.2", member="magika/models/standard_v3_3/model.onnx",
+            metric_name="label (top-1) agreement over 214 content types", make_feed=_magika_feed(magika_v3_features),
             metric=top1_agreement,
         ),
         CorpusModel(
