@@ -195,7 +195,50 @@ def render(rows: list[dict], settings: str, onnxq_origin: str) -> str:
             f"{_fmt(row.get('sqnr_db'), '.1f')} | {share} | {_fmt(row.get('latency_ms'), '.2f')} | "
             f"{_fmt(row.get('latency_ratio'), '.2f')} | {note.replace('|', '/')} |"
         )
+    lines += ["", *render_verdicts(rows)]
     return "\n".join(lines) + "\n"
+
+
+GOAL_METRIC, GOAL_INT8 = 0.98, 0.80  # issue 13's bar: 98 % of float's task metric, 80 % of compute in int8
+
+
+def render_verdicts(rows: list[dict]) -> list[str]:
+    """Per model, onnxq's output against issue 13's bar: task metric >= 0.98 of float, >= 80 % of
+    compute in int8, batch-1 latency no worse than ONNX Runtime's fastest int8 output, and
+    whether onnxq's own summary said it missed its target."""
+    lines = [
+        f"Against the bar (task metric >= {GOAL_METRIC}, int8 compute >= {GOAL_INT8:.0%}, batch-1 latency <= ORT's",
+        "fastest int8 output; `target_met` is what onnxq's `--json` summary said, where it says anything):",
+        "",
+        "| model | onnxq task metric | int8 compute | latency / ORT's fastest | onnxq target_met | meets the bar |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for model in dict.fromkeys(row["model"] for row in rows):
+        mine = next((r for r in rows if r["model"] == model and r["tool"] == "onnxq"), None)
+        if mine is None:
+            continue
+        if mine["status"] != "ok":
+            lines.append(f"| {model} | - | - | - | - | no: {mine['status']} |")
+            continue
+        ort_ms = [r["latency_ms"] for r in rows if r["model"] == model and r["tool"].startswith("ort") and "latency_ms" in r]
+        int8, total = mine["int8_compute"]
+        share = int8 / total if total else 1.0
+        speed = mine["latency_ms"] / min(ort_ms) if ort_ms else float("nan")
+        met = (mine.get("onnxq_summary") or {}).get("target_met", "not reported")
+        misses = [name for name, ok in (("metric", mine["task_metric"] >= GOAL_METRIC), ("int8", share >= GOAL_INT8),
+                                        ("latency", not ort_ms or speed <= 1.0)) if not ok]
+        lines.append(f"| {model} | {mine['task_metric']:.3f} | {share:.0%} | {_fmt(speed, '.2f')} | {met} | "
+                     f"{'yes' if not misses else 'no: ' + ', '.join(misses)} |")
+    return lines
+
+
+def corpus_section(document: str) -> str | None:
+    """The "Real-model corpus" section of ``document`` (up to the next ``## `` heading), if any."""
+    start = document.find(SECTION)
+    if start < 0:
+        return None
+    end = document.find("\n## ", start + len(SECTION))
+    return document[start : end if end >= 0 else len(document)]
 
 
 def replace_section(document: str, section: str) -> str:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.corpus import replace_section, write_calibration
+from benchmarks.corpus import (
+    corpus_section,
+    render_verdicts,
+    replace_section,
+    write_calibration,
+)
 from benchmarks.corpus_models import (
     LAYOUT_SIZE,
     MAGIKA_BLOCK,
@@ -136,3 +141,27 @@ def test_replace_section_swaps_only_the_corpus_section():
     document = "# Title\n\n## A\na\n\n## Real-model corpus\nold\n\n## B\nb\n"
     assert replace_section(document, "## Real-model corpus\nnew\n") == "# Title\n\n## A\na\n\n## Real-model corpus\nnew\n\n## B\nb\n"
     assert replace_section("# Title\n", "## Real-model corpus\nnew\n") == "# Title\n\n## Real-model corpus\nnew\n"
+
+
+def test_the_corpus_section_survives_a_rewrite_of_the_rest():
+    document = "# Title\n\n## Real-model corpus\ntable\n\n## B\nb\n"
+    assert replace_section("# New\n\n## B\nb2\n", corpus_section(document)) == "# New\n\n## B\nb2\n\n## Real-model corpus\ntable\n"
+    assert replace_section(document, corpus_section(document)) == document
+
+
+def _row(model, tool, **fields):
+    return {"model": model, "tool": tool, "status": "ok", **fields}
+
+
+def test_verdicts_hold_each_model_to_metric_int8_share_and_the_fastest_ort_output():
+    rows = [
+        _row("a", "onnxq", task_metric=0.99, int8_compute=(8, 10), latency_ms=1.0),
+        _row("a", "ort", latency_ms=1.5), _row("a", "ort-u8", latency_ms=1.2),
+        _row("b", "onnxq", task_metric=0.97, int8_compute=(7, 10), latency_ms=2.0, onnxq_summary={"target_met": False}),
+        _row("b", "ort", latency_ms=1.0),
+        {"model": "c", "tool": "onnxq", "status": "refused"},
+    ]
+    lines = render_verdicts(rows)
+    assert lines[-3] == "| a | 0.990 | 80% | 0.83 | not reported | yes |"
+    assert lines[-2] == "| b | 0.970 | 70% | 2.00 | False | no: metric, int8, latency |"
+    assert lines[-1] == "| c | - | - | - | - | no: refused |"
