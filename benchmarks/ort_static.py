@@ -1,12 +1,13 @@
 """ONNX Runtime's static quantization run as its documentation advises, in a process of its own.
 
 ``python -m benchmarks.ort_static MODEL OUTPUT DATA [uint8|int8]`` runs ``quant_pre_process``
-(shape inference and graph optimization before quantizing) and then ``quantize_static`` on its
-result: QDQ format, per-channel int8 weights, MinMax calibration, activations int8 (S8S8, the
-documentation's first choice; the default) or uint8 (U8S8). DATA is an ``.npz`` whose arrays hold
-one complete feed per index of axis 0 (``benchmarks.corpus`` writes it). A model that
-``quant_pre_process`` cannot handle is quantized as it is, and the failure is reported. Prints one
-JSON line: ``seconds``, ``preprocess_error``, ``error``.
+(shape inference and graph optimization before quantizing; when its symbolic shape inference
+fails, again with ``skip_symbolic_shape=True``, as the documentation says) and then
+``quantize_static`` on its result: QDQ format, per-channel int8 weights, MinMax calibration,
+activations int8 (S8S8, the documentation's first choice; the default) or uint8 (U8S8). DATA is
+an ``.npz`` whose arrays hold one complete feed per index of axis 0 (``benchmarks.corpus`` writes
+it). A model that ``quant_pre_process`` cannot handle either way is quantized as it is; failures
+are reported. Prints one JSON line: ``seconds``, ``preprocess_error``, ``error``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def quantize(model: str, output: str, data: str, activations: str) -> str | None
         try:
             quant_pre_process(model, source)
         except Exception as exc:  # noqa: BLE001 - reported: ORT's own preprocessing failing is a result
-            preprocess_error, source = _first_line(exc), model
+            preprocess_error = _first_line(exc)
+            try:  # what the documentation says to do when symbolic shape inference fails
+                quant_pre_process(model, source, skip_symbolic_shape=True)
+                preprocess_error += "; reran with skip_symbolic_shape=True"
+            except Exception as retry:  # noqa: BLE001 - reported
+                preprocess_error += f"; with skip_symbolic_shape=True: {_first_line(retry)}; quantized without it"
+                source = model
         quantize_static(
             source,
             output,
