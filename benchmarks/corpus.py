@@ -43,7 +43,6 @@ from benchmarks.timing import latencies_ms, session, sqnr_db
 from onnxq.cli.render import json_safe
 from onnxq.errors import OnnxqError
 
-REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("onnxq", "ort", "ort-u8")
 TOOL_LABELS = {"onnxq": "onnxq defaults", "ort": "ORT S8S8", "ort-u8": "ORT U8S8"}
 SECTION = "## Real-model corpus"
@@ -76,9 +75,11 @@ def convert_onnxq(model: Path, output: Path, data: Path) -> dict:
 
 
 def convert_ort(model: Path, output: Path, data: Path, activations: str) -> dict:
-    """``benchmarks.ort_static`` in a fresh process."""
-    command = [sys.executable, "-m", "benchmarks.ort_static", str(model), str(output), str(data), activations]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO)
+    """``benchmarks/ort_static.py`` in a fresh process run from ``output``'s folder (ONNX Runtime's
+    quantizer leaves temporary files in its working directory)."""
+    command = [sys.executable, str(Path(__file__).with_name("ort_static.py")), str(model), str(output), str(data),
+               activations]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=output.parent)
     if proc.returncode != 0:
         return {"seconds": float("nan"), "status": "failed", "message": _last_line(proc.stderr)}
     report = json.loads(_last_line(proc.stdout))

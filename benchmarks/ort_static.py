@@ -1,6 +1,6 @@
 """ONNX Runtime's static quantization run as its documentation advises, in a process of its own.
 
-``python -m benchmarks.ort_static MODEL OUTPUT DATA [uint8|int8]`` runs ``quant_pre_process``
+``python benchmarks/ort_static.py MODEL OUTPUT DATA [uint8|int8]`` runs ``quant_pre_process``
 (shape inference and graph optimization before quantizing; when its symbolic shape inference
 fails, again with ``skip_symbolic_shape=True``, as the documentation says) and then
 ``quantize_static`` on its result: QDQ format, per-channel int8 weights, MinMax calibration,
