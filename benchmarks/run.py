@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
+from benchmarks.corpus import corpus_section, replace_section
 from benchmarks.timing import latencies_ms, session, sqnr_db
 from benchmarks.fallback import (
     FALLBACK_MAX_DROP, FALLBACK_SEARCH, FALLBACK_TEST, FALLBACK_TRIALS, bench_fallback, render_fallback,
@@ -220,6 +221,9 @@ def main() -> None:
                 f"{'' if args.big_model else ' --no-big-model'}{'' if args.fallback else ' --no-fallback'} "
                 f"--max-drop {args.max_drop}")
     report = render(rows, settings) + "\n" + section
+    corpus = corpus_section(args.output.read_text()) if args.output.exists() else None
+    if corpus is not None:  # written by benchmarks.corpus, kept
+        report = replace_section(report, corpus)
     args.output.write_text(report)
     print(report)
 

@@ -398,16 +398,22 @@ def _average_precision(hits: list[tuple[float, bool]], positives: int) -> float:
     return float(np.mean([envelope[i] if i < len(envelope) else 0.0 for i in index]))
 
 
-def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+Decoder = Callable[[list[np.ndarray], float], list[Detection]]
+"""Decodes one image's model outputs into detections scored at least the given confidence."""
+
+
+def detection_map50(
+    float_outputs: Outputs, quant_outputs: Outputs, decode: Decoder, truth_conf: float
+) -> float:
     """mAP at IoU 0.5 of the quantized model's detections (conf >= 0.001, the usual evaluation
-    setting) with the float model's detections (conf 0.25) as ground truth; 1.0 for the float
-    model itself. Classes are those with float detections."""
+    setting) with the float model's detections (conf ``truth_conf``, the deployment threshold)
+    as ground truth; 1.0 for the float model itself. Classes are those with float detections."""
     truth: dict[int, list[tuple[int, np.ndarray]]] = {}
     predicted: dict[int, list[tuple[float, int, np.ndarray]]] = {}
     for image, (f_out, q_out) in enumerate(zip(float_outputs, quant_outputs, strict=True)):
-        for box, _, cls in decode_yolo(f_out[0]):
+        for box, _, cls in decode(f_out, truth_conf):
             truth.setdefault(cls, []).append((image, box))
-        for box, score, cls in decode_yolo(q_out[0], conf=0.001):
+        for box, score, cls in decode(q_out, 0.001):
             predicted.setdefault(cls, []).append((score, image, box))
     if not truth:
         return 1.0
@@ -427,6 +433,11 @@ def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
             hits.append((score, matched))
         precisions.append(_average_precision(hits, len(boxes)))
     return float(np.mean(precisions))
+
+
+def _detection_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    """YOLOv8's mAP50 against float detections at conf 0.25 (``detection_map50``)."""
+    return detection_map50(float_outputs, quant_outputs, lambda outputs, conf: decode_yolo(outputs[0], conf), 0.25)
 
 
 # --------------------------------------------------------------------------
@@ -475,9 +486,8 @@ def _to_ocr_bgr(rng: np.random.Generator, canvas: Image.Image) -> np.ndarray:
     return 255 - img if rng.random() < 0.2 else img
 
 
-def _det_sample(rng: np.random.Generator) -> np.ndarray:
-    """Lines of 1-3 random words, font size 14-40, stacked down a DET_SIZE page."""
-    h, w = DET_SIZE
+def text_page(rng: np.random.Generator, h: int = DET_SIZE[0], w: int = DET_SIZE[1]) -> np.ndarray:
+    """Lines of 1-3 random words, font size 14-40, stacked down an ``h`` x ``w`` page (BGR)."""
     canvas = _text_background(rng, h, w)
     draw = ImageDraw.Draw(canvas)
     y = int(rng.integers(4, 24))
@@ -494,15 +504,21 @@ def _det_sample(rng: np.random.Generator) -> np.ndarray:
             font=font,
         )
         y += bottom + int(rng.integers(6, 30))
-    return _to_nchw(_to_ocr_bgr(rng, canvas), OCR_MEAN, OCR_STD)
+    return _to_ocr_bgr(rng, canvas)
 
 
-def rec_preprocess(line: np.ndarray) -> np.ndarray:
-    """Resize a text line to height 48 (width <= 320), normalise, zero-pad to 320.
+def _det_sample(rng: np.random.Generator) -> np.ndarray:
+    """A DET_SIZE text page, normalised as rapidocr's detector input."""
+    return _to_nchw(text_page(rng), OCR_MEAN, OCR_STD)
 
-    Mirrors rapidocr's ``TextRecognizer.resize_norm_img`` for a single line.
+
+def rec_preprocess(line: np.ndarray, shape: tuple[int, int] = REC_SHAPE) -> np.ndarray:
+    """Resize a text line to height ``shape[0]`` (width <= ``shape[1]``), normalise, zero-pad to ``shape[1]``.
+
+    Mirrors rapidocr's ``TextRecognizer.resize_norm_img`` (and the classifier's, with its
+    shape) for a single line.
     """
-    height, max_width = REC_SHAPE
+    height, max_width = shape
     h, w = line.shape[:2]
     width = min(max_width, int(np.ceil(height * w / h)))
     out = np.zeros((1, 3, height, max_width), np.float32)
@@ -510,8 +526,8 @@ def rec_preprocess(line: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rec_sample(rng: np.random.Generator) -> np.ndarray:
-    """One random 3-14 character word, font size 24-40, cropped with a small margin."""
+def text_line(rng: np.random.Generator) -> np.ndarray:
+    """One random 3-14 character word, font size 24-40, cropped with a small margin (BGR)."""
     text = _random_text(rng, 3, 14)
     font = _font(int(rng.integers(24, 41)))
     left, top, right, bottom = font.getbbox(text)
@@ -520,7 +536,12 @@ def _rec_sample(rng: np.random.Generator) -> np.ndarray:
     ImageDraw.Draw(canvas).text(
         (pad_x - left, pad_y - top), text, fill=_ink(rng), font=font
     )
-    return rec_preprocess(_to_ocr_bgr(rng, canvas))
+    return _to_ocr_bgr(rng, canvas)
+
+
+def _rec_sample(rng: np.random.Generator) -> np.ndarray:
+    """A text line, preprocessed as rapidocr's recogniser input."""
+    return rec_preprocess(text_line(rng))
 
 
 def _text_pixel_iou(float_outputs: Outputs, quant_outputs: Outputs) -> float:
