@@ -90,53 +90,42 @@ def _fallback_units(graph: ir.Graph, plan: QuantPlan, keys: dict[ir.Node, str]) 
     return tuple(units)
 
 
-def _keep_unfused_float(graph: ir.Graph, keys: dict[ir.Node, str], unfused: set[str], keep_float: dict[str, str]) -> list[str]:
-    """Add the nodes ONNX Runtime would not fuse to ``keep_float``; returns the note."""
-    nodes = [node for node in all_nodes(graph) if keys[node] in unfused and keys[node] not in keep_float]
-    keep_float.update((keys[node], "not fused by ONNX Runtime") for node in nodes)
+def _keep_float(nodes: list[ir.Node], keys: dict[ir.Node, str], keep_float: dict[str, str], reason: str,
+                what: str, after: str = "") -> list[str]:
+    """Add ``nodes`` (those not there yet) to ``keep_float`` with ``reason``; returns the note:
+    how many, ``what`` they are, by op type, then ``after``."""
+    nodes = [node for node in nodes if keys[node] not in keep_float]
+    keep_float.update((keys[node], reason) for node in nodes)
     if not nodes:
         return []
     ops = collections.Counter(node.op_type for node in nodes)
-    return [
-        f"kept float {len(nodes)} node(s) that ONNX Runtime's CPU provider would not fuse into "
-        f"integer kernels ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}); "
-        "--quantize-unfused quantizes them anyway"
-    ]
+    return [f"kept float {len(nodes)} node(s) {what} ({', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}){after}"]
+
+
+def _keep_unfused_float(graph: ir.Graph, keys: dict[ir.Node, str], unfused: set[str], keep_float: dict[str, str]) -> list[str]:
+    """Add the nodes ONNX Runtime would not fuse to ``keep_float``; returns the note."""
+    return _keep_float([node for node in all_nodes(graph) if keys[node] in unfused], keys, keep_float,
+                       "not fused by ONNX Runtime", "that ONNX Runtime's CPU provider would not fuse into integer kernels",
+                       "; --quantize-unfused quantizes them anyway")
 
 
 def _keep_normalizations_float(graph: ir.Graph, keys: dict[ir.Node, str], keep_float: dict[str, str]) -> list[str]:
     """Add the quantizable nodes of normalizations found by dataflow (``PATTERNS["normalization"]``)
     to ``keep_float``: a statistic applied back to its own data cancels or divides, and 8-bit
     steps there are errors of the whole tensor's size. Returns the note."""
-    nodes = [node for node in PATTERNS["normalization"](graph) if rule_for(node) is not None and keys[node] not in keep_float]
-    keep_float.update((keys[node], "normalization (statistics of a tensor applied back to it)") for node in nodes)
-    if not nodes:
-        return []
-    ops = collections.Counter(node.op_type for node in nodes)
-    return [f"kept float {len(nodes)} node(s) of normalizations found by dataflow (a mean, spread or sum of a "
-            f"tensor applied back to it): {', '.join(f'{n} {op}' for op, n in sorted(ops.items()))}"]
+    return _keep_float([node for node in PATTERNS["normalization"](graph) if rule_for(node) is not None], keys,
+                       keep_float, "normalization (statistics of a tensor applied back to it)",
+                       "of normalizations found by dataflow, a mean, spread or sum of a tensor applied back to it")
 
 
-def _sentinel_notes(sentinel_names: list[str]) -> list[str]:
-    if not sentinel_names:
-        return []
-    names = sorted(sentinel_names)
-    return [
-        f"kept float {len(names)} tensor(s) whose range is dominated by sentinel values (attention masks "
-        f"such as -1e9, the float minimum or -inf), and the nodes that read or write them: {', '.join(names[:6])}"
-        + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    ]
-
-
-def _poor_notes(names: list[str]) -> list[str]:
+def _float_tensor_notes(names: list[str], why: str) -> list[str]:
+    """The note on tensors left float (with the nodes that read or write them) and ``why``."""
     if not names:
         return []
     names = sorted(names)
-    return [
-        f"kept float {len(names)} tensor(s) whose own 8-bit error is poor on calibration data (SQNR under "
-        f"{POOR_TENSOR_DB:g} dB), and the nodes that read or write them: {', '.join(names[:6])}"
-        + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    ]
+    more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+    return [f"kept float {len(names)} tensor(s) {why}, and the nodes that read or write them: "
+            f"{', '.join(names[:6])}{more}"]
 
 
 def _reduced_notes(graph: ir.Graph, reduced: set[ir.Node]) -> list[str]:
@@ -188,8 +177,10 @@ def build_model(
     plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept)
     sentinel, poor = set(layers.sentinel), set(layers.poor)
     sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
-    notes += _sentinel_notes(sentinel_names)
-    notes += _poor_notes([name for name, key in loaded.keys.tensors.items() if key in poor])
+    notes += _float_tensor_notes(sentinel_names, "whose range is dominated by sentinel values (attention masks such "
+                                 "as -1e9, the float minimum or -inf)")
+    notes += _float_tensor_notes([name for name, key in loaded.keys.tensors.items() if key in poor],
+                                 f"whose own 8-bit error is poor on calibration data (SQNR under {POOR_TENSOR_DB:g} dB)")
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
     if config.reduce_range == "always":
