@@ -332,6 +332,10 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
             report = None  # the safety net's plain model met the target: nothing was searched
         else:
             conversion.notes += fallback_notes(report)
+            if measurement.search is not measurement.report:
+                conversion.notes.append(
+                    f"the search ran on the first {sum(b.samples for b in measurement.search)} samples of --eval-data; "
+                    "the accuracy check below is on all of it")
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)

@@ -70,6 +70,16 @@ def test_a_new_run_in_a_workspace_removes_only_the_step_files_onnxq_wrote(demo):
     assert (demo / "ws" / "steps" / "notes.txt").read_text() == "kept"
 
 
+def test_a_refused_run_leaves_no_workspace_folder_behind(demo):
+    np.savez(demo / "wrong.npz", not_an_input=np.zeros((4, 1, 8, 8), np.float32))
+    before = hashes(demo)
+    result = onnxq("convert", demo / "digits_cnn.onnx", "-o", demo / "out.onnx", "--calibration-data",
+                   demo / "wrong.npz")
+    assert_clean_failure(result, demo / "out.onnx", "not an input of the model")
+    assert not (demo / "out.onnx.onnxq").exists()
+    assert hashes(demo) == before
+
+
 @pytest.mark.parametrize("role", ["model", "calibration", "evaluation", "rules"])
 def test_an_output_that_is_an_input_is_refused_before_any_work(demo, role):
     (demo / "rules.json").write_text("[]")

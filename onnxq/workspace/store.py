@@ -95,9 +95,11 @@ def check_owned(path: Path) -> None:
 def locked(path: str | Path) -> Iterator[None]:
     """Hold the workspace at ``path`` (created if absent) for one run: an exclusive OS lock on
     ``path/.lock``, released when the block ends or the process dies. A workspace another run
-    holds is a ``WorkspaceError``."""
+    holds is a ``WorkspaceError``. A folder this run made and left without a manifest (the run
+    was refused before it recorded anything) is removed again."""
     path = Path(path)
     check_owned(path)
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
@@ -111,8 +113,20 @@ def locked(path: str | Path) -> Iterator[None]:
                 f"workspace {path} is in use by another onnxq run; wait for it to end or choose another --workspace"
             ) from None
         yield
+    except BaseException:
+        if made and not (path / "manifest.json").exists():
+            _remove_empty_workspace(path)
+        raise
     finally:
         os.close(fd)
+
+
+def _remove_empty_workspace(path: Path) -> None:
+    """Remove the lock and the folders of a workspace that holds nothing else (best effort)."""
+    (path / LOCK_FILE).unlink(missing_ok=True)
+    for folder in (path / "steps", path):
+        with contextlib.suppress(OSError):  # not empty, or already gone: leave it
+            folder.rmdir()
 
 
 @dataclasses.dataclass(frozen=True)
