@@ -44,8 +44,8 @@ from benchmarks.workloads import (
     _Scored,
     _to_nchw,
     cache_dir,
+    char_agreement,
     detection_map50,
-    edit_distance,
     fetch_wheel_file,
     rec_preprocess,
     text_line,
@@ -121,12 +121,7 @@ def captcha_decode(logits: np.ndarray) -> list[int]:
 
 def _captcha_char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
     """1 - total edit distance / total float length of the decoded captcha texts."""
-    dist = length = 0
-    for f, q in zip(float_outputs, quant_outputs, strict=True):
-        ref = captcha_decode(f[0])
-        dist += edit_distance(ref, captcha_decode(q[0]))
-        length += len(ref)
-    return 1.0 if length == 0 else max(0.0, 1.0 - dist / length)
+    return char_agreement(float_outputs, quant_outputs, captcha_decode)
 
 
 def heatmap_roi_iou(float_outputs: Outputs, quant_outputs: Outputs, relative: float = 0.8) -> float:

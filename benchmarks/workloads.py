@@ -573,12 +573,14 @@ def edit_distance(a: list[int], b: list[int]) -> int:
     return prev[-1]
 
 
-def _char_agreement(float_outputs: Outputs, quant_outputs: Outputs) -> float:
-    """1 - total edit distance / total float length, on greedy-CTC index sequences."""
+def char_agreement(float_outputs: Outputs, quant_outputs: Outputs,
+                   decode: Callable[[np.ndarray], list[int]] = ctc_greedy_decode) -> float:
+    """1 - total edit distance / total float length, on the index sequences ``decode`` reads off
+    the first output (default: greedy CTC)."""
     dist = length = 0
     for f_out, q_out in zip(float_outputs, quant_outputs, strict=True):
-        ref = ctc_greedy_decode(f_out[0])
-        dist += edit_distance(ref, ctc_greedy_decode(q_out[0]))
+        ref = decode(f_out[0])
+        dist += edit_distance(ref, decode(q_out[0]))
         length += len(ref)
     if length == 0:
         return 1.0 if dist == 0 else 0.0
@@ -639,7 +641,7 @@ WORKLOADS: dict[str, Workload | BundledWorkload] = {
             metric_name="CTC char agreement vs float (1 - edit distance / length)",
             member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
             make_sample=_rec_sample,
-            metric=_char_agreement,
+            metric=char_agreement,
             **_RAPIDOCR,
         ),
         BundledWorkload(
