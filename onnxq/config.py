@@ -134,7 +134,7 @@ class FallbackOptions:
         "calibration samples (or --eval-data) and, where it is missed, keep the most sensitive nodes float "
         "until it is met.")
     min_sqnr_db: float = option(
-        20.0, flag="--min-sqnr", help="Accuracy target: SQNR in dB of every output, and every part of an output "
+        23.0, flag="--min-sqnr", help="Accuracy target: SQNR in dB of every output, and every part of an output "
         "whose values differ in scale (box coordinates vs class scores), against the float model.")
     min_agreement: float = option(
         0.98, help="Accuracy target: share of arg-max decisions of softmax outputs that agree with the float model.")

@@ -172,7 +172,7 @@ def test_the_safety_net_repairs_the_broken_part_by_default(detector, tmp_path, w
     assert any(k.reason == "accuracy fallback" for k in result.fallback.kept)
     assert any(note.startswith("safety net: plain int8 missed") for note in result.notes)
     _, scores = _scores_sqnr(result.output, detector_data(16, seed=6))  # other samples than searched on
-    assert scores >= 20
+    assert scores >= 23  # the default target
     assert result.op_counts["MatMul"].quantized == 2  # the repair keeps the heavy ops int8
 
 

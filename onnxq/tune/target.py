@@ -4,7 +4,7 @@ fallback search reach it (the safety net, on unless ``--no-fallback``).
 Rules:
 1. Every output, or every part of an output that holds parts on different scales
    (``onnxq.report.parts``), keeps an SQNR of at least ``min_sqnr_db`` against the float model
-   (20 dB by default: the error's RMS is a tenth of the signal's). Parts whose float values are all
+   (23 dB by default: the error's RMS is 7 % of the signal's). Parts whose float values are all
    zero are not judged.
 2. A distribution output (softmax) keeps its arg-max on at least ``min_agreement`` of its
    decisions (0.98), where there are at least ``MIN_DECISIONS`` of them to count.
