@@ -183,11 +183,16 @@ def render(rows: list[dict], facts: dict) -> str:
         "activations (S8S8, its default) or uint8 (U8S8). The task metric compares int8 with float outputs on the",
         "held-out inputs (1.0 = identical); SQNR is over all float outputs; int8 compute is the share of",
         "Conv/ConvTranspose/Gemm/MatMul nodes that run in int8 (as `onnxq inspect` counts them); latency is the",
-        "batch-1 median, runs interleaved, as a ratio to float.",
+        "batch-1 median, runs interleaved, as a ratio to float; convert s is the conversion's wall time in a",
+        "fresh process (onnxq's includes its safety-net search where one ran), x ORT its ratio to ORT's fastest.",
         "",
-        "| model | what it is | tool | task metric | SQNR dB | int8 compute | b1 ms | x float | note |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | what it is | tool | task metric | SQNR dB | int8 compute | b1 ms | x float | convert s | x ORT | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    ort_seconds: dict[str, float] = {}
+    for row in rows:
+        if row["tool"].startswith("ort") and row["status"] == "ok":
+            ort_seconds[row["model"]] = min(row["seconds"], ort_seconds.get(row["model"], float("inf")))
     for row in rows:
         compute = row.get("int8_compute")
         share = "-" if not compute else f"{compute[0]}/{compute[1]}" + (
@@ -200,11 +205,14 @@ def render(rows: list[dict], facts: dict) -> str:
         summary = row.get("onnxq_summary") or {}
         if "target_met" in summary:
             note = f"target_met {summary['target_met']}" + (f"; {note}" if note else "")
+        seconds = None if row["tool"] == "float" else row.get("seconds")
+        ratio = None if seconds is None or row["model"] not in ort_seconds else seconds / ort_seconds[row["model"]]
         lines.append(
             f"| {row['model']} | {row['kind'] if row['tool'] == 'float' else ''} | "
             f"{TOOL_LABELS.get(row['tool'], row['tool'])} | {_fmt(row.get('task_metric'), '.3f')} | "
             f"{_fmt(row.get('sqnr_db'), '.1f')} | {share} | {_fmt(row.get('latency_ms'), '.2f')} | "
-            f"{_fmt(row.get('latency_ratio'), '.2f')} | {note.replace('|', '/')} |"
+            f"{_fmt(row.get('latency_ratio'), '.2f')} | {_fmt(seconds, '.1f')} | {_fmt(ratio, '.1f')} | "
+            f"{note.replace('|', '/')} |"
         )
     lines += ["", *render_verdicts(rows)]
     return "\n".join(lines) + "\n"
