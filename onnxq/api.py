@@ -33,6 +33,7 @@ from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
 from onnxq.runtime import create_session
 from onnxq.save.output import ModelSource, write_output
+from onnxq.transform import float_exact_passes
 from onnxq.tune.fallback import (
     FallbackReport,
     TuningProgress,
@@ -274,6 +275,7 @@ def convert(
     loaded = load(model)
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, output_path, config, run)
+    loaded = loaded.with_passes(float_exact_passes(config))
     with locked(workspace_path):
         remove_stale_temporaries(output_path.parent, output_path.name)
         return _convert(loaded, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
@@ -415,6 +417,7 @@ def recover(
     except (TypeError, ConfigError) as exc:
         raise WorkspaceError(f"workspace {space.path} records options onnxq cannot read ({exc}); the workspace is "
                              "damaged, start a new run") from exc
+    loaded = loaded.with_passes(float_exact_passes(config))
     space.check_matches(build_manifest(loaded.keys, loaded.model.graph, config, None)
                         | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)

@@ -12,6 +12,8 @@ import pytest
 
 import onnxq
 from onnxq.analysis.cleanup import clean_up
+from onnxq.load.prepare import load
+from onnxq.passes import GraphPass, PassResult
 from onnxq.report.inspect import inspect_model
 from tests.graphs import initializers, make_model, producer, run, sqnr_db
 
@@ -192,3 +194,38 @@ def test_inspect_counts_an_op_whose_weight_is_float_as_float(tmp_path):
              oh.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]), oh.make_node("DequantizeLinear", ["cq", "s", "z"], ["y"])]
     model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 6, 6])], [("w16", weight), ("s", scale), ("z", zero)])
     assert inspect_model(model, fusion=False).op_counts()["Conv"] == {"int8": 0, "float": 1}
+
+
+class _DoubleConvWeights(GraphPass):
+    """A test pass: every Conv weight times 2 (so its effect on the outputs is known)."""
+
+    def call(self, model):
+        for node in model.graph:
+            if node.op_type == "Conv":
+                weight = node.inputs[1]
+                weight.const_value = ir.tensor(weight.const_value.numpy() * 2)
+        return PassResult(model, True, ["doubled the Conv weights"])
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_with_passes_rewrites_a_copy_and_fresh_copies_keep_it(tmp_path, external):
+    """``LoadedModel.with_passes``: the passes' graph is what ``fresh`` copies and the float
+    session run (also for a model whose weights stay in an external file), the original is untouched."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    model = make_model([oh.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], [("x", [1, 3, 8, 8])],
+                       [("y", [1, 4, 8, 8])], [("w", weight)])
+    feed = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    (reference,) = run(model, feed)
+    source = model
+    if external:
+        source = tmp_path / "conv.onnx"
+        onnx.save_model(model, source, save_as_external_data=True, location="conv.weights", size_threshold=0)
+    loaded = load(source)
+    doubled = loaded.with_passes((_DoubleConvWeights(),))
+    np.testing.assert_allclose(loaded.float_session().run(None, feed)[0], reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(doubled.float_session().run(None, feed)[0], 2 * reference, rtol=1e-5, atol=1e-5)
+    copy = doubled.fresh()
+    conv = next(node for node in copy.graph if node.op_type == "Conv")
+    np.testing.assert_array_equal(conv.inputs[1].const_value.numpy(), 2 * weight)
+    assert "doubled the Conv weights" in doubled.notes and "doubled the Conv weights" not in loaded.notes

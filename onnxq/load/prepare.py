@@ -19,6 +19,7 @@ from onnxq.load.float16 import lift_float16
 from onnxq.load.model import external_data_folder, load_model, model_bytes
 from onnxq.load.opset import fit_ir_version, fit_opset
 from onnxq.load.shapes import correct_declared_shapes, read_minus_one_as_dynamic
+from onnxq.passes import GraphPass, run_passes
 from onnxq.runtime import create_session, installation_note
 
 ModelInput = str | os.PathLike | onnx.ModelProto
@@ -49,6 +50,7 @@ class LoadedModel:
     model: ir.Model  # cleaned up; read only (see ``fresh``)
     notes: tuple[str, ...]
     external_folder: Path | None = None  # where the weights the protos reference lie (models with external data)
+    passes: tuple[GraphPass, ...] = ()  # float-exact rewrites applied after clean-up (``onnxq.transform``)
 
     @functools.cached_property
     def cleaned(self) -> onnx.ModelProto:
@@ -79,8 +81,19 @@ class LoadedModel:
     def fresh(self) -> ir.Model:
         """A new copy of the cleaned-up graph to rewrite (weights in external data stay on disk)."""
         if self.offload:
-            return prepare(self.proto, self.external_folder)[0]
+            model = prepare(self.proto, self.external_folder)[0]
+            run_passes(model, self.passes)
+            return model
         return ir.from_proto(self.cleaned)
+
+    def with_passes(self, passes: tuple[GraphPass, ...]) -> LoadedModel:
+        """This model with ``passes`` applied to a copy of its cleaned-up graph (their notes
+        added); every later stage, the float reference included, then works from that graph."""
+        if not passes:
+            return self
+        model = self.fresh()
+        notes = run_passes(model, passes)
+        return dataclasses.replace(self, model=model, notes=self.notes + tuple(notes), passes=self.passes + passes)
 
 
 def load(model: ModelInput) -> LoadedModel:
