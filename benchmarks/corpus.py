@@ -110,8 +110,10 @@ def _run_all(item: ort.InferenceSession, feeds: list[Feed]) -> list[list[np.ndar
 
 
 def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: int, tools: list[str],
-                latency_runs: int, onnxq_options: list[str] = ()) -> list[dict]:
-    """One row per tool (float first) with fidelity and latency on the held-out inputs."""
+                latency_runs: int, variants: dict[str, list[str]] | None = None) -> list[dict]:
+    """One row per tool (float first) with fidelity and latency on the held-out inputs; the
+    ``onnxq`` tool gives one row per entry of ``variants`` (row name -> options of ``onnxq
+    convert``; default: one row ``onnxq`` with no option)."""
     path = model.model_path()
     data = folder / f"{model.name}.calibration.npz"
     write_calibration(model.inputs(n_calibration, held_out=False), data)
@@ -123,10 +125,13 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
     base = {"model": model.name, "kind": model.kind, "metric_name": model.metric_name}
     rows = [base | {"tool": "float", "status": "ok", "message": "", "task_metric": 1.0,
                     "int8_compute": int8_compute(path)}]
+    conversions = []
     for tool in tools:
-        output = folder / f"{model.name}.{tool}.onnx"
-        if tool == "onnxq":
-            row = base | {"tool": tool} | convert_onnxq(path, output, data, list(onnxq_options))
+        conversions += list((variants or {"onnxq": []}).items()) if tool == "onnxq" else [(tool, None)]
+    for index, (tool, options) in enumerate(conversions):
+        output = folder / f"{model.name}.{index}.onnx"
+        if options is not None:
+            row = base | {"tool": tool, "options": " ".join(options)} | convert_onnxq(path, output, data, options)
         else:
             row = base | {"tool": tool} | convert_ort(path, output, data, "uint8" if tool == "ort-u8" else "int8")
         if row["status"] == "ok":
@@ -211,13 +216,19 @@ def render(rows: list[dict], facts: dict) -> str:
         ratio = None if seconds is None or row["model"] not in ort_seconds else seconds / ort_seconds[row["model"]]
         lines.append(
             f"| {row['model']} | {row['kind'] if row['tool'] == 'float' else ''} | "
-            f"{TOOL_LABELS.get(row['tool'], row['tool'])} | {_fmt(row.get('task_metric'), '.3f')} | "
+            f"{_tool_label(row)} | {_fmt(row.get('task_metric'), '.3f')} | "
             f"{_fmt(row.get('sqnr_db'), '.1f')} | {share} | {_fmt(row.get('latency_ms'), '.2f')} | "
             f"{_fmt(row.get('latency_ratio'), '.2f')} | {_fmt(seconds, '.1f')} | {_fmt(ratio, '.1f')} | "
             f"{note.replace('|', '/')} |"
         )
     lines += ["", *render_verdicts(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _tool_label(row: dict) -> str:
+    if row.get("options"):
+        return f"onnxq {row['options']}"
+    return TOOL_LABELS.get(row["tool"], row["tool"])
 
 
 GOAL_METRIC, GOAL_INT8 = 0.98, 0.80  # issue 13's bar: 98 % of float's task metric, 80 % of compute in int8
@@ -262,13 +273,13 @@ def corpus_section(document: str) -> str | None:
     return document[start : end if end >= 0 else len(document)]
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its "Real-model corpus" section (up to the next ``## `` heading) replaced
-    by ``section``, or ``section`` appended."""
-    start = document.find(SECTION)
+def replace_section(document: str, section: str, heading: str = SECTION) -> str:
+    """``document`` with its section under ``heading`` (default: "Real-model corpus"; up to the
+    next ``## `` heading) replaced by ``section``, or ``section`` appended."""
+    start = document.find(heading)
     if start < 0:
         return document.rstrip("\n") + "\n\n" + section if document.strip() else section
-    end = document.find("\n## ", start + len(SECTION))
+    end = document.find("\n## ", start + len(heading))
     return document[:start] + section + (document[end:] if end >= 0 else "")
 
 
@@ -288,7 +299,7 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
     parser.add_argument("--latency-runs", type=int, default=20, help="interleaved batch-1 runs per model")
     parser.add_argument("--onnxq-options", default="",
-                        help="options added to `onnxq convert` (quoted, e.g. \"--no-fallback\"; default: none)")
+                        help='options added to `onnxq convert`, written with "=" (--onnxq-options="--no-fallback"; default: none)')
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("corpus-results.json"),
                         help="where to write all figures")
     parser.add_argument("--results", type=Path, default=None,
@@ -316,7 +327,7 @@ def main() -> None:
             for name in names:
                 began = time.perf_counter()
                 rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools,
-                                        args.latency_runs, shlex.split(args.onnxq_options)))
+                                        args.latency_runs, {"onnxq": shlex.split(args.onnxq_options)}))
                 print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
                 facts["minutes"] = (time.perf_counter() - start) / 60
                 section = render(rows, facts)
