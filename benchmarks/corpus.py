@@ -44,8 +44,9 @@ from benchmarks.timing import latencies_ms, session, sqnr_db
 from onnxq.cli.render import json_safe
 from onnxq.errors import OnnxqError
 
-TOOLS = ("onnxq", "ort", "ort-u8")
-TOOL_LABELS = {"onnxq": "onnxq defaults", "ort": "ORT S8S8", "ort-u8": "ORT U8S8"}
+TOOLS = ("onnxq", "ort", "ort-u8")  # the default set; "quark" is run only when asked for (it is slow)
+TOOL_LABELS = {"onnxq": "onnxq defaults", "ort": "ORT S8S8", "ort-u8": "ORT U8S8", "quark": "Quark CLE+AdaRound"}
+QUARK_PYTHON = "ONNXQ_QUARK_PYTHON"  # names an interpreter with amd-quark and torch (not onnxq dependencies)
 SECTION = "## Real-model corpus"
 MATMUL_LIKE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -76,11 +77,19 @@ def convert_onnxq(model: Path, output: Path, data: Path, options: list[str]) -> 
     return row | {"status": status, "message": _last_line(proc.stderr).removeprefix("error: ")}
 
 
-def convert_ort(model: Path, output: Path, data: Path, activations: str) -> dict:
-    """``benchmarks/ort_static.py`` in a fresh process run from ``output``'s folder (ONNX Runtime's
-    quantizer leaves temporary files in its working directory)."""
-    command = [sys.executable, str(Path(__file__).with_name("ort_static.py")), str(model), str(output), str(data),
-               activations]
+def convert_peer(tool: str, model: Path, output: Path, data: Path) -> dict:
+    """A peer quantizer in a fresh process run from ``output``'s folder (ONNX Runtime's quantizer
+    leaves temporary files in its working directory): ``benchmarks/ort_static.py`` for ``ort``
+    and ``ort-u8``, ``benchmarks/quark_static.py`` under ``$ONNXQ_QUARK_PYTHON`` for ``quark``."""
+    if tool == "quark":
+        python = os.environ.get(QUARK_PYTHON)
+        if not python:
+            return {"seconds": float("nan"), "status": "failed",
+                    "message": f"not run: set {QUARK_PYTHON} to a Python with amd-quark and torch installed"}
+        command = [python, str(Path(__file__).with_name("quark_static.py")), str(model), str(output), str(data)]
+    else:
+        command = [sys.executable, str(Path(__file__).with_name("ort_static.py")), str(model), str(output), str(data),
+                   "uint8" if tool == "ort-u8" else "int8"]
     proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=output.parent)
     if proc.returncode != 0:
         return {"seconds": float("nan"), "status": "failed", "message": _last_line(proc.stderr)}
@@ -133,7 +142,7 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
         if options is not None:
             row = base | {"tool": tool, "options": " ".join(options)} | convert_onnxq(path, output, data, options)
         else:
-            row = base | {"tool": tool} | convert_ort(path, output, data, "uint8" if tool == "ort-u8" else "int8")
+            row = base | {"tool": tool} | convert_peer(tool, path, output, data)
         if row["status"] == "ok":
             try:
                 sessions[tool] = session(output)
@@ -296,7 +305,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CORPUS), help="comma-separated names (default: all)")
     parser.add_argument("--calibration", type=int, default=32, help="calibration samples per model")
     parser.add_argument("--eval", type=int, default=32, help="held-out samples per model")
-    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
+    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOL_LABELS)}")
     parser.add_argument("--latency-runs", type=int, default=20, help="interleaved batch-1 runs per model")
     parser.add_argument("--onnxq-options", default="",
                         help='options added to `onnxq convert`, written with "=" (--onnxq-options="--no-fallback"; default: none)')
@@ -312,8 +321,8 @@ def main() -> None:
         if name not in CORPUS:
             parser.error(f"unknown model {name!r}; known: {', '.join(CORPUS)}")
     for tool in tools:
-        if tool not in TOOLS:
-            parser.error(f"unknown tool {tool!r}; known: {', '.join(TOOLS)}")
+        if tool not in TOOL_LABELS:
+            parser.error(f"unknown tool {tool!r}; known: {', '.join(TOOL_LABELS)}")
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text(), parse_constant=float)
         rows = [{key: _number(value) for key, value in row.items()} for row in payload.pop("rows")]
