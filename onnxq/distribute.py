@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import multiprocessing
 import os
 import pickle
@@ -192,7 +193,7 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             try:
                 ray.init(address=None if address == "auto" else address, include_dashboard=False,
-                         log_to_driver=False)
+                         log_to_driver=False, logging_level=logging.WARNING)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise ConfigError(f"cannot reach a Ray cluster at {address!r}: {exc}; give its address "
                                   "(host:port or ray://host:port), or auto for a local Ray") from exc
