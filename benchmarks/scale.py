@@ -93,7 +93,7 @@ def main() -> None:
                 ray.shutdown()
                 cluster.shutdown()
     base = rows[0]
-    print(f"\n| setting | calibration s | search s | search vs 1 worker | trials | kept float | same bytes |")
+    print("\n| setting | calibration s | search s | search vs 1 worker | trials | kept float | same bytes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['setting']} | {row['calibration_s']:.1f} | {row['search_s']:.1f} | "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +20,10 @@ from onnxq.calibration.data import Batch
 from onnxq.calibration.observers import make_observer
 from onnxq.calibration.runner import calibrate
 from onnxq.distribute import Executor
+from onnxq.workspace.store import Workspace
 from tests.graphs import make_model
 from tests.test_cli_errors import DEMO, assert_clean_failure, onnxq as run_cli
+from tests.test_workspace_resume import _loader, reference  # noqa: F401 - reference is a fixture
 
 # A small budget splits calibration into several passes, each a run over the data.
 SEVERAL_PASSES = dict(memory_budget_mb=0.0001)
@@ -89,22 +93,42 @@ def test_calibration_state_does_not_depend_on_the_order_shards_finish_in():
 def test_merging_shard_observers_in_any_order_equals_one_run(method):
     rng = np.random.default_rng(2)
     shards = [rng.standard_t(3, size=500).astype(np.float32) * scale for scale in (0.01, 3.0, 700.0, 0.5)]
-    reference = make_observer(method)
+    whole = make_observer(method)
     for shard in shards:
-        reference.update(shard)
+        whole.update(shard)
     for order in itertools.permutations(range(len(shards))):
         merged = make_observer(method)
         for index in order:
             part = make_observer(method)
             part.update(shards[index])
             merged.merge(part)
-        assert merged.to_dict() == reference.to_dict(), order
+        assert merged.to_dict() == whole.to_dict(), order
 
 
 def test_workers_below_one_is_a_clean_usage_error(tmp_path):
     output = tmp_path / "out.onnx"
     result = run_cli("convert", DEMO, "-o", output, "--calibration-data", tmp_path / "x.npz", "--workers", "0")
     assert_clean_failure(result, output, "--workers")
+
+
+def test_a_driver_killed_mid_calibration_with_two_workers_resumes_to_the_same_bytes(reference, tmp_path):  # noqa: F811
+    expected, _, _ = reference  # one worker, uninterrupted (tests/test_workspace_resume.py)
+    loader, workspace, out = _loader(tmp_path, delay=0.01), tmp_path / "ws", tmp_path / "out.onnx"
+    args = ["convert", str(DEMO), "-o", str(out), "--calibration-data", loader, "--method", "percentile",
+            "--checkpoint-interval", "0", "--workspace", str(workspace), "-q"]
+    process = subprocess.Popen([sys.executable, "-m", "onnxq", *args, "--workers", "2"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((workspace / "steps").glob("*.json"))) < 2:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = Workspace.open(workspace).latest("calibration")
+    assert latest is not None and not latest.payload["complete"]
+    resumed = run_cli(*args, "--resume")  # with one worker: the worker count is not part of the result
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == expected
 
 
 # --- Ray: an optional extra (pip install 'onnxq[ray]'); these tests skip without it ---------------
