@@ -21,44 +21,52 @@ from pathlib import Path
 
 import onnxq
 import onnxq.api
+import onnxq.tune.fallback
+import onnxq.tune.trials
 from benchmarks.corpus_models import CORPUS
 
 
-def _timed(name: str, timings: dict[str, float]):
-    original = getattr(onnxq.api, name)
+# (module, function): what is timed inside onnxq.convert, by wrapping it (calls and seconds)
+TIMED = {
+    "calibration": (onnxq.api, "calibrate_model"),
+    "search": (onnxq.api, "tune_fallback"),
+    "build": (onnxq.tune.fallback, "build_model"),  # trial models, built on the driver
+    "run": (onnxq.tune.trials, "run_all"),  # trial models run in the driver's process (one worker)
+}
 
+
+def _timed(original, name: str, timings: dict[str, list[float]]):
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+            timings.setdefault(name, []).append(time.perf_counter() - start)
 
-    return original, wrapper
+    wrapper.__wrapped_original__ = original
+    return wrapper
 
 
 def convert(model: Path, feeds: list, folder: Path, label: str, **run) -> dict:
-    """One conversion with ``run`` options; its calibration, search and total seconds and output hash."""
-    timings: dict[str, float] = {}
-    originals = {}
-    for name in ("calibrate_model", "tune_fallback"):
-        originals[name], wrapper = _timed(name, timings)
-        setattr(onnxq.api, name, wrapper)
+    """One conversion with ``run`` options: seconds and calls of each timed part, the output's hash."""
+    timings: dict[str, list[float]] = {}
+    for name, (module, function) in TIMED.items():
+        setattr(module, function, _timed(getattr(module, function), name, timings))
     output = folder / f"{label}.onnx"
     start = time.perf_counter()
     try:
         result = onnxq.convert(model, output, feeds, run=onnxq.RunOptions(device="cpu", **run),
                                fallback=onnxq.FallbackOptions(budget_s=0), workspace=folder / f"{label}.ws")
     finally:
-        for name, original in originals.items():
-            setattr(onnxq.api, name, original)
+        for module, function in TIMED.values():
+            setattr(module, function, getattr(module, function).__wrapped_original__)
     report = result.fallback
-    return {
-        "setting": label, "total_s": time.perf_counter() - start, "calibration_s": timings["calibrate_model"],
-        "search_s": timings.get("tune_fallback", 0.0), "trials": report.trials if report else 1,
-        "kept_float": len([k for k in report.kept if k.reason == "accuracy fallback"]) if report else 0,
-        "sha256": hashlib.sha256(output.read_bytes()).hexdigest(),
-    }
+    row = {"setting": label, "total_s": time.perf_counter() - start, "trials": report.trials if report else 1,
+           "kept_float": len([k for k in report.kept if k.reason == "accuracy fallback"]) if report else 0,
+           "sha256": hashlib.sha256(output.read_bytes()).hexdigest()}
+    for name in TIMED:
+        row[f"{name}_s"], row[f"{name}_calls"] = sum(timings.get(name, [])), len(timings.get(name, []))
+    return row
 
 
 def main() -> None:
@@ -93,12 +101,14 @@ def main() -> None:
                 ray.shutdown()
                 cluster.shutdown()
     base = rows[0]
-    print("\n| setting | calibration s | search s | search vs 1 worker | trials | kept float | same bytes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| setting | calibration s | search s | search vs 1 worker | models built (s on the driver) | "
+          "search trials | kept float | same bytes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['setting']} | {row['calibration_s']:.1f} | {row['search_s']:.1f} | "
-              f"{row['search_s'] / base['search_s']:.2f}x | {row['trials']} | {row['kept_float']} | "
-              f"{'yes' if row['sha256'] == base['sha256'] else 'NO'} |")
+              f"{row['search_s'] / base['search_s']:.2f}x | {row['build_calls']} ({row['build_s']:.1f}) | "
+              f"{row['trials']} | {row['kept_float']} | {'yes' if row['sha256'] == base['sha256'] else 'NO'} |")
+    print(f"\none worker: {base['run_calls']} trial-model runs took {base['run_s']:.1f} s in all")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
