@@ -117,7 +117,7 @@ def test_a_driver_killed_mid_calibration_with_two_workers_resumes_to_the_same_by
     args = ["convert", str(DEMO), "-o", str(out), "--calibration-data", loader, "--method", "percentile",
             "--checkpoint-interval", "0", "--workspace", str(workspace), "-q"]
     process = subprocess.Popen([sys.executable, "-m", "onnxq", *args, "--workers", "2"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env=os.environ | {"TMPDIR": str(tmp_path)})  # its leftovers
     deadline = time.monotonic() + 120
     while len(list((workspace / "steps").glob("*.json"))) < 2:
         assert time.monotonic() < deadline and process.poll() is None
@@ -129,6 +129,13 @@ def test_a_driver_killed_mid_calibration_with_two_workers_resumes_to_the_same_by
     resumed = run_cli(*args, "--resume")  # with one worker: the worker count is not part of the result
     assert resumed.returncode == 0, resumed.stderr
     assert out.read_bytes() == expected
+
+
+def test_ray_without_ray_installed_is_a_clean_error_saying_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
+    with pytest.raises(onnxq.OnnxqError, match=r"pip install 'onnxq\[ray\]'"):
+        onnxq.convert(DEMO, tmp_path / "out.onnx", _digits(4), run=onnxq.RunOptions(ray="auto"))
+    assert not (tmp_path / "out.onnx").exists()
 
 
 # --- Ray: an optional extra (pip install 'onnxq[ray]'); these tests skip without it ---------------
