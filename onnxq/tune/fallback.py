@@ -203,7 +203,8 @@ class _Search:
                 return [_known(error - baseline) for error in errors_of([all_float - nodes for nodes in units])]
 
         report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
-        gains = rank_units(self.plain.units, gains_of, progress=report)
+        slots = self.trials.executor.slots  # models measured at once: a few per worker, so that progress shows
+        gains = rank_units(self.plain.units, gains_of, progress=report, step=1 if slots == 1 else 4 * slots)
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
             mode=options.sensitivity, baseline=baseline, gains={"|".join(unit): gain for unit, gain in gains.items()},

@@ -11,21 +11,26 @@ def rank_units(
     individually: int = 64,
     refine: int = 6,
     progress: Callable[[int, int], None] | None = None,
+    step: int = 1,
 ) -> dict[tuple[str, ...], float]:
     """Sensitivity of each unit: ``gains_of([nodes, ...])`` are the errors removed by keeping
     each of the node sets float (measured together, so in parallel where there are workers). Up to ``individually`` units are measured one by one; more are measured in about
     sqrt(n) contiguous groups first (neighbouring units in graph order), and only the units of
     the ``refine`` groups with the largest gains are then measured one by one; the others share
-    their group's gain evenly. Returns gains in ranking order, largest first."""
+    their group's gain evenly. Returns gains in ranking order, largest first. ``gains_of`` gets
+    ``step`` node sets at a time (progress is reported after each call)."""
     total = len(units) if len(units) <= individually else None
     done = 0
 
     def measure(unit_sets: Sequence[Sequence[tuple[str, ...]]]) -> list[float]:
         nonlocal done
-        gains = gains_of([frozenset().union(*unit_set) for unit_set in unit_sets])
-        done += len(unit_sets)
-        if progress is not None:
-            progress(done, total or done)
+        gains: list[float] = []
+        for start in range(0, len(unit_sets), step):
+            chunk = unit_sets[start : start + step]
+            gains += gains_of([frozenset().union(*unit_set) for unit_set in chunk])
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total or done)
         return gains
 
     if len(units) <= individually:
