@@ -11,8 +11,6 @@ Rules:
 3. One worker (``--workers 1``) runs the tasks in the calling process with ONNX Runtime's own
    threads; N local processes get cores // N ONNX Runtime threads each; a Ray task asks for one
    CPU and runs ONNX Runtime on one thread, so Ray places as many tasks on a node as it has cores.
-   Local workers run at a lower priority (niceness 15, as Ray's workers do): where cores are
-   short, the driver's serial work (building the next trial model) goes first.
 4. A Ray task whose worker dies is retried by Ray (``max_retries``); a local worker process that
    dies ends the run with an error, and ``--resume`` continues it from the driver's workspace.
 """
@@ -37,7 +35,6 @@ from typing import Any
 from onnxq.errors import ConfigError, OnnxqError
 
 RAY_RETRIES = 3  # times Ray reruns a task whose worker process died
-WORKER_NICENESS = 15  # local worker processes yield to the driver, whose builds are on the critical path (as Ray's)
 _CACHED = 4  # values and sessions a worker keeps (``worker_cached``)
 _cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
@@ -151,9 +148,7 @@ class LocalExecutor(Executor):
 
     def map(self, function: Callable, arguments: Iterable[tuple]) -> list:
         if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.slots, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
-                initargs=(WORKER_NICENESS,))
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"))
         pool = self._pool
 
         def wait(pending: list) -> list:
