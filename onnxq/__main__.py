@@ -2,4 +2,5 @@
 
 from onnxq.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes (--workers) import this module again: they must not run the CLI
+    main()

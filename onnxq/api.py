@@ -19,6 +19,7 @@ from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samp
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
+from onnxq.distribute import Executor, executor_for
 from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError, WorkspaceError
 from onnxq.files import (
     check_writable,
@@ -132,7 +133,8 @@ def _open_workspace(loaded: LoadedModel, config: QuantConfig, source: BatchSourc
 
 
 def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfig, run: RunOptions,
-                source: BatchSource | None, progress: ProgressCallback | None) -> tuple[CalibrationState, Step]:
+                source: BatchSource | None, progress: ProgressCallback | None,
+                executor: Executor) -> tuple[CalibrationState, Step]:
     """Finish calibration (unless the workspace holds a complete one); returns the final state
     and its workspace step."""
     state = conversion.state
@@ -148,7 +150,7 @@ def _calibrated(conversion: _Conversion, loaded: LoadedModel, config: QuantConfi
                 f"calibration in {conversion.space.path} is not finished; pass the same --calibration-data to resume it"
             )
         state, notes = calibrate_model(loaded, source, config, run, state,
-                                       lambda s: conversion.space.append(s.to_step()), progress)
+                                       lambda s: conversion.space.append(s.to_step()), progress, executor)
         conversion.notes += notes
     step = conversion.space.latest(CalibrationStep)
     if step is None:  # pragma: no cover - calibration always records the final state
@@ -276,10 +278,10 @@ def convert(
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, output_path, config, run)
     loaded = loaded.with_passes(float_exact_passes(config))
-    with locked(workspace_path):
+    with locked(workspace_path), executor_for(run.workers, run.ray) as executor:
         remove_stale_temporaries(output_path.parent, output_path.name)
         return _convert(loaded, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
-                        resume, progress, tuning_progress)
+                        resume, progress, tuning_progress, executor)
 
 
 def _argument(name: str, value: T, kind: type[T] | tuple[type, ...], error: type[OnnxqError]) -> T:
@@ -300,7 +302,7 @@ def _model_path(model: ModelInput) -> Path | None:
 def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
              run: RunOptions, eval_data: DataSource | None, fallback: FallbackOptions, workspace_path: Path,
              resume: bool, progress: ProgressCallback | None, tuning_progress: TuningProgress | None,
-             ) -> ConversionResult:
+             executor: Executor) -> ConversionResult:
     """``convert`` of a float model once its paths are checked and its workspace is held."""
     ruled, rule_notes = resolve_rules(fallback.keep_float, loaded.model.graph, loaded.keys.nodes)
     base = {loaded.keys.nodes[node]: reason for node, reason in ruled.items()}
@@ -316,7 +318,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
 
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
-    state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress)
+    state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress, executor)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
     measurement = _measurement(eval_source, source, config, fallback)
     report_runs = None  # the float model's outputs, computed before any int8 model runs
@@ -329,7 +331,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
             FloatRuns.of(loaded.float_session(), measurement.search)
         search_options = fallback if fallback.max_drop is not None else target.search_options(fallback)
         keep, report = tune_fallback(loaded, state, config, layers, base, search_options, measurement.search,
-                                     search_runs, conversion.space, tuning_progress)
+                                     search_runs, conversion.space, tuning_progress, executor)
         if fallback.max_drop is None and report.met and report.trials == 1:
             report = None  # the safety net's plain model met the target: nothing was searched
         else:

@@ -104,11 +104,21 @@ class RunOptions:
     external_data: str = option(
         "auto", choices=("auto", "always", "never"),
         help="Weights in OUTPUT.data beside the output: auto = when the model had external data or is over 2 GB.")
+    workers: int = option(
+        1, help="Local worker processes for calibration and the fallback search (each gets cores / N ONNX Runtime "
+        "threads); the result is the same for any N. 1: ONNX Runtime alone already uses every core.")
+    ray: str | None = option(
+        None, help="Run calibration and the fallback search as Ray tasks on the cluster at this address "
+        "(auto: a local Ray); needs pip install 'onnxq[ray]'. The result is the same as with one worker.")
 
     def __post_init__(self) -> None:
         check_choices(self)
         if not 0 < self.memory_budget_mb < math.inf:
             raise ConfigError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be 1 or more, not {self.workers}")
+        if self.ray is not None and self.workers != 1:
+            raise ConfigError("--ray and --workers exclude each other: Ray runs one task per CPU of its cluster")
         if not 0 <= self.checkpoint_interval_s < math.inf:
             raise ConfigError(
                 f"--checkpoint-interval must be a number of seconds, 0 or more, not {self.checkpoint_interval_s}"

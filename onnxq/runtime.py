@@ -79,11 +79,14 @@ def create_session(
     what: str,
     providers: tuple[str, ...] = (CPU,),
     external_folder: Path | None = None,
+    threads: int = 0,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session of a model given as a proto, bytes or a file path (see
-    ``session_options`` for ``external_folder``); a model it refuses is reported as ``ModelError``."""
+    ``session_options`` for ``external_folder``) on ``threads`` threads (0: ONNX Runtime's default);
+    a model it refuses is reported as ``ModelError``."""
     options = session_options(external_folder)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
     data = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=list(providers))
@@ -144,10 +147,22 @@ def session_of(model: ir.Model, offload: bool, what: str = "a trial model") -> I
     goes with its weights in a temporary file, which ``model`` then refers to until the block ends."""
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(offloaded(model)) if offload else None
-        proto = ir.to_proto(model)
-        for graph in proto_graphs(proto.graph):
-            del graph.value_info[:]
+        proto = session_proto(model)
         yield create_session(proto if offload else proto.SerializeToString(), what, external_folder=folder)
+
+
+def session_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as it will be written: without the shape annotations onnxq inferred (see ``session_of``)."""
+    proto = ir.to_proto(model)
+    for graph in proto_graphs(proto.graph):
+        del graph.value_info[:]
+    return proto
+
+
+def run_batches(session: ort.InferenceSession, batches: Sequence[Batch]) -> tuple[list[str], list[list[np.ndarray]]]:
+    """The output names of ``session`` and its outputs on each of ``batches``."""
+    names = [output.name for output in session.get_outputs()]
+    return names, [session.run(names, batch.feed) for batch in batches]
 
 
 def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tuple[slice, ...] = (slice(None),),
@@ -156,8 +171,7 @@ def run_all(session: ort.InferenceSession, batches: Sequence[Batch], parts: tupl
     slice of the batches in ``parts`` (default: one dict, of all of them). Outputs whose shapes
     differ across batches (or scalars) are an error, or with ``flat_if_ragged`` concatenated
     flat (for metrics that compare values, not positions)."""
-    names = [output.name for output in session.get_outputs()]
-    runs = [session.run(names, batch.feed) for batch in batches]
+    names, runs = run_batches(session, batches)
     return [concatenate_runs(names, runs[part], flat_if_ragged) for part in parts]
 
 

@@ -233,15 +233,15 @@ def test_rank_units_finds_the_sensitive_units_among_many_with_few_trials():
     true_gain = {f"n{i}": 0.001 for i in range(100)} | {"n37": 1.0, "n80": 0.5, "n81": 0.2}
     measured = []
 
-    def gain_of(nodes):
-        measured.append(nodes)
-        return sum(true_gain[n] for n in nodes)
+    def gains_of(node_sets):
+        measured.extend(node_sets)
+        return [sum(true_gain[n] for n in nodes) for nodes in node_sets]
 
-    ranking = list(rank_units(units, gain_of))
+    ranking = list(rank_units(units, gains_of))
     assert ranking[:3] == [("n37",), ("n80",), ("n81",)]
     assert len(measured) <= 10 + 6 * 10  # groups of 10, then six groups unit by unit
     few = [(f"m{i}",) for i in range(5)]
-    assert list(rank_units(few, lambda nodes: float(sorted(nodes)[0][1:]))) == few[::-1]
+    assert list(rank_units(few, lambda node_sets: [float(sorted(n)[0][1:]) for n in node_sets])) == few[::-1]
 
 
 def test_search_finds_the_needed_nodes_and_prunes_the_rest():

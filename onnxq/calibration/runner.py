@@ -9,10 +9,15 @@ Rules:
 3. Observer state is keyed by topology signature, checkpointed at most every
    ``checkpoint_interval_s`` seconds and at the end of each pass; a resumed run skips the
    samples a checkpoint already covers, so its result equals the uninterrupted run's.
+4. With several workers (``onnxq.distribute``) the batches go out in rounds, a contiguous shard
+   of each round per worker; each shard is observed by fresh observers, which the driver merges
+   into the state in shard order. Merging is exact, so the state equals one worker's; the
+   driver alone checkpoints, after whole rounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +30,10 @@ import onnx_ir as ir
 from onnxq.calibration.augment import augmented_model, carries_body_values
 from onnxq.calibration.candidates import candidate_tensors
 from onnxq.calibration.data import Batch, BatchSource
-from onnxq.calibration.observers import make_observer
+from onnxq.calibration.observers import MinMaxObserver, make_observer
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import QuantConfig, RunOptions
+from onnxq.distribute import Executor, Shared, shared_value, worker_cached
 from onnxq.errors import CalibrationDataError, ModelError, first_line
 from onnxq.load.prepare import LoadedModel
 from onnxq.runtime import calibration_providers, create_session
@@ -35,6 +41,7 @@ from onnxq.workspace.manifest import fold_batch
 
 ProgressCallback = Callable[[int], None]
 Checkpoint = Callable[[CalibrationState], None]
+BATCHES_PER_TASK = 4  # batches one of several workers observes per task
 
 
 def _tensor_bytes(proto: onnx.ModelProto, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, int]:
@@ -89,11 +96,11 @@ class _Checkpoints:
             self.record()
 
 
-def _observe(state: CalibrationState, tensors: dict[str, str], names: list[str], inputs: set[str],
+def _observe(observers: dict[str, MinMaxObserver], tensors: dict[str, str], names: list[str], inputs: set[str],
              exposed: dict[str, dict[str, str]], values: dict[str, np.ndarray], batch: Batch) -> None:
     """Update the observers of ``names`` with one batch's exposed values."""
     for name in names:
-        observer = state.observers[tensors[name]]
+        observer = observers[tensors[name]]
         sources = {"values": None} if name in inputs else exposed.get(name, {})
         if "min" in sources:
             low, high = values[sources["min"]], values[sources["max"]]
@@ -134,6 +141,44 @@ def _run(session, outputs: list[str], batch: Batch, exposed: dict[str, dict[str,
         raise ModelError(f"the float model fails on the calibration data: {first_line(exc)}; {hint}") from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class _PassJob:
+    """What a worker needs to observe batches in one pass: the calibration model and where its
+    external data lies, the providers, the observed names and how their values are exposed."""
+
+    model: onnx.ModelProto
+    external_folder: Path | None
+    providers: tuple[str, ...]
+    tensors: dict[str, str]
+    names: list[str]
+    inputs: set[str]
+    exposed: dict[str, dict[str, str]]
+    outputs: list[str]
+    method: str
+    percentile: float
+
+
+def _observe_shard(job: Shared, batches: list[Batch], threads: int) -> dict[str, MinMaxObserver]:
+    """A worker's task: fresh observers of the pass's tensors, updated with ``batches``."""
+    spec: _PassJob = shared_value(job)
+    session = worker_cached(f"{job.key}:session", lambda: create_session(
+        spec.model, "the float model", spec.providers, spec.external_folder, threads))
+    observers = {spec.tensors[name]: make_observer(spec.method, spec.percentile) for name in spec.names}
+    for batch in batches:
+        _observe(observers, spec.tensors, spec.names, spec.inputs, spec.exposed,
+                 _run(session, spec.outputs, batch, spec.exposed), batch)
+    return observers
+
+
+def _observe_round(state: CalibrationState, executor: Executor, job: Shared, batches: list[Batch]) -> None:
+    """Observe a round of batches, a contiguous shard per worker, and merge in shard order."""
+    size = -(-len(batches) // executor.slots)
+    shards = [(job, batches[i : i + size], executor.threads) for i in range(0, len(batches), size)]
+    for observers in executor.map(_observe_shard, shards):
+        for key, observer in observers.items():
+            state.observers[key].merge(observer)
+
+
 def calibrate(
     proto: onnx.ModelProto,
     tensors: dict[str, str],
@@ -145,13 +190,17 @@ def calibrate(
     checkpoint: Checkpoint | None = None,
     progress: ProgressCallback | None = None,
     external_folder: Path | None = None,
+    executor: Executor | None = None,
 ) -> tuple[CalibrationState, list[str]]:
     """Observe the ranges of ``tensors`` (name -> signature) over the data; returns the final
     state and notes. ``float_tensors`` maps the names known to be float32 to their rank (others
     are checked on each batch). ``batches`` gives a fresh pass over the data each time it is called.
     ``state`` resumes an earlier run; ``checkpoint`` is called with the state to record.
-    ``external_folder`` holds the external data files ``proto`` references, if any.
+    ``external_folder`` holds the external data files ``proto`` references, if any. ``executor``
+    runs the model over the batches (default: in this process).
     """
+    executor = Executor() if executor is None else executor
+    round_size = 1 if executor.slots == 1 else executor.slots * BATCHES_PER_TASK
     providers, device_note = calibration_providers(run.device)
     names_of = {key: name for name, key in tensors.items()}
     # the fed inputs: an initializer listed as a graph input is a default the data need not give
@@ -174,8 +223,21 @@ def calibrate(
         names = [names_of[key] for key in state.passes[state.pass_index]]
         model, exposed = augmented_model(proto, [n for n in names if n not in inputs], reduce_in_graph)
         outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
-        session = create_session(model, "the float model", providers, external_folder)
+        job = executor.share(_PassJob(model, external_folder, providers, tensors, names, inputs, exposed, outputs,
+                                      config.method, config.percentile))
         skip, seen, digest = state.samples_done, 0, ""
+        waiting: list[Batch] = []
+
+        def observe_waiting() -> None:
+            _observe_round(state, executor, job, waiting)
+            state.samples_done, state.data_done_sha256 = seen, digest
+            if state.pass_index == 0:
+                state.samples_seen = seen
+            if progress is not None:
+                progress(sum(batch.samples for batch in waiting))
+            waiting.clear()
+            checkpoints.maybe_record()
+
         for batch in batches():
             seen += batch.samples
             digest = fold_batch(digest, batch)
@@ -190,13 +252,12 @@ def calibrate(
                     "the calibration data is batched differently from the run being resumed; "
                     "resume with the same data and --batch-size"
                 )
-            _observe(state, tensors, names, inputs, exposed, _run(session, outputs, batch, exposed), batch)
-            state.samples_done, state.data_done_sha256 = seen, digest
-            if state.pass_index == 0:
-                state.samples_seen = seen
-            if progress is not None:
-                progress(batch.samples)
-            checkpoints.maybe_record()
+            waiting.append(batch)
+            if len(waiting) == round_size:
+                observe_waiting()
+        if waiting:
+            observe_waiting()
+        executor.release(job)
         if seen == 0:
             raise CalibrationDataError(
                 "the calibration data gave no samples on a later pass; pass a path, a loader, a list "
@@ -227,6 +288,7 @@ def calibrate_model(
     state: CalibrationState | None,
     checkpoint: Checkpoint | None,
     progress: ProgressCallback | None,
+    executor: Executor | None = None,
 ) -> tuple[CalibrationState, list[str]]:
     """Calibrate the cleaned-up graph of ``loaded`` (see ``calibrate``) on the tensors whose
     ranges a quantization decision may need (``candidate_tensors``)."""
@@ -237,4 +299,4 @@ def calibrate_model(
     }
     tensors = {v.name: loaded.keys.tensors[v.name] for v in candidates}
     return calibrate(loaded.cleaned, tensors, float_ranks, source, config, run, state, checkpoint, progress,
-                     loaded.external_folder)
+                     loaded.external_folder, executor)

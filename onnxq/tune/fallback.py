@@ -5,7 +5,6 @@ and every trial are workspace steps; a resumed run reuses them."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import math
 import time
@@ -17,15 +16,16 @@ from onnxq.calibration.data import Batch
 from onnxq.calibration.holdout import first_samples
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import MIN_BATCHES_TO_SPLIT, FallbackOptions, QuantConfig
-from onnxq.errors import ModelError
+from onnxq.distribute import Executor
 from onnxq.load.prepare import LoadedModel
 from onnxq.rewrite.build import BuiltModel, build_model
 from onnxq.report.evaluate import FloatRuns
-from onnxq.runtime import concatenate_runs, run_all, session_of
+from onnxq.runtime import concatenate_runs
 from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
 from onnxq.tune.search import search_fallback
 from onnxq.tune.sensitivity import rank_units
 from onnxq.tune.target import METRIC_NAME
+from onnxq.tune.trials import TrialRunner
 from onnxq.workspace.manifest import batch_fingerprint
 from onnxq.workspace.steps import LayersStep, SensitivityStep, TrialStep
 from onnxq.workspace.store import Workspace
@@ -62,11 +62,6 @@ class FallbackReport:
 
 class _OutOfTime(Exception):
     """The search's time budget is spent."""
-
-
-class _Unloadable(Exception):
-    """ONNX Runtime refused a trial model (an optimizer limit, e.g. with weights shared by
-    subgraphs): the trial counts as failed, and the search goes on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +108,9 @@ class _Search:
 
     def __init__(self, loaded: LoadedModel, state: CalibrationState, config: QuantConfig, layers: LayersStep,
                  base: dict[str, str], options: FallbackOptions, data: _EvalSet, space: Workspace,
-                 progress: TuningProgress | None) -> None:
+                 progress: TuningProgress | None, executor: Executor) -> None:
         self.loaded, self.state, self.config, self.layers = loaded, state, config, layers
+        self.trials = TrialRunner(executor, loaded.offload)
         self.base, self.options, self.data, self.space, self.progress = base, options, data, space, progress
         self.calibration_step = layers.calibration_step
         self.deadline = math.inf  # set once the plain model is scored (``tune_fallback``)
@@ -128,18 +124,20 @@ class _Search:
     def keep_of(self, keys: frozenset[str]) -> dict[str, str]:
         return {k: self.base.get(k, "accuracy fallback") for k in keys}
 
-    def outputs_of(self, keys: frozenset[str], batches: list[Batch], parts=(slice(None),)) -> list[Outputs]:
-        if time.monotonic() > self.deadline:
-            raise _OutOfTime
-        try:
-            with session_of(self.build(self.keep_of(keys)).model, self.loaded.offload) as session:
-                return run_all(session, batches, parts, self.data.flat_if_ragged)
-        except ModelError as exc:
-            self.unloadable += 1
-            raise _Unloadable from exc
-        finally:
-            if self.loaded.offload:
-                gc.collect()  # a trial graph is a cycle of objects: a big model's int8 weights go now
+    def outputs_of(self, keysets: list[frozenset[str]], batches: list[Batch],
+                   parts=(slice(None),)) -> list[list[Outputs] | None]:
+        """The outputs of the trial model of each of ``keysets`` (run in parallel where the
+        executor has workers), ``None`` where ONNX Runtime refused the model (an optimizer
+        limit, e.g. with weights shared by subgraphs: the trial counts as failed)."""
+        def models():
+            for keys in keysets:
+                if time.monotonic() > self.deadline:
+                    raise _OutOfTime
+                yield self.build(self.keep_of(keys)).model
+
+        outputs = self.trials.outputs(models(), len(keysets), batches, parts, self.data.flat_if_ragged)
+        self.unloadable += sum(output is None for output in outputs)
+        return outputs
 
     def _recorded_scores(self) -> dict[frozenset[str], list[float]]:
         scores = {}
@@ -161,12 +159,9 @@ class _Search:
         """How far the worst part's score is above its target (the search accepts >= 0)."""
         data = self.data
         if keys not in self.scores:
-            try:
-                outputs = self.outputs_of(keys, data.batches, data.parts)
-                self.scores[keys] = [float(data.metric(out, ref, lab))
-                                     for out, ref, lab in zip(outputs, data.references, data.labels)]
-            except _Unloadable:
-                self.scores[keys] = [-math.inf] * len(data.parts)
+            outputs = self.outputs_of([keys], data.batches, data.parts)[0]
+            self.scores[keys] = [-math.inf] * len(data.parts) if outputs is None else \
+                [float(data.metric(out, ref, lab)) for out, ref, lab in zip(outputs, data.references, data.labels)]
             self.space.append(TrialStep(
                 calibration_step=self.calibration_step, eval=data.eval_id, metric=data.metric_name,
                 fallback_dtype=self.options.dtype, keep_float=sorted(keys),
@@ -191,26 +186,25 @@ class _Search:
                     and recorded.mode == options.sensitivity and sorted(recorded.ranking) == sorted(recorded.gains):
                 return {tuple(key.split("|")): recorded.gains[key] for key in recorded.ranking}  # JSON sorts keys
 
-        def error_of(keys: frozenset[str]) -> float:
-            try:
-                return relative_error(self.outputs_of(keys, data.subset)[0], data.subset_reference)
-            except _Unloadable:
-                return math.nan  # no gain is known: it counts as none
+        def errors_of(keysets: list[frozenset[str]]) -> list[float]:
+            return [math.nan if outputs is None else relative_error(outputs[0], data.subset_reference)
+                    for outputs in self.outputs_of(keysets, data.subset)]  # nan: no gain known, it counts as none
 
         if options.sensitivity == "only-float":
-            baseline = error_of(base)
+            baseline = errors_of([base])[0]
 
-            def gain_of(nodes: frozenset[str]) -> float:
-                return baseline - error_of(base | nodes)
+            def gains_of(units: list[frozenset[str]]) -> list[float]:
+                return [_known(baseline - error) for error in errors_of([base | nodes for nodes in units])]
         else:  # only-quantized: the error one unit adds to the model with every unit float
             all_float = base.union(*self.plain.units)
-            baseline = error_of(all_float)
+            baseline = errors_of([all_float])[0]
 
-            def gain_of(nodes: frozenset[str]) -> float:
-                return error_of(all_float - nodes) - baseline
+            def gains_of(units: list[frozenset[str]]) -> list[float]:
+                return [_known(error - baseline) for error in errors_of([all_float - nodes for nodes in units])]
 
         report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
-        gains = rank_units(self.plain.units, lambda nodes: _known(gain_of(nodes)), progress=report)
+        slots = self.trials.executor.slots  # models measured at once: a few per worker, so that progress shows
+        gains = rank_units(self.plain.units, gains_of, progress=report, step=1 if slots == 1 else 4 * slots)
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
             mode=options.sensitivity, baseline=baseline, gains={"|".join(unit): gain for unit, gain in gains.items()},
@@ -255,13 +249,14 @@ def tune_fallback(
     float_runs: FloatRuns,
     space: Workspace,
     progress: TuningProgress | None,
+    executor: Executor | None = None,
 ) -> tuple[dict[str, str], FallbackReport]:
     """Accuracy-driven fallback: rank the quantized units by sensitivity, then search the
     smallest set to keep float (``float_runs``: the float model's outputs on ``batches``); returns
     it (key: why) and the report. When ``options.budget_s`` runs out, the best set scored so far
-    is returned."""
+    is returned. ``executor`` runs the trial models (default: in this process)."""
     search = _Search(loaded, state, config, layers, base, options, _EvalSet.of(batches, float_runs, options), space,
-                     progress)
+                     progress, Executor() if executor is None else executor)
     if accept(search.margin(frozenset(base))):
         return base, search.report(frozenset(base), {})
     search.deadline = time.monotonic() + options.budget_s if options.budget_s else math.inf
