@@ -10,74 +10,65 @@ keeps the levels for the rest, which is worse for a tensor whose extremes matter
    constants or tensors of If/Loop/Scan bodies keep min/max.
 2. A candidate's error is the error it causes in the outputs of the weighted layers (a Conv,
    ConvTranspose, Gemm or MatMul with constant weights) that read a member of the group: each
-   such layer runs alone in ONNX Runtime (float weights) on the member's float values and on
-   them quantized and dequantized with the candidate's scale and zero point; the squared error
-   of its output, relative to that output's energy, is summed over the layers. A group that no
-   weighted layer reads is judged by its members' own quantization error, relative to their energy.
+   such layer runs alone (float weights, every such layer of the model side by side in one ONNX
+   Runtime session) on the member's float values and on them quantized and dequantized with the
+   candidate's scale and zero point; the squared error of its output, relative to that output's
+   energy, is summed over the layers. A group that no weighted layer reads is judged by its
+   members' own quantization error, relative to their energy.
 3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN`` on the
    sampled batches: a clip that saves little there may cost more on data it has not seen, since
    what lies beyond it saturates.
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
    key): the plan then computes the group's scale from it (``onnxq.rewrite.plan`` rule 4), and
    ``--resume`` and ``onnx recover`` rebuild the same model without data.
-Cost: two float runs of the model per sampled batch (histograms, then values), and per group
-one run of each weighted reader per candidate and batch.
+Cost, per sampled batch: two float runs of the model (histograms, then values), and one run of
+the weighted layers alone for the float values and for each candidate (at most 1 + 3).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxq.calibration.data import BatchSource
 from onnxq.calibration.observers import HistogramObserver, MinMaxObserver, MseObserver, PercentileObserver
 from onnxq.config import QuantConfig
 from onnxq.graph import constant_array, is_constant, owning_graph
 from onnxq.load.prepare import LoadedModel
-from onnxq.report.evaluate import ErrorAccumulator
 from onnxq.rewrite.plan import QuantPlan, Range
 from onnxq.rewrite.quant_math import activation_params
 from onnxq.runtime import create_session
 from onnxq.tune.tensor_error import fake_quantized, float_values
 
-PERCENTILES = (99.9, 99.99, 99.999)
+PERCENTILES = (99.99, 99.999)
 SAMPLED_BATCHES = 2
 CLIP_GAIN = 0.1  # a clip must lower the readers' error by 10 % (0.46 dB) to replace min/max
 _SAME = 0.01  # candidates within 1 % of the calibrated width of each other at both ends are one
 
 
-@dataclasses.dataclass
-class _Reader:
-    """A weighted layer reading the group member ``member``, run alone on it (rule 2)."""
-
-    node: ir.Node
-    member: str
-    opset: list[onnx.OperatorSetIdProto]
-    ir_version: int  # the float model's: one ONNX Runtime reads
-
-    @functools.cached_property
-    def session(self) -> ort.InferenceSession:
-        return create_session(_reader_model(self.node, self.opset, self.ir_version), f"layer {self.node.name!r} alone")
-
-    def run(self, values: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"x": values})[0]
+def _energy(values: np.ndarray) -> float:
+    flat = values.reshape(-1)
+    return float(np.dot(flat, flat))
 
 
 @dataclasses.dataclass
 class _Group:
-    """Tensors sharing one scale: their names, calibrated range, weighted readers and candidates."""
+    """Tensors sharing one scale: their names, calibrated range, the weighted layers reading
+    them (each with the member it reads) and their indices in ``_Readers``, candidates and, per
+    candidate, the squared error of each output judged (rule 2) with its energy."""
 
     members: list[str]
     calibrated: Range
-    readers: list[_Reader]
+    layers: list[tuple[ir.Node, str]]
+    readers: list[int] = dataclasses.field(default_factory=list)
     histogram: HistogramObserver = dataclasses.field(default_factory=HistogramObserver)
     candidates: list[Range] = dataclasses.field(default_factory=list)
+    noise: np.ndarray | None = None  # [candidate, judged output]
+    signal: np.ndarray | None = None  # [judged output]
 
     def choose_candidates(self) -> None:
         """Rule 1: min/max first, then the distinct clips inside it."""
@@ -91,24 +82,58 @@ class _Group:
             if clip[0] <= clip[1] and all(abs(clip[0] - c[0]) > _SAME * width or abs(clip[1] - c[1]) > _SAME * width
                                           for c in self.candidates):
                 self.candidates.append(clip)
+        judged = len(self.layers) or len(self.members)
+        self.noise, self.signal = np.zeros((len(self.candidates), judged)), np.zeros(judged)
+
+    def quantized(self, values: dict[str, np.ndarray], candidate: int, activations: str) -> dict[str, np.ndarray]:
+        """The members' values quantized and dequantized with candidate ``candidate``'s params."""
+        params = activation_params(*self.candidates[candidate], activations)
+        return {name: fake_quantized(values[name], params) for name in self.members}
+
+    def add(self, candidate: int | None, outputs: list[np.ndarray], references: list[np.ndarray]) -> None:
+        """Add the judged outputs of one batch: the references' energy (``candidate`` None), or
+        a candidate's squared error against them."""
+        if candidate is None:
+            self.signal += [_energy(reference) for reference in references]
+        else:
+            self.noise[candidate] += [_energy(output - reference) for output, reference in zip(outputs, references)]
+
+    def choice(self) -> Range | None:
+        """The clip that replaces min/max (rule 3), or ``None``."""
+        errors = (self.noise / np.maximum(self.signal, 1e-30)).sum(axis=1)
+        best = int(np.argmin(errors[1:])) + 1
+        return self.candidates[best] if np.isfinite(errors[best]) and errors[best] <= (1 - CLIP_GAIN) * errors[0] else None
 
 
-def _reader_model(node: ir.Node, opset: list[onnx.OperatorSetIdProto], ir_version: int) -> onnx.ModelProto:
-    """``node`` alone: its activation input fed as ``x``, its constant inputs as initializers."""
-    proto = ir.serde.serialize_node(node)
-    initializers = []
-    for slot, value in enumerate(node.inputs):
-        if slot == 0 or value is None:
-            continue
-        name = f"c{slot}"
-        proto.input[slot] = name
-        initializers.append(onnx.numpy_helper.from_array(constant_array(value), name))
-    proto.input[0] = "x"
-    del proto.output[1:]
-    proto.output[0] = "y"
-    graph = oh.make_graph([proto], "reader", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
-    return oh.make_model(graph, opset_imports=opset, ir_version=ir_version)
+class _Readers:
+    """Every weighted layer of rule 2 alone, side by side in one model: layer ``i`` reads input
+    ``x{i}`` (the tensor ``inputs[i]``) and its constant inputs, and writes ``y{i}``."""
+
+    def __init__(self, loaded: LoadedModel, layers: list[tuple[ir.Node, str]]) -> None:
+        self.inputs = [name for _, name in layers]
+        nodes, initializers = [], []
+        for index, (node, _) in enumerate(layers):
+            proto = ir.serde.serialize_node(node)
+            for slot, value in enumerate(node.inputs):
+                if slot and value is not None:
+                    proto.input[slot] = f"c{index}_{slot}"
+                    initializers.append(onnx.numpy_helper.from_array(constant_array(value), proto.input[slot]))
+            proto.input[0] = f"x{index}"
+            del proto.output[1:]
+            proto.output[0] = f"y{index}"
+            nodes.append(proto)
+        graph = oh.make_graph(
+            nodes, "weighted layers", [oh.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, None) for i in range(len(layers))],
+            [oh.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(len(layers))], initializers)
+        cleaned = loaded.cleaned
+        model = oh.make_model(graph, opset_imports=list(cleaned.opset_import), ir_version=cleaned.ir_version)
+        self.session = create_session(model, "the weighted layers alone") if layers else None
+
+    def run(self, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each layer's output on ``values`` (by tensor name) of its input."""
+        if self.session is None:
+            return []
+        return self.session.run(None, {f"x{i}": values[name] for i, name in enumerate(self.inputs)})
 
 
 def _weighted_readers(value: ir.Value, plan: QuantPlan) -> list[ir.Node]:
@@ -123,9 +148,8 @@ def _weighted_readers(value: ir.Value, plan: QuantPlan) -> list[ir.Node]:
     return readers
 
 
-def _groups(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range]) -> list[_Group]:
-    """The groups of ``plan`` whose range can be chosen (rule 1), with their readers' sessions."""
-    opset, ir_version = list(loaded.cleaned.opset_import), loaded.cleaned.ir_version
+def _groups(graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range]) -> list[_Group]:
+    """The groups of ``plan`` whose range can be chosen (rule 1), with the weighted layers reading them."""
     groups = []
     for values in plan.groups:
         if any(is_constant(v) or owning_graph(v) is not graph or v.name not in calibrated for v in values):
@@ -133,29 +157,28 @@ def _groups(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibrated: d
         union = MinMaxObserver()
         for v in values:
             union.update_bounds(*calibrated[v.name])
-        readers = [_Reader(node, v.name, opset, ir_version) for v in values for node in _weighted_readers(v, plan)]
-        groups.append(_Group([v.name for v in values], union.range(), readers))
+        layers = [(node, v.name) for v in values for node in _weighted_readers(v, plan)]
+        groups.append(_Group([v.name for v in values], union.range(), layers))
     return groups
 
 
-def _relative_errors(group: _Group, values: dict[str, np.ndarray], config: QuantConfig,
-                     errors: list[dict[int | str, ErrorAccumulator]]) -> None:
-    """Add one batch's errors of each candidate to ``errors`` (per candidate, per reader or member)."""
-    references = [reader.run(values[reader.member]) for reader in group.readers]
-    for candidate, accumulators in zip(group.candidates, errors):
-        params = activation_params(*candidate, config.activations)
-        quantized = {name: fake_quantized(values[name], params) for name in group.members}
-        if group.readers:
-            for index, reader in enumerate(group.readers):
-                accumulator = accumulators.setdefault(index, ErrorAccumulator())
-                accumulator.update(references[index], reader.run(quantized[reader.member]))
-        else:
-            for name in group.members:
-                accumulators.setdefault(name, ErrorAccumulator()).update(values[name], quantized[name])
-
-
-def _total(accumulators: dict[int | str, ErrorAccumulator]) -> float:
-    return sum(a.noise / a.signal if a.signal > 0 else 0.0 for a in accumulators.values())
+def _measure(groups: list[_Group], values: dict[str, np.ndarray], readers: _Readers, activations: str) -> None:
+    """Rule 2 on one batch: the readers run on the float values, then once per candidate index
+    (groups with fewer candidates feed their float values there, and are not judged)."""
+    references = readers.run(values)
+    for group in groups:
+        group.add(None, [], [references[i] for i in group.readers] or [values[name] for name in group.members])
+    for candidate in range(max(len(group.candidates) for group in groups)):
+        measured = [group for group in groups if candidate < len(group.candidates)]
+        quantized = {}
+        for group in measured:
+            quantized.update(group.quantized(values, candidate, activations))
+        outputs = readers.run(values | quantized)
+        for group in measured:
+            if group.readers:
+                group.add(candidate, [outputs[i] for i in group.readers], [references[i] for i in group.readers])
+            else:
+                group.add(candidate, [quantized[name] for name in group.members], [values[name] for name in group.members])
 
 
 def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range],
@@ -163,7 +186,7 @@ def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibra
     """The clipped ranges chosen for the main-graph activation tensors of ``plan`` (by name;
     tensors that keep their calibrated range are left out), measured on the first calibration
     batches (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
-    groups = _groups(loaded, graph, plan, calibrated)
+    groups = _groups(graph, plan, calibrated)
     names = sorted({name for group in groups for name in group.members})
     if not names:
         return {}
@@ -177,15 +200,17 @@ def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibra
         groups = [group for group in groups if len(group.candidates) > 1]
         if not groups:
             return {}
-        errors = {id(group): [{} for _ in group.candidates] for group in groups}
+        layers: list[tuple[ir.Node, str]] = []
+        for group in groups:
+            group.readers = list(range(len(layers), len(layers) + len(group.layers)))
+            layers += group.layers
+        readers = _Readers(loaded, layers)
         for values in float_values(loaded, sorted({n for group in groups for n in group.members}), source,
                                    SAMPLED_BATCHES):
-            for group in groups:
-                _relative_errors(group, values, config, errors[id(group)])
+            _measure(groups, values, readers, config.activations)
     chosen = {}
     for group in groups:
-        totals = [_total(accumulators) for accumulators in errors[id(group)]]
-        best = int(np.argmin(totals[1:])) + 1
-        if np.isfinite(totals[best]) and totals[best] <= (1 - CLIP_GAIN) * totals[0]:
-            chosen.update((name, group.candidates[best]) for name in group.members)
+        clip = group.choice()
+        if clip is not None:
+            chosen.update((name, clip) for name in group.members)
     return chosen
