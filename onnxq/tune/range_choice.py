@@ -5,24 +5,26 @@ the 256 levels of a tensor with a few huge outliers on those outliers; a clip sa
 keeps the levels for the rest, which is worse for a tensor whose extremes matter. Rules:
 1. The candidates of a group of tensors that share one scale (``onnxq.rewrite.plan`` rule 2) are
    its calibrated range (min/max), the ``PERCENTILES`` percentile clips and the MSE-optimal clip
-   of its values, the clips read off one histogram of its members' values on the first
-   ``SAMPLED_BATCHES`` calibration batches and kept inside the calibrated range. Groups holding
-   constants or tensors of If/Loop/Scan bodies keep min/max.
-2. A candidate's error is the error it causes in the outputs of the weighted layers (a Conv,
-   ConvTranspose, Gemm or MatMul with constant weights) that read a member of the group: each
-   such layer runs alone (float weights, every such layer of the model side by side in one ONNX
-   Runtime session) on the member's float values and on them quantized and dequantized with the
-   candidate's scale and zero point; the squared error of its output, relative to that output's
-   energy, is summed over the layers. A group that no weighted layer reads is judged by its
-   members' own quantization error, relative to their energy.
-3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN`` on the
-   sampled batches: a clip that saves little there may cost more on data it has not seen, since
-   what lies beyond it saturates.
+   of its values, read off one histogram of its members' values on the first calibration batch
+   and kept inside the calibrated range. Groups with fewer than ``MIN_VALUES`` values there (too
+   few to tell a tail from the range), or holding constants or tensors of If/Loop/Scan bodies,
+   keep min/max.
+2. The candidates are judged on the second calibration batch, which they were not read off (on
+   their own batch a clip at its largest value would look free): a candidate's error is the
+   error it causes in the outputs of the weighted layers (a Conv, ConvTranspose, Gemm or MatMul
+   with constant weights) that read a member of the group. Each such layer runs alone (float
+   weights; every such layer of the model side by side in one ONNX Runtime session) on the
+   member's float values and on them quantized and dequantized with the candidate's scale and
+   zero point; the squared error of its output, relative to that output's energy, is summed over
+   the layers. A group that no weighted layer reads is judged by its members' own quantization
+   error, relative to their energy. With a single calibration batch every tensor keeps min/max.
+3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN``: a clip that
+   saves little on one batch may cost more on data it has not seen, where more lies beyond it.
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
    key): the plan then computes the group's scale from it (``onnxq.rewrite.plan`` rule 4), and
    ``--resume`` and ``onnx recover`` rebuild the same model without data.
-Cost, per sampled batch: two float runs of the model (histograms, then values), and one run of
-the weighted layers alone for the float values and for each candidate (at most 1 + 3).
+Cost: one float run of the model on each of the two batches (exposing the quantized tensors),
+and one run of the weighted layers alone for the float values and for each candidate (at most 1 + 3).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from onnxq.runtime import create_session
 from onnxq.tune.tensor_error import fake_quantized, float_values
 
 PERCENTILES = (99.99, 99.999)
-SAMPLED_BATCHES = 2
+MIN_VALUES = 2**14  # a 99.99 percentile needs 10**4 values to differ from the maximum
 CLIP_GAIN = 0.1  # a clip must lower the readers' error by 10 % (0.46 dB) to replace min/max
 _SAME = 0.01  # candidates within 1 % of the calibrated width of each other at both ends are one
 
@@ -71,11 +73,12 @@ class _Group:
     signal: np.ndarray | None = None  # [judged output]
 
     def choose_candidates(self) -> None:
-        """Rule 1: min/max first, then the distinct clips inside it."""
+        """Rule 1: min/max first, then the distinct clips inside it (none from too few values)."""
         low, high = self.calibrated
         width = max(high - low, 1e-30)
         self.candidates = [self.calibrated]
-        for observer in [PercentileObserver(p) for p in PERCENTILES] + [MseObserver()]:
+        sampled = self.histogram.counts.sum()
+        for observer in [] if sampled < MIN_VALUES else [PercentileObserver(p) for p in PERCENTILES] + [MseObserver()]:
             observer.merge(self.histogram)
             clip_low, clip_high = observer.range()
             clip = (float(max(low, clip_low)), float(min(high, clip_high)))
@@ -184,30 +187,29 @@ def _measure(groups: list[_Group], values: dict[str, np.ndarray], readers: _Read
 def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range],
                   config: QuantConfig, source: BatchSource) -> dict[str, Range]:
     """The clipped ranges chosen for the main-graph activation tensors of ``plan`` (by name;
-    tensors that keep their calibrated range are left out), measured on the first calibration
-    batches (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
+    tensors that keep their calibrated range are left out), read off the first calibration batch
+    and judged on the second (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
     groups = _groups(graph, plan, calibrated)
     names = sorted({name for group in groups for name in group.members})
     if not names:
         return {}
     with np.errstate(invalid="ignore", over="ignore"):
-        for values in float_values(loaded, names, source, SAMPLED_BATCHES):
-            for group in groups:
-                for name in group.members:
-                    group.histogram.update(values[name])
+        batches = float_values(loaded, names, source, 2)
+        first = next(batches)  # a source has a first batch
         for group in groups:
+            for name in group.members:
+                group.histogram.update(first[name])
             group.choose_candidates()
+        del first  # one batch's tensors in memory at a time
         groups = [group for group in groups if len(group.candidates) > 1]
-        if not groups:
+        second = next(batches, None) if groups else None
+        if second is None:
             return {}
         layers: list[tuple[ir.Node, str]] = []
         for group in groups:
             group.readers = list(range(len(layers), len(layers) + len(group.layers)))
             layers += group.layers
-        readers = _Readers(loaded, layers)
-        for values in float_values(loaded, sorted({n for group in groups for n in group.members}), source,
-                                   SAMPLED_BATCHES):
-            _measure(groups, values, readers, config.activations)
+        _measure(groups, second, _Readers(loaded, layers), config.activations)
     chosen = {}
     for group in groups:
         clip = group.choice()
