@@ -63,8 +63,9 @@ def test_a_tensor_with_a_rare_huge_outlier_feeding_a_conv_gets_a_clipped_range_a
     rng = np.random.default_rng(0)
     model = _conv_model(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2)
     calibration = _samples(rng, 24, outlier_at=9)  # one value of 80 among 442368 in N(0, 1)
-    auto, _ = _convert(model, calibration, tmp_path, "auto", "auto")
+    auto, result = _convert(model, calibration, tmp_path, "auto", "auto")
     minmax, _ = _convert(model, calibration, tmp_path, "minmax", "minmax")
+    assert any(note.startswith("clipped the ranges of 2 tensor(s)") for note in result.notes)  # x and the Conv's output
 
     assert _scales(minmax)["x"] == pytest.approx((OUTLIER - _calibrated(calibration["x"]).min()) / 255, rel=1e-6)
     assert _scales(auto)["x"] < _scales(minmax)["x"] / 10

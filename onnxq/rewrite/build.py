@@ -183,6 +183,9 @@ def build_model(
                                  "as -1e9, the float minimum or -inf)")
     notes += _float_tensor_notes([name for name, key in loaded.keys.tensors.items() if key in poor],
                                  f"whose own 8-bit error is poor on calibration data (SQNR under {POOR_TENSOR_DB:g} dB)")
+    if layers.ranges:
+        notes.append(f"clipped the ranges of {len(layers.ranges)} tensor(s) where that lowered the error of the layers "
+                     "reading them (--method auto)")
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
     if config.reduce_range == "always":
