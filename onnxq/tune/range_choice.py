@@ -17,7 +17,9 @@ keeps the levels for the rest, which is worse for a tensor whose extremes matter
    member's float values and on them quantized and dequantized with the candidate's scale and
    zero point; the squared error of its output, relative to that output's energy, is summed over
    the layers. A group that no weighted layer reads is judged by its members' own quantization
-   error, relative to their energy. With a single calibration batch every tensor keeps min/max.
+   error, relative to their energy, and so is every group of a model whose weights lie in external
+   data (its layers side by side would be another model of that size). With a single calibration
+   batch every tensor keeps min/max.
 3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN``: a clip that
    saves little on one batch may cost more on data it has not seen, where more lies beyond it.
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
@@ -34,6 +36,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 import onnx_ir as ir
 
 from onnxq.calibration.data import BatchSource
@@ -120,7 +123,7 @@ class _Readers:
             for slot, value in enumerate(node.inputs):
                 if slot and value is not None:
                     proto.input[slot] = f"c{index}_{slot}"
-                    initializers.append(onnx.numpy_helper.from_array(constant_array(value), proto.input[slot]))
+                    initializers.append(onh.from_array(constant_array(value), proto.input[slot]))
             proto.input[0] = f"x{index}"
             del proto.output[1:]
             proto.output[0] = f"y{index}"
@@ -151,8 +154,9 @@ def _weighted_readers(value: ir.Value, plan: QuantPlan) -> list[ir.Node]:
     return readers
 
 
-def _groups(graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range]) -> list[_Group]:
-    """The groups of ``plan`` whose range can be chosen (rule 1), with the weighted layers reading them."""
+def _groups(graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range], with_readers: bool) -> list[_Group]:
+    """The groups of ``plan`` whose range can be chosen (rule 1), with the weighted layers reading
+    them (none without ``with_readers``)."""
     groups = []
     for values in plan.groups:
         if any(is_constant(v) or owning_graph(v) is not graph or v.name not in calibrated for v in values):
@@ -160,7 +164,7 @@ def _groups(graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range]) -> l
         union = MinMaxObserver()
         for v in values:
             union.update_bounds(*calibrated[v.name])
-        layers = [(node, v.name) for v in values for node in _weighted_readers(v, plan)]
+        layers = [(node, v.name) for v in values for node in _weighted_readers(v, plan)] if with_readers else []
         groups.append(_Group([v.name for v in values], union.range(), layers))
     return groups
 
@@ -189,7 +193,7 @@ def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibra
     """The clipped ranges chosen for the main-graph activation tensors of ``plan`` (by name;
     tensors that keep their calibrated range are left out), read off the first calibration batch
     and judged on the second (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
-    groups = _groups(graph, plan, calibrated)
+    groups = _groups(graph, plan, calibrated, with_readers=not loaded.offload)
     names = sorted({name for group in groups for name in group.members})
     if not names:
         return {}
