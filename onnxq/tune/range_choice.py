@@ -19,7 +19,7 @@ keeps the levels for the rest, which is worse for a tensor whose extremes matter
    the layers. A group that no weighted layer reads is judged by its members' own quantization
    error, relative to their energy, and so is every group of a model whose weights lie in external
    data (its layers side by side would be another model of that size). With a single calibration
-   batch every tensor keeps min/max.
+   batch, or data that can be read only once, every tensor keeps min/max.
 3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN``: a clip that
    saves little on one batch may cost more on data it has not seen, where more lies beyond it.
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
@@ -199,7 +199,9 @@ def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibra
         return {}
     with np.errstate(invalid="ignore", over="ignore"):
         batches = float_values(loaded, names, source, 2)
-        first = next(batches)  # a source has a first batch
+        first = next(batches, None)  # None: data that could be read only once (calibration read it)
+        if first is None:
+            return {}
         for group in groups:
             for name in group.members:
                 group.histogram.update(first[name])
