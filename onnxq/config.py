@@ -55,8 +55,8 @@ class QuantConfig:
     method: str = option(
         "auto", choices=("auto", *METHODS), changes_model=True,
         help="How activation ranges are chosen: auto = per tensor, among min/max, percentile and MSE-optimal clips, "
-        "the one whose error in the layers reading it is least on the first calibration batches; the others: one "
-        "method for every tensor.")
+        "the one whose error in the layers reading it is least on calibration data; the others: one method for "
+        "every tensor.")
     percentile: float = option(99.99, help="Percentile kept by --method percentile.")
     reduce_range: str = option(
         "auto", choices=("auto", "always", "never"), changes_model=True,
