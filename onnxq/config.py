@@ -21,7 +21,7 @@ from onnxq.options import check_choices, model_options, option
 if TYPE_CHECKING:
     from onnxq.analysis.rules import Rule
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "percentile", "entropy", "mse")  # one calibration method (observer) for every tensor
 TARGETS = ("cpu", "cuda", "tensorrt")
 SENSITIVITY_MODES = ("only-float", "only-quantized")
 MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
@@ -52,7 +52,11 @@ class QuantConfig:
     max_shared_range_ratio: float = option(
         16.0, cli=False, changes_model=True,
         help="A Concat whose inputs' ranges differ by more than this factor is kept float.")
-    method: str = option("minmax", choices=METHODS, changes_model=True, help="How activation ranges are chosen.")
+    method: str = option(
+        "minmax", choices=("auto", *METHODS), changes_model=True,
+        help="How activation ranges are chosen: auto = per tensor, among min/max, percentile and MSE-optimal clips, "
+        "the one whose error in the layers reading it is least on calibration data; the others: one method for "
+        "every tensor.")
     percentile: float = option(99.99, help="Percentile kept by --method percentile.")
     reduce_range: str = option(
         "auto", choices=("auto", "always", "never"), changes_model=True,
@@ -78,6 +82,12 @@ class QuantConfig:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
         if not self.max_shared_range_ratio > 1:  # NaN too
             raise ConfigError(f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}")
+
+    @property
+    def observer_method(self) -> str:
+        """The calibration observers' method: ``auto`` calibrates min/max and chooses the ranges
+        after calibration (``onnxq.tune.range_choice``)."""
+        return "minmax" if self.method == "auto" else self.method
 
     def result_options(self) -> dict:
         """The options that determine the quantized model (not where or how fast it is made);

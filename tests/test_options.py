@@ -45,7 +45,7 @@ def test_compare_and_recover_share_the_data_and_output_options_of_convert():
 
 
 @pytest.mark.parametrize("make, error, words", [
-    (lambda: onnxq.QuantConfig(method="kl"), ConfigError, "method must be one of minmax, percentile, entropy, mse"),
+    (lambda: onnxq.QuantConfig(method="kl"), ConfigError, "method must be one of auto, minmax, percentile, entropy, mse"),
     (lambda: onnxq.QuantConfig(format="onnx"), ConfigError, "format must be one of qdq, qoperator"),
     (lambda: onnxq.RunOptions(device="tpu"), ConfigError, "device must be one of auto, cpu, cuda"),
     (lambda: onnxq.FallbackOptions(dtype="bf16"), ConfigError, "dtype must be one of fp32, fp16"),

@@ -196,7 +196,7 @@ def test_held_out_batches_do_not_calibrate(tmp_path):
     np.savez(tmp_path / "calibration.npz", **data)
     (tmp_path / "model.onnx").write_bytes(detector_head().SerializeToString())
     result = onnxq.convert(tmp_path / "model.onnx", tmp_path / "out.onnx", str(tmp_path / "calibration.npz"),
-                           fallback=onnxq.FallbackOptions(auto=False))
+                           onnxq.QuantConfig(method="minmax"), fallback=onnxq.FallbackOptions(auto=False))
     calibrated = np.delete(data["x"], held, axis=0)
     model = onnx.load(result.output)
     [quantize] = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "xt"]  # x transposed

@@ -206,14 +206,14 @@ def calibrate(
     # the fed inputs: an initializer listed as a graph input is a default the data need not give
     inputs = {value.name for value in proto.graph.input} - {init.name for init in proto.graph.initializer}
     reduce_in_graph = {}
-    if config.method == "minmax":
+    if config.observer_method == "minmax":
         reduce_in_graph = {name: rank for name, rank in float_tensors.items() if name not in inputs}
     if state is None:
         keys = list(tensors.values())
         sizes = _tensor_bytes(proto, batches.first.feed, list(tensors))
         per_batch = [0 if names_of[k] in reduce_in_graph else sizes[names_of[k]] for k in keys]
         passes = _split_into_passes(keys, per_batch, run.memory_budget_mb * 2**20)
-        state = CalibrationState({k: make_observer(config.method, config.percentile) for k in keys}, passes)
+        state = CalibrationState({k: make_observer(config.observer_method, config.percentile) for k in keys}, passes)
     notes: list[str] = [device_note] if device_note else []
     if len(state.passes) > 1:
         notes.append(f"calibrated in {len(state.passes)} passes to stay within {run.memory_budget_mb:g} MB")
@@ -293,7 +293,7 @@ def calibrate_model(
     """Calibrate the cleaned-up graph of ``loaded`` (see ``calibrate``) on the tensors whose
     ranges a quantization decision may need (``candidate_tensors``)."""
     graph = loaded.model.graph
-    candidates = candidate_tensors(graph, config.method)
+    candidates = candidate_tensors(graph, config.observer_method)
     float_ranks = {
         v.name: None if v.shape is None else len(v.shape) for v in candidates if v.dtype == ir.DataType.FLOAT
     }

@@ -42,14 +42,16 @@ def _op_counts(graph: ir.Graph, plan: QuantPlan) -> dict[str, OpCount]:
 
 def plan_for_state(
     graph: ir.Graph, tensor_keys: dict[str, str], state: CalibrationState, config: QuantConfig, sentinel=(),
-    keep_float=frozenset(),
+    keep_float=frozenset(), chosen: dict[str, list[float]] | None = None,
 ) -> QuantPlan:
     """The plan for ``graph`` from the calibrated ranges (by tensor key), leaving the
-    ``sentinel`` tensors and the ``keep_float`` nodes float."""
+    ``sentinel`` tensors and the ``keep_float`` nodes float; ``chosen`` ranges (by tensor key,
+    ``LayersStep.ranges``) replace the calibrated ones."""
     by_key = state.ranges()
     excluded = set(sentinel)
     ranges = {name: by_key[key] for name, key in tensor_keys.items() if key in by_key and key not in excluded}
-    return plan_quantization(graph, ranges, config, keep_float)
+    chosen_ranges = {name: tuple(chosen[key]) for name, key in tensor_keys.items() if chosen and key in chosen}
+    return plan_quantization(graph, ranges, config, keep_float, chosen_ranges)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,13 +176,16 @@ def build_model(
     notes = _keep_unfused_float(graph, keys, set(layers.unfused), keep_float)
     notes += _keep_normalizations_float(graph, keys, keep_float)
     kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
-    plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept)
+    plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept, layers.ranges)
     sentinel, poor = set(layers.sentinel), set(layers.poor)
     sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
     notes += _float_tensor_notes(sentinel_names, "whose range is dominated by sentinel values (attention masks such "
                                  "as -1e9, the float minimum or -inf)")
     notes += _float_tensor_notes([name for name, key in loaded.keys.tensors.items() if key in poor],
                                  f"whose own 8-bit error is poor on calibration data (SQNR under {POOR_TENSOR_DB:g} dB)")
+    if layers.ranges:
+        notes.append(f"clipped the ranges of {len(layers.ranges)} tensor(s) where that lowered the error of the layers "
+                     "reading them (--method auto)")
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
     if config.reduce_range == "always":
@@ -189,7 +194,7 @@ def build_model(
         wanted = set(layers.reduced)
         reduced = {node for node in plan.decisions if keys[node] in wanted}
     islands = _fp16_islands(graph, plan, kept, set(sentinel_names)) if fallback_dtype == "fp16" else set()
-    notes += control_flow_notes(graph, config.method, set(plan.decisions)) + plan.notes
+    notes += control_flow_notes(graph, config.observer_method, set(plan.decisions)) + plan.notes
     if reduced and config.reduce_range == "auto":
         notes += _reduced_notes(graph, reduced)
     pipeline: list[GraphPass] = [QdqPass(plan, reduced)]

@@ -10,6 +10,9 @@ Rules, in order:
 3. A group whose members' magnitudes differ by more than ``max_shared_range_ratio`` would lose
    the small members to one coarse scale: the Concats that formed it are kept float, with a
    note, and the plan is made again.
+4. A group's scale and zero point come from the union of its members' ranges: the range chosen
+   for a member (``chosen``, by ``onnxq.tune.range_choice``) where there is one, else its
+   calibrated range. Rule 3 always looks at the calibrated ranges.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ class QuantPlan:
 
     ``decisions`` holds the quantized nodes; ``params`` every activation tensor that is
     quantized (with its group's scale and zero point); ``quantized_outputs`` the tensors that
-    quantized nodes produce in integer form, which every consumer then reads dequantized.
+    quantized nodes produce in integer form, which every consumer then reads dequantized;
+    ``groups`` the sets of tensors that share one scale (rule 2).
     """
 
     decisions: dict[ir.Node, NodeDecision]
     params: dict[ir.Value, QuantParams]
     quantized_outputs: set[ir.Value]
     notes: list[str]
+    groups: list[list[ir.Value]] = dataclasses.field(default_factory=list)
 
 
 def value_range(value: ir.Value | None, ranges: dict[str, Range]) -> Range | None:
@@ -98,7 +103,7 @@ def _decide_nodes(
 ) -> tuple[dict[ir.Node, NodeDecision], set[ir.Value]]:
     decisions: dict[ir.Node, NodeDecision] = {}
     quantized_outputs: set[ir.Value] = set()
-    for node in quantizable_nodes(graph, config.method):
+    for node in quantizable_nodes(graph, config.observer_method):
         rule = rule_for(node)
         if rule is None or node in float_nodes:
             continue
@@ -153,10 +158,11 @@ def _magnitude(r: Range) -> float:
 
 
 def plan_quantization(
-    graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, keep_float: frozenset[ir.Node] = frozenset()
+    graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, keep_float: frozenset[ir.Node] = frozenset(),
+    chosen: dict[str, Range] | None = None,
 ) -> QuantPlan:
     """Decide which nodes and tensors of ``graph`` are quantized, and with which params;
-    ``keep_float`` nodes stay float."""
+    ``keep_float`` nodes stay float; ``chosen`` ranges (by tensor name) replace calibrated ones (rule 4)."""
     float_nodes: set[ir.Node] = set(keep_float)
     notes: list[str] = []
     while True:
@@ -197,10 +203,11 @@ def plan_quantization(
             break
         float_nodes.update(too_wide)
     params = {}
+    chosen = chosen or {}
     for root, values in group_members.items():
-        value_ranges = [value_range(v, ranges) for v in values]
+        value_ranges = [chosen.get(v.name) or value_range(v, ranges) for v in values]
         group_params = activation_params(
             min(r[0] for r in value_ranges), max(r[1] for r in value_ranges), config.activations
         )
         params.update((v, group_params) for v in values)
-    return QuantPlan(decisions, params, quantized_outputs, notes)
+    return QuantPlan(decisions, params, quantized_outputs, notes, list(group_members.values()))

@@ -1,5 +1,5 @@
-"""Per-layer choices measured once after calibration: sentinel tensors, tensors whose own 8-bit
-error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
+"""Per-layer choices measured once after calibration: sentinel tensors, the ranges chosen by
+their downstream error (``--method auto``), tensors whose own 8-bit error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
 would not fuse."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from onnxq.files import offloaded
 from onnxq.load.prepare import LoadedModel
 from onnxq.ops import FUSION_CHECKED
 from onnxq.rewrite.build import plan_for_state
+from onnxq.rewrite.plan import QuantPlan
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.tune.fusion import unfused_nodes
+from onnxq.tune.range_choice import choose_ranges
 from onnxq.tune.saturation import saturating_layers
 from onnxq.tune.tensor_error import poor_tensors, tensor_errors
 from onnxq.workspace.steps import LayersStep
@@ -28,21 +30,26 @@ def measure_layers(
     calibration_step: int,
 ) -> LayersStep:
     """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given)
-    and, with data, the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
+    and, with data, the ranges chosen by their downstream error (``--method auto``,
+    ``onnxq.tune.range_choice``) and the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
     then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
     saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
     sentinel = tuple(sentinel_tensors(loaded, state, source))
     model = loaded.fresh()
     plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
     poor: tuple[str, ...] = ()
+    ranges: dict[str, list[float]] = {}
     if source is not None:
+        if config.method == "auto":
+            ranges = _chosen_ranges(loaded, model.graph, plan, state, config, source)
+            plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel, chosen=ranges)
         errors = tensor_errors(loaded, model.graph, plan, source)
         poor = tuple(sorted(loaded.keys.tensors[name] for name in poor_tensors(errors)))
         if poor:
-            plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor)
+            plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor, chosen=ranges)
     feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, (), (), sentinel, poor)
+        return LayersStep(calibration_step, (), (), sentinel, poor, ranges)
     keys = loaded.keys.for_copy(model.graph)
     QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
@@ -57,4 +64,13 @@ def measure_layers(
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
             names = unfused_nodes(ir.to_proto(model), folder)
             unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
-    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor)
+    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor, ranges)
+
+
+def _chosen_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, state: CalibrationState,
+                   config: QuantConfig, source: BatchSource) -> dict[str, list[float]]:
+    """The ranges ``onnxq.tune.range_choice`` chooses, by tensor key (as ``LayersStep.ranges`` holds them)."""
+    by_key = state.ranges()
+    calibrated = {name: by_key[key] for name, key in loaded.keys.tensors.items() if key in by_key}
+    chosen = choose_ranges(loaded, graph, plan, calibrated, config, source)
+    return {loaded.keys.tensors[name]: [float(low), float(high)] for name, (low, high) in sorted(chosen.items())}

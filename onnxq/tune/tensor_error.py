@@ -15,6 +15,7 @@ huge constants): rules written for one spelling miss the next. Measuring does no
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -24,26 +25,42 @@ from onnxq.graph import is_constant, owning_graph, with_outputs
 from onnxq.load.prepare import LoadedModel
 from onnxq.report.evaluate import ErrorAccumulator
 from onnxq.rewrite.plan import QuantPlan
-from onnxq.rewrite.quant_math import dequantize, quantize
+from onnxq.rewrite.quant_math import QuantParams, dequantize, quantize
 
 POOR_TENSOR_DB = 12.0  # the error's RMS is a quarter of the signal's
 MEASURED_BATCHES = 4
 
 
+def activation_params(graph: ir.Graph, plan: QuantPlan) -> dict[str, QuantParams]:
+    """The params of the main-graph activation tensors ``plan`` quantizes, by name."""
+    return {value.name: p for value, p in plan.params.items() if not is_constant(value) and owning_graph(value) is graph}
+
+
+def float_values(loaded: LoadedModel, names: list[str], source: BatchSource,
+                 batches: int = MEASURED_BATCHES) -> Iterator[dict[str, np.ndarray]]:
+    """The float values of the tensors ``names`` on each of the first ``batches`` calibration batches."""
+    session = loaded.float_session(with_outputs(loaded.cleaned, names))
+    for batch in itertools.islice(source(), batches):
+        yield dict(zip(names, session.run(names, batch.feed)))
+
+
+def fake_quantized(values: np.ndarray, params: QuantParams) -> np.ndarray:
+    """``values`` quantized and dequantized with ``params``, as a QDQ pair computes them."""
+    return dequantize(quantize(values, params), params)
+
+
 def tensor_errors(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, source: BatchSource) -> dict[str, float]:
     """SQNR in dB of each main-graph activation tensor of ``plan`` (by name) under its own
     quantization, on the first calibration batches (rule 1)."""
-    params = {value.name: p for value, p in plan.params.items()
-              if not is_constant(value) and owning_graph(value) is graph}
+    params = activation_params(graph, plan)
     if not params:
         return {}
     names = sorted(params)
-    session = loaded.float_session(with_outputs(loaded.cleaned, names))
     errors = {name: ErrorAccumulator() for name in names}
     with np.errstate(invalid="ignore"):  # NaN activations (bad weights are refused later) are not poor tensors
-        for batch in itertools.islice(source(), MEASURED_BATCHES):
-            for name, values in zip(names, session.run(names, batch.feed)):
-                errors[name].update(values, dequantize(quantize(values, params[name]), params[name]))
+        for values in float_values(loaded, names, source):
+            for name in names:
+                errors[name].update(values[name], fake_quantized(values[name], params[name]))
     return {name: errors[name].result(name).sqnr_db for name in names}
 
 
