@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.analysis.rules import PATTERNS
@@ -20,6 +21,7 @@ from onnxq.rewrite.fp16 import Fp16IslandsPass
 from onnxq.rewrite.plan import QuantPlan, plan_quantization
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.rewrite.qoperator import QOperatorPass
+from onnxq.tune.bias_correction import BiasCorrectionPass, correctable_layers
 from onnxq.tune.tensor_error import POOR_TENSOR_DB
 from onnxq.workspace.steps import LayersStep
 
@@ -166,7 +168,8 @@ def build_model(
     Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
     ``layers.unfused``, the normalizations found by dataflow and the nodes touching
     ``layers.sentinel`` or ``layers.poor`` tensors; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
-    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
+    get 7-bit weights; the quantized layers with a shift in ``layers.bias_shifts`` get it removed
+    through their bias (``config.bias_correction``); with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
     model = loaded.fresh()
     graph = model.graph
     keys = loaded.keys.for_copy(graph)
@@ -175,6 +178,11 @@ def build_model(
     notes += _keep_normalizations_float(graph, keys, keep_float)
     kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
     plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept)
+    shifts = {node: np.asarray(layers.bias_shifts[keys[node]], np.float32) for node in correctable_layers(graph, plan)
+              if config.bias_correction and keys[node] in layers.bias_shifts}
+    if shifts:  # then planned again: a layer that had no bias has one to quantize now
+        notes += run_passes(model, [BiasCorrectionPass(shifts)])
+        plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept)
     sentinel, poor = set(layers.sentinel), set(layers.poor)
     sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
     notes += _float_tensor_notes(sentinel_names, "whose range is dominated by sentinel values (attention masks such "

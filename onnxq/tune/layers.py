@@ -1,6 +1,6 @@
 """Per-layer choices measured once after calibration: sentinel tensors, tensors whose own 8-bit
-error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
-would not fuse."""
+error is poor, the mean int8 shift of each layer's output (bias correction), layers that need
+7-bit weights on this CPU, and quantized nodes ONNX Runtime would not fuse."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from onnxq.load.prepare import LoadedModel
 from onnxq.ops import FUSION_CHECKED
 from onnxq.rewrite.build import plan_for_state
 from onnxq.rewrite.qdq import QdqPass
+from onnxq.tune.bias_correction import measure_bias_shifts
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.saturation import saturating_layers
 from onnxq.tune.tensor_error import poor_tensors, tensor_errors
@@ -28,8 +29,8 @@ def measure_layers(
     calibration_step: int,
 ) -> LayersStep:
     """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given)
-    and, with data, the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
-    then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
+    and, with data, the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``) and,
+    with ``config.bias_correction``, each layer's int8 shift (``onnxq.tune.bias_correction``); then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
     saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
     sentinel = tuple(sentinel_tensors(loaded, state, source))
     model = loaded.fresh()
@@ -40,9 +41,14 @@ def measure_layers(
         poor = tuple(sorted(loaded.keys.tensors[name] for name in poor_tensors(errors)))
         if poor:
             plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor)
+    shifts = {}
+    if source is not None and config.bias_correction:
+        measured = loaded.fresh()
+        shifts = measure_bias_shifts(loaded, measured, plan_for_state(
+            measured.graph, loaded.keys.tensors, state, config, sentinel + poor), source, loaded.keys.for_copy(measured.graph))
     feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, (), (), sentinel, poor)
+        return LayersStep(calibration_step, (), (), sentinel, poor, shifts)
     keys = loaded.keys.for_copy(model.graph)
     QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
@@ -57,4 +63,4 @@ def measure_layers(
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
             names = unfused_nodes(ir.to_proto(model), folder)
             unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
-    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor)
+    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor, shifts)

@@ -82,7 +82,9 @@ class CalibrationStep(StepRecord):
 class LayersStep(StepRecord):
     """Per-layer choices measured after the calibration step ``calibration_step``, by topology
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
-    tensors whose range is dominated by sentinel values, and tensors whose own 8-bit error is poor."""
+    tensors whose range is dominated by sentinel values, tensors whose own 8-bit error is poor, and
+    the mean int8 shift of each layer's output channels that bias correction removes
+    (``onnxq.tune.bias_correction``)."""
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
@@ -90,6 +92,7 @@ class LayersStep(StepRecord):
     unfused: tuple[str, ...]
     sentinel: tuple[str, ...] = ()
     poor: tuple[str, ...] = ()
+    bias_shifts: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
