@@ -16,6 +16,7 @@ import onnx.numpy_helper
 import pytest
 
 import onnxq
+from onnxq.workspace.steps import LayersStep
 from onnxq.workspace.store import Workspace
 from tests.graphs import make_model, run
 from tests.test_cli_errors import DEMO, onnxq as run_cli
@@ -43,7 +44,9 @@ RUN = onnxq.RunOptions(checkpoint_interval_s=0.0)
 
 
 def _config(**overrides):
-    return onnxq.QuantConfig(method="percentile", **overrides)
+    """Equalization and bias correction on whatever their defaults: the shifts bias correction
+    measures on data must come back from the workspace."""
+    return onnxq.QuantConfig(method="percentile", **{"equalize": True, "bias_correction": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +130,7 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
 
 def test_recover_rebuilds_any_recorded_step(reference, tmp_path):
     expected, workspace, _ = reference
+    assert Workspace.open(workspace).latest(LayersStep).read(LayersStep).bias_shifts  # measured, so recorded
     final = onnxq.recover(DEMO, workspace, tmp_path / "final.onnx")
     assert (tmp_path / "final.onnx").read_bytes() == expected
     quantized_step = Workspace.open(workspace).latest("quantized").index
