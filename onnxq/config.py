@@ -60,9 +60,10 @@ class QuantConfig:
     quantize_unfused: bool = option(
         False, changes_model=True, help="Also quantize nodes ONNX Runtime's CPU provider would not fuse.")
     equalize: bool = option(
-        True, flag="--equalize/--no-equalize", changes_model=True,
-        help="Cross-layer equalization: balance the per-channel weight ranges of Conv/Gemm pairs joined by "
-        "Relu, LeakyRelu, PRelu or nothing, exactly in float (docs/int8-accuracy.md).")
+        False, flag="--equalize/--no-equalize", changes_model=True,
+        help="Cross-layer equalization: balance the per-channel weight ranges of Conv/Gemm/MatMul pairs joined by "
+        "Relu, LeakyRelu, PRelu or nothing, exactly in float; helps --per-tensor weights, not per-channel ones "
+        "(docs/int8-accuracy.md).")
     bias_correction: bool = option(
         True, flag="--bias-correction/--no-bias-correction", changes_model=True,
         help="Remove the mean shift int8 causes in each weighted layer's output, measured on the first "

@@ -109,7 +109,8 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
     for attempt in range(3):
         workspace, out = tmp_path / f"ws{attempt}", tmp_path / f"out{attempt}.onnx"
         args = [sys.executable, "-m", "onnxq", "convert", str(DEMO), "-o", str(out), "--calibration-data", loader,
-                "--method", "percentile", "--checkpoint-interval", "0.05", "--workspace", str(workspace), "-q"]
+                "--method", "percentile", "--equalize", "--bias-correction", "--checkpoint-interval", "0.05",
+                "--workspace", str(workspace), "-q"]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not list((workspace / "steps").glob("*.json")) if (workspace / "steps").is_dir() else True:
@@ -122,7 +123,8 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
         latest = Workspace.open(workspace).latest("calibration")
         interrupted_mid_calibration += latest is not None and not latest.payload["complete"]
         resumed = run_cli("convert", DEMO, "-o", out, "--calibration-data", loader, "--method", "percentile",
-                          "--checkpoint-interval", "0.05", "--workspace", workspace, "--resume", "-q")
+                          "--equalize", "--bias-correction", "--checkpoint-interval", "0.05", "--workspace", workspace,
+                          "--resume", "-q")
         assert resumed.returncode == 0, resumed.stderr
         assert out.read_bytes() == expected
     assert interrupted_mid_calibration >= 2

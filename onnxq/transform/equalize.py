@@ -35,11 +35,6 @@ MAX_ROUNDS = 20
 TOLERANCE = 1e-3
 
 
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
 @dataclasses.dataclass
 class _Layer:
     """A weighted layer and how its weight's channels lie: ``out_axis`` holds its output
@@ -95,10 +90,10 @@ def _layer(node: ir.Node | None) -> _Layer | None:
     if not _own_float_constant(node.inputs[1]):
         return None
     layer = None
-    if node.op_type == "Conv" and weight.ndim >= 3 and weight.shape[0] % _int(node, "group", 1) == 0:
-        layer = _Layer(node, 0, 1, _int(node, "group", 1))
-    elif node.op_type == "Gemm" and weight.ndim == 2 and not _int(node, "transA", 0):
-        layer = _Layer(node, 0, 1) if _int(node, "transB", 0) else _Layer(node, 1, 0)
+    if node.op_type == "Conv" and weight.ndim >= 3 and weight.shape[0] % node.attributes.get_int("group", 1) == 0:
+        layer = _Layer(node, 0, 1, node.attributes.get_int("group", 1))
+    elif node.op_type == "Gemm" and weight.ndim == 2 and not node.attributes.get_int("transA", 0):
+        layer = _Layer(node, 0, 1) if node.attributes.get_int("transB", 0) else _Layer(node, 1, 0)
     elif node.op_type == "MatMul" and weight.ndim == 2:
         layer = _Layer(node, 1, 0)
     if layer is None or len(node.inputs) < 3 or node.inputs[2] is None:

@@ -39,18 +39,13 @@ from onnxq.runtime import create_session
 from onnxq.tune.tensor_error import MEASURED_BATCHES
 
 
-def _float_attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
-
-
 def _bias_target(node: ir.Node) -> tuple[ir.Node, int, float] | None:
     """Where a shift of ``node``'s output is subtracted (rule 3): the node, its input slot and
     the factor the shift is divided by; ``None`` where it cannot be."""
     if node.op_type in ("Conv", "ConvTranspose"):
         return node, 2, 1.0
     if node.op_type == "Gemm":
-        beta = _float_attr(node, "beta", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
         return (node, 2, beta) if beta != 0 else None
     if node.op_type != "MatMul":
         return None
