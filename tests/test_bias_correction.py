@@ -5,7 +5,9 @@ Runtime on the float model improve; a MatMul's shift goes into the Add after it.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import pytest
 
 import onnxq
@@ -95,3 +97,15 @@ def test_correction_removes_the_mean_error_per_channel_and_raises_sqnr(converted
 def test_correction_off_records_no_shifts(converted):
     workspace = converted[False][1].workspace
     assert Workspace.open(workspace).latest(LayersStep).read(LayersStep).bias_shifts == {}
+
+
+def test_a_layer_kept_float_is_not_corrected(tmp_path):
+    output = tmp_path / "kept.onnx"
+    onnxq.convert(layer_with_skewed_rounding(), output, [{"x": x} for x in _samples(8, 1)],
+                  onnxq.QuantConfig(per_channel=False, hold_out=False),
+                  fallback=onnxq.FallbackOptions(keep_float=("Conv",), auto=False))
+    model = onnx.load(output)
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    assert list(conv.input) == ["x", "w"]  # no bias added: float has no shift to remove
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(
+        next(init for init in model.graph.initializer if init.name == "w")), _weights()["w"])

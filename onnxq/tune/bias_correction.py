@@ -49,14 +49,15 @@ def _bias_target(node: ir.Node) -> tuple[ir.Node, int, float] | None:
         return (node, 2, beta) if beta != 0 else None
     if node.op_type != "MatMul":
         return None
-    output = node.outputs[0]
+    output, weight = node.outputs[0], constant_array(node.inputs[1])
     uses = list(output.uses())
-    if len(uses) != 1 or output.is_graph_output() or uses[0].node.op_type != "Add":
+    if weight is None or len(uses) != 1 or output.is_graph_output() or uses[0].node.op_type != "Add" \
+            or uses[0].node.domain not in ("", "ai.onnx"):
         return None
     add, slot = uses[0].node, 1 - uses[0].idx
-    constant = constant_array(add.inputs[slot])
+    constant = constant_array(add.inputs[slot])  # per channel or less, so that the Add's output keeps its shape
     if constant is None or constant.dtype != np.float32 or constant.ndim > len(output.shape or ()) \
-            or constant.shape[-1:] not in ((), (1,), (output.shape[-1],)):
+            or constant.shape[-1:] not in ((), (1,), (weight.shape[-1],)):
         return None
     return add, slot, 1.0
 
