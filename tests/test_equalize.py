@@ -10,10 +10,10 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
-from onnxq.transform.equalize import EqualizePass
+from onnxq.transform.equalize import MAX_SCALE, EqualizePass
 from tests.graphs import initializers, make_model, run, sqnr_db
 
-CHANNEL_SCALES = np.array([50, 0.02, 1, 4, 0.1, 10, 0.5, 2], np.float32)  # per output channel of the first Conv
+CHANNEL_SCALES = np.array([6, 0.15, 1, 4, 0.2, 5, 0.5, 2], np.float32)  # per output channel of the first Conv
 
 
 def _unbalanced_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,6 +79,21 @@ def test_equalized_pairs_have_equal_channel_ranges():
     np.testing.assert_allclose(first_out, dw_in, rtol=1e-2)  # both pairs round-robin to a fixed point
     np.testing.assert_allclose(dw_out, pointwise_in, rtol=1e-2)
     np.testing.assert_allclose(gemm_out, matmul_in, rtol=1e-5)
+
+
+def test_a_dead_channel_is_not_blown_up_beyond_the_scale_bound():
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32), np.full(4, 0.5, np.float32)
+    w1[2] *= 1e-9  # channel 2 is dead in the first layer: its balanced scale would be ~1e-5
+    w2 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
+    model = make_model([oh.make_node("Conv", ["x", "w1", "b1"], ["a"]), oh.make_node("Relu", ["a"], ["r"]),
+                        oh.make_node("Conv", ["r", "w2"], ["y"])], [("x", [1, 3, 4, 4])], [("y", None)],
+                       [("w1", w1), ("b1", b1), ("w2", w2)])
+    weights = initializers(_equalized(model)[0])
+    growth = weights["b1"] / b1  # the bias, and so the activation, of each channel grows by 1 / s_i
+    assert growth[2] == pytest.approx(MAX_SCALE, rel=1e-5)
+    assert np.all(growth <= MAX_SCALE * (1 + 1e-5)) and np.all(growth >= 1 / MAX_SCALE / (1 + 1e-5))
+    np.testing.assert_allclose(weights["w2"][:, 2], w2[:, 2] / MAX_SCALE, rtol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["Clip", "HardSwish"])

@@ -16,7 +16,11 @@ Rules:
    channel ``i`` are divided by ``s_i``, the second layer's weight of input channel ``i`` is
    multiplied by it: both ranges become ``sqrt(r1_i * r2_i)``. Zero padding stays zero, so
    padded Convs are exact too.
-4. Pairs sharing a layer (Conv -> depthwise Conv -> Conv) are balanced in turn, over rounds,
+4. A pair's scales, over all rounds together, stay within ``[1 / MAX_SCALE, MAX_SCALE]``: a
+   channel almost dead in one layer (weights near 0) would otherwise be multiplied by orders of
+   magnitude in the other, its bias with it, and widen the range of the tensor between them,
+   which has one scale.
+5. Pairs sharing a layer (Conv -> depthwise Conv -> Conv) are balanced in turn, over rounds,
    until no scale moves by more than ``TOLERANCE`` (relative) or ``MAX_ROUNDS`` rounds are done.
 """
 
@@ -33,6 +37,7 @@ from onnxq.passes import GraphPass, PassResult
 POSITIVE_HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 MAX_ROUNDS = 20
 TOLERANCE = 1e-3
+MAX_SCALE = 16.0
 
 
 @dataclasses.dataclass
@@ -159,10 +164,13 @@ class EqualizePass(GraphPass):
         if not pairs:
             return PassResult(model, False)
         taken = taken_names(graph)
+        totals = [np.ones(first.weight.shape[first.out_axis], np.float32) for first, _ in pairs]
         for _ in range(MAX_ROUNDS):
             moved = 0.0
-            for first, second in pairs:
-                scales = equalization_scales(first.out_ranges(), second.in_ranges())
+            for (first, second), total in zip(pairs, totals):
+                wanted = equalization_scales(first.out_ranges(), second.in_ranges())
+                scales = np.clip(total * wanted, 1 / MAX_SCALE, MAX_SCALE) / total  # rule 4
+                total *= scales
                 moved = max(moved, float(np.max(np.abs(scales - 1))))
                 weight, bias = first.divide_outputs(scales)
                 set_constant_input(graph, taken, first.node, 1, weight)
