@@ -54,6 +54,15 @@ def plan_for_state(
     return plan_quantization(graph, ranges, config, keep_float)
 
 
+def reduced_layers(plan: QuantPlan, keys: dict[ir.Node, str], config: QuantConfig, reduced: tuple[str, ...]) -> set[ir.Node]:
+    """The quantized nodes that get 7-bit weights: every weighted one with ``reduce_range="always"``,
+    else those whose key is in ``reduced`` (measured by ``onnxq.tune.layers``)."""
+    if config.reduce_range == "always":
+        return {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
+    wanted = set(reduced)
+    return {node for node in plan.decisions if keys[node] in wanted}
+
+
 @dataclasses.dataclass(frozen=True)
 class BuiltModel:
     """One quantized model, not yet checked: the rewritten graph, per-op counts, notes, its
@@ -191,11 +200,7 @@ def build_model(
                                  f"whose own 8-bit error is poor on calibration data (SQNR under {POOR_TENSOR_DB:g} dB)")
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
-    if config.reduce_range == "always":
-        reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
-    else:
-        wanted = set(layers.reduced)
-        reduced = {node for node in plan.decisions if keys[node] in wanted}
+    reduced = reduced_layers(plan, keys, config, layers.reduced)
     islands = _fp16_islands(graph, plan, kept, set(sentinel_names)) if fallback_dtype == "fp16" else set()
     notes += control_flow_notes(graph, config.method, set(plan.decisions)) + plan.notes
     if reduced and config.reduce_range == "auto":

@@ -6,8 +6,8 @@ Rules:
    MatMul) is measured when its output can take a correction (rule 3).
 2. A layer's shift is its own error: per output channel, the mean over the first
    ``MEASURED_BATCHES`` calibration batches of its output in the plain QDQ model (int8 input,
-   int8 weight, int32 bias) minus the float layer (float weight and bias) applied to the same
-   input before its QuantizeLinear. Shifts that upstream layers cause are theirs to correct, so
+   int8 weight, 7-bit where the layers step says so, int32 bias) minus the float layer (float
+   weight and bias) applied to the same input before its QuantizeLinear. Shifts that upstream layers cause are theirs to correct, so
    every layer is measured in one run and corrected at once, and a layer's correction does not
    depend on which other nodes a fallback keeps float.
 3. The shift is subtracted from the layer's bias: a Conv or ConvTranspose without one gets one;
@@ -99,16 +99,17 @@ def _add_float_twin(graph: ir.Graph, taken: set[str], node: ir.Node, weight: np.
 
 
 def measure_bias_shifts(loaded: LoadedModel, model: ir.Model, plan: QuantPlan, source: BatchSource,
-                        keys: dict[ir.Node, str]) -> dict[str, list[float]]:
+                        keys: dict[ir.Node, str], reduced: set[ir.Node] = frozenset()) -> dict[str, list[float]]:
     """The shift per output channel of each layer of rule 1 (by topology key), measured as rule 2
-    says on ``model`` (a fresh copy of the float graph, which ``plan`` is for; it is rewritten)."""
+    says on ``model`` (a fresh copy of the float graph, which ``plan`` is for; it is rewritten, with
+    7-bit weights on the ``reduced`` layers)."""
     graph = model.graph
     layers = correctable_layers(graph, plan)
     if not layers:
         return {}
     floats = {node: (constant_array(node.inputs[1]), constant_array(node.inputs[2]) if len(node.inputs) > 2 else None)
               for node in layers}
-    QdqPass(plan)(model)
+    QdqPass(plan, reduced)(model)
     taken = taken_names(graph)
     pairs = {}
     for node in layers:
