@@ -214,6 +214,6 @@ def test_other_weights_or_other_options_are_refused_saying_what_differs(referenc
     with pytest.raises(onnxq.OnnxqError, match="other weights"):
         onnxq.recover(_with_other_weights(tmp_path), workspace, tmp_path / "x.onnx")
     result = run_cli("convert", DEMO, "-o", tmp_path / "y.onnx", "--calibration-data", _loader(tmp_path),
-                     "--method", "entropy", "--workspace", workspace, "--resume")
+                     "--method", "entropy", "--equalize", "--workspace", workspace, "--resume")
     assert result.returncode == 2
     assert "method: 'percentile' there, 'entropy' now" in result.stderr
