@@ -22,12 +22,11 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibration.data import BatchSource
+from onnxq.calibration.data import KEPT_BATCHES, BatchSource
 from onnxq.files import offloaded
 from onnxq.graph import add_initializer, constant_array, set_constant_input, taken_names, unique_name, with_outputs
 from onnxq.load.prepare import LoadedModel
@@ -36,7 +35,8 @@ from onnxq.passes import GraphPass, PassResult
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.runtime import create_session
-from onnxq.tune.tensor_error import MEASURED_BATCHES
+
+MEASURED_BATCHES = KEPT_BATCHES  # the first calibration batches, which a one-shot source keeps too
 
 
 def _bias_target(node: ir.Node) -> tuple[ir.Node, int, float] | None:
@@ -123,7 +123,7 @@ def measure_bias_shifts(loaded: LoadedModel, model: ir.Model, plan: QuantPlan, s
         folder = stack.enter_context(offloaded(model)) if loaded.offload else None
         session = create_session(with_outputs(ir.to_proto(model), names), "the bias measuring model",
                                  external_folder=folder)
-        for batch in itertools.islice(source(), MEASURED_BATCHES):
+        for batch in source.first_batches(MEASURED_BATCHES):
             values = dict(zip(names, session.run(names, batch.feed)))
             for node, (quantized, float_twin) in pairs.items():
                 axis = _channel_axis(node)
