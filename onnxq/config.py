@@ -63,6 +63,15 @@ class QuantConfig:
         help="7-bit weights: auto = only on layers this CPU's int8 kernels would saturate.")
     quantize_unfused: bool = option(
         False, changes_model=True, help="Also quantize nodes ONNX Runtime's CPU provider would not fuse.")
+    equalize: bool = option(
+        False, flag="--equalize/--no-equalize", changes_model=True,
+        help="Cross-layer equalization: balance the per-channel weight ranges of Conv/Gemm/MatMul pairs joined by "
+        "Relu, LeakyRelu, PRelu or nothing, exactly in float; helps --per-tensor weights, not per-channel ones "
+        "(docs/int8-accuracy.md).")
+    bias_correction: bool = option(
+        True, flag="--bias-correction/--no-bias-correction", changes_model=True,
+        help="Remove the mean shift int8 causes in each weighted layer's output, measured on the first "
+        "calibration batches, through the layer's bias (docs/int8-accuracy.md).")
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -87,3 +87,17 @@ def add_initializer(graph: ir.Graph, taken: set[str], name: str, array: np.ndarr
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
     graph.register_initializer(value)
     return value
+
+
+def set_constant_input(graph: ir.Graph, taken: set[str], node: ir.Node, slot: int, array: np.ndarray) -> None:
+    """Make input ``slot`` of ``node`` the constant ``array``: the initializer there takes the new
+    values when ``node`` alone reads it, else a new initializer does (the input list grows to
+    ``slot`` where needed)."""
+    value = node.inputs[slot] if slot < len(node.inputs) else None
+    if is_constant(value) and len(value.uses()) == 1 and not value.is_graph_output() and value.graph is graph:
+        value.const_value = ir.Tensor(np.asarray(array), name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    if slot >= len(node.inputs):
+        node.resize_inputs(slot + 1)
+    node.replace_input_with(slot, add_initializer(graph, taken, f"{node.name or node.op_type}_input{slot}", array))

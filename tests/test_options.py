@@ -26,6 +26,7 @@ CONVERT_FLAGS = {  # the command line's contract, as README.md documents it
     "--external-data", "--image-size", "--resize", "--pixel-scale", "--mean", "--std", "--channel-order", "--layout",
     "--quiet", "-q", "--json", "--keep-float", "--max-drop", "--metric", "--check-halves", "--no-check-halves",
     "--fallback-dtype", "--save-rules", "--max-trials", "--sensitivity", "--sensitivity-samples",
+    "--equalize", "--no-equalize", "--bias-correction", "--no-bias-correction",
 }
 IMAGE_FLAGS = {"--image-size", "--resize", "--pixel-scale", "--mean", "--std", "--channel-order", "--layout"}
 

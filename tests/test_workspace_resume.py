@@ -16,6 +16,7 @@ import onnx.numpy_helper
 import pytest
 
 import onnxq
+from onnxq.workspace.steps import LayersStep
 from onnxq.workspace.store import Workspace
 from tests.graphs import make_model, run
 from tests.test_cli_errors import DEMO, onnxq as run_cli
@@ -43,7 +44,9 @@ RUN = onnxq.RunOptions(checkpoint_interval_s=0.0)
 
 
 def _config(**overrides):
-    return onnxq.QuantConfig(method="percentile", **overrides)
+    """Equalization and bias correction on whatever their defaults: the shifts bias correction
+    measures on data must come back from the workspace."""
+    return onnxq.QuantConfig(method="percentile", **{"equalize": True, "bias_correction": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,8 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
     for attempt in range(3):
         workspace, out = tmp_path / f"ws{attempt}", tmp_path / f"out{attempt}.onnx"
         args = [sys.executable, "-m", "onnxq", "convert", str(DEMO), "-o", str(out), "--calibration-data", loader,
-                "--method", "percentile", "--checkpoint-interval", "0.05", "--workspace", str(workspace), "-q"]
+                "--method", "percentile", "--equalize", "--bias-correction", "--checkpoint-interval", "0.05",
+                "--workspace", str(workspace), "-q"]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not list((workspace / "steps").glob("*.json")) if (workspace / "steps").is_dir() else True:
@@ -119,7 +123,8 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
         latest = Workspace.open(workspace).latest("calibration")
         interrupted_mid_calibration += latest is not None and not latest.payload["complete"]
         resumed = run_cli("convert", DEMO, "-o", out, "--calibration-data", loader, "--method", "percentile",
-                          "--checkpoint-interval", "0.05", "--workspace", workspace, "--resume", "-q")
+                          "--equalize", "--bias-correction", "--checkpoint-interval", "0.05", "--workspace", workspace,
+                          "--resume", "-q")
         assert resumed.returncode == 0, resumed.stderr
         assert out.read_bytes() == expected
     assert interrupted_mid_calibration >= 2
@@ -127,6 +132,7 @@ def test_kill_9_at_random_moments_then_resume_reproduces_the_output(reference, t
 
 def test_recover_rebuilds_any_recorded_step(reference, tmp_path):
     expected, workspace, _ = reference
+    assert Workspace.open(workspace).latest(LayersStep).read(LayersStep).bias_shifts  # measured, so recorded
     final = onnxq.recover(DEMO, workspace, tmp_path / "final.onnx")
     assert (tmp_path / "final.onnx").read_bytes() == expected
     quantized_step = Workspace.open(workspace).latest("quantized").index
@@ -208,6 +214,6 @@ def test_other_weights_or_other_options_are_refused_saying_what_differs(referenc
     with pytest.raises(onnxq.OnnxqError, match="other weights"):
         onnxq.recover(_with_other_weights(tmp_path), workspace, tmp_path / "x.onnx")
     result = run_cli("convert", DEMO, "-o", tmp_path / "y.onnx", "--calibration-data", _loader(tmp_path),
-                     "--method", "entropy", "--workspace", workspace, "--resume")
+                     "--method", "entropy", "--equalize", "--workspace", workspace, "--resume")
     assert result.returncode == 2
     assert "method: 'percentile' there, 'entropy' now" in result.stderr

@@ -26,7 +26,8 @@ def _write_raw(space: Workspace, index: int, kind: str, payload: dict) -> None:
 
 def test_typed_steps_read_back_as_written(tmp_path):
     space = _workspace(tmp_path)
-    layers = LayersStep(3, reduced=("Conv:a:0",), unfused=(), sentinel=("Add:b:0/0",), ranges={"Conv:a:0/0": [-1.5, 2.25]})
+    layers = LayersStep(3, reduced=("Conv:a:0",), unfused=(), sentinel=("Add:b:0/0",), ranges={"Conv:a:0/0": [-1.5, 2.25]},
+                        bias_shifts={"Conv:a:0": [0.5, -0.25]})
     trial = TrialStep(3, "e", "sqnr", "fp32", ["Conv:a:0"], 0.98, 1.0, True, {"Conv:a:0": "accuracy fallback"}, [0.97, 0.99])
     for step in (layers, trial, QuantizedStep(3, "f" * 64, {"Conv:a:0": "accuracy fallback"})):
         space.append(step)
@@ -34,7 +35,7 @@ def test_typed_steps_read_back_as_written(tmp_path):
     assert space.latest("trial").read(TrialStep) == trial
     assert json.loads((space.path / "steps" / "000000-layers.json").read_text())["payload"] == {
         "calibration_step": 3, "reduced": ["Conv:a:0"], "unfused": [], "sentinel": ["Add:b:0/0"], "poor": [],
-        "ranges": {"Conv:a:0/0": [-1.5, 2.25]}}
+        "ranges": {"Conv:a:0/0": [-1.5, 2.25]}, "bias_shifts": {"Conv:a:0": [0.5, -0.25]}}
 
 
 def test_a_payload_of_an_earlier_version_gets_the_defaults(tmp_path):

@@ -384,11 +384,14 @@ class Batch:
     labels: np.ndarray | None = None
 
 
+KEPT_BATCHES = 4  # the first batches a one-shot source keeps for measurements after calibration
+
+
 class BatchSource:
     """Batches that can be read again for another pass; the first batch is read, and so
     checked, when the source is made. A one-shot iterator, or a ``get_next()`` reader without
-    ``rewind()``, gives its batches only once; a reader with ``rewind()`` is rewound before
-    every pass, the first included."""
+    ``rewind()``, gives its batches only once (keeping its first ``KEPT_BATCHES`` for
+    ``first_batches``); a reader with ``rewind()`` is rewound before every pass, the first included."""
 
     def __init__(self, data: DataSource, inputs: list[InputSpec], batch_size: int = 1, max_samples: int | None = None):
         rewind = getattr(data, "rewind", None) if is_reader(data) else None
@@ -397,7 +400,19 @@ class BatchSource:
         self._restart = lambda: iter_batches(_rewound(data, rewind), inputs, batch_size, max_samples)
         stream = self._restart()
         self.first = next(stream)
-        self._pending: Iterator[Batch] | None = itertools.chain([self.first], stream)
+        self._kept: list[Batch] = []
+        self._pending: Iterator[Batch] | None = self._keeping(itertools.chain([self.first], stream))
+
+    def _keeping(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            if self._one_shot and len(self._kept) < KEPT_BATCHES:
+                self._kept.append(batch)
+            yield batch
+
+    def first_batches(self, count: int) -> list[Batch]:
+        """The first ``count`` batches (at most ``KEPT_BATCHES`` of a one-shot source, those its
+        first read has passed)."""
+        return self._kept[:count] if self._one_shot else list(itertools.islice(self(), count))
 
     @property
     def one_shot(self) -> bool:

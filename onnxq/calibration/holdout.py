@@ -12,6 +12,7 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 from onnxq.calibration.data import Batch, BatchSource
@@ -44,9 +45,9 @@ class HeldOutSplit(BatchSource):
     def one_shot(self) -> bool:
         return self.source.one_shot
 
-    def _split(self) -> Iterator[tuple[bool, Batch]]:
+    def _split(self, batches: Iterable[Batch] | None = None) -> Iterator[tuple[bool, Batch]]:
         held = 0
-        for index, batch in enumerate(self.source()):
+        for index, batch in enumerate(self.source() if batches is None else batches):
             take = held < HOLD_OUT_SAMPLES and index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
             held += batch.samples if take else 0
             yield take, batch
@@ -60,6 +61,12 @@ class HeldOutSplit(BatchSource):
                 yield batch
         if self._held is None:  # a one-shot source cannot be read again for them
             self._held = held
+
+    def first_batches(self, count: int) -> list[Batch]:
+        """The first ``count`` calibration batches (of those a one-shot source kept)."""
+        if not self.one_shot:
+            return list(itertools.islice(self(), count))
+        return [batch for take, batch in self._split(self.source.first_batches(count)) if not take]
 
     def held_out(self) -> list[Batch]:
         """The held-out batches (none with fewer than ``HOLD_OUT_EVERY`` batches: rule 2)."""

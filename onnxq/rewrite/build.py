@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.analysis.rules import PATTERNS
@@ -20,6 +21,7 @@ from onnxq.rewrite.fp16 import Fp16IslandsPass
 from onnxq.rewrite.plan import QuantPlan, plan_quantization
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.rewrite.qoperator import QOperatorPass
+from onnxq.tune.bias_correction import BiasCorrectionPass, correctable_layers
 from onnxq.tune.tensor_error import POOR_TENSOR_DB
 from onnxq.workspace.steps import LayersStep
 
@@ -52,6 +54,15 @@ def plan_for_state(
     ranges = {name: by_key[key] for name, key in tensor_keys.items() if key in by_key and key not in excluded}
     chosen_ranges = {name: tuple(chosen[key]) for name, key in tensor_keys.items() if chosen and key in chosen}
     return plan_quantization(graph, ranges, config, keep_float, chosen_ranges)
+
+
+def reduced_layers(plan: QuantPlan, keys: dict[ir.Node, str], config: QuantConfig, reduced: tuple[str, ...]) -> set[ir.Node]:
+    """The quantized nodes that get 7-bit weights: every weighted one with ``reduce_range="always"``,
+    else those whose key is in ``reduced`` (measured by ``onnxq.tune.layers``)."""
+    if config.reduce_range == "always":
+        return {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
+    wanted = set(reduced)
+    return {node for node in plan.decisions if keys[node] in wanted}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +179,8 @@ def build_model(
     Nodes whose key is in ``keep_float`` (key: reason) stay float, and so do those in
     ``layers.unfused``, the normalizations found by dataflow and the nodes touching
     ``layers.sentinel`` or ``layers.poor`` tensors; layers in ``layers.reduced`` (every layer, for ``reduce_range="always"``)
-    get 7-bit weights; with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
+    get 7-bit weights; the quantized layers with a shift in ``layers.bias_shifts`` get it removed
+    through their bias (``config.bias_correction``); with ``fallback_dtype="fp16"`` nodes left float run in fp16."""
     model = loaded.fresh()
     graph = model.graph
     keys = loaded.keys.for_copy(graph)
@@ -177,6 +189,12 @@ def build_model(
     notes += _keep_normalizations_float(graph, keys, keep_float)
     kept = frozenset(node for node in all_nodes(graph) if keys[node] in keep_float)
     plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept, layers.ranges)
+    shifts = {node: np.asarray(layers.bias_shifts[keys[node]], np.float32) for node in correctable_layers(graph, plan)
+              if config.bias_correction and keys[node] in layers.bias_shifts}
+    if shifts:  # then planned again: a layer that had no bias has one to quantize now
+        notes += run_passes(model, [BiasCorrectionPass(shifts)])
+        plan = plan_for_state(graph, loaded.keys.tensors, state, config, layers.sentinel + layers.poor, kept,
+                              layers.ranges)
     sentinel, poor = set(layers.sentinel), set(layers.poor)
     sentinel_names = [name for name, key in loaded.keys.tensors.items() if key in sentinel]
     notes += _float_tensor_notes(sentinel_names, "whose range is dominated by sentinel values (attention masks such "
@@ -188,11 +206,7 @@ def build_model(
                      "reading them (--method auto)")
     op_counts = _op_counts(graph, plan)
     units = _fallback_units(graph, plan, keys)
-    if config.reduce_range == "always":
-        reduced = {node for node, decision in plan.decisions.items() if decision.weight_slot is not None}
-    else:
-        wanted = set(layers.reduced)
-        reduced = {node for node in plan.decisions if keys[node] in wanted}
+    reduced = reduced_layers(plan, keys, config, layers.reduced)
     islands = _fp16_islands(graph, plan, kept, set(sentinel_names)) if fallback_dtype == "fp16" else set()
     notes += control_flow_notes(graph, config.observer_method, set(plan.decisions)) + plan.notes
     if reduced and config.reduce_range == "auto":

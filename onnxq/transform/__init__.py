@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from onnxq.config import QuantConfig
 from onnxq.passes import GraphPass
+from onnxq.transform.equalize import EqualizePass
 
 
 def float_exact_passes(config: QuantConfig) -> tuple[GraphPass, ...]:
     """The float-exact passes ``config`` asks for, in the order they run."""
-    del config  # no transform is chosen by an option yet
-    return ()
+    return (EqualizePass(),) if config.equalize else ()

@@ -1,6 +1,7 @@
 """Per-layer choices measured once after calibration: sentinel tensors, the ranges chosen by
-their downstream error (``--method auto``), tensors whose own 8-bit error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
-would not fuse."""
+their downstream error (``--method auto``), tensors whose own 8-bit error is poor, the mean int8
+shift of each layer's output (bias correction), layers that need 7-bit weights on this CPU, and
+quantized nodes ONNX Runtime would not fuse."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from onnxq.config import QuantConfig
 from onnxq.files import offloaded
 from onnxq.load.prepare import LoadedModel
 from onnxq.ops import FUSION_CHECKED
-from onnxq.rewrite.build import plan_for_state
+from onnxq.rewrite.build import plan_for_state, reduced_layers
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.rewrite.qdq import QdqPass
+from onnxq.tune.bias_correction import measure_bias_shifts
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.range_choice import choose_ranges
 from onnxq.tune.saturation import saturating_layers
@@ -33,7 +35,9 @@ def measure_layers(
     and, with data, the ranges chosen by their downstream error (``--method auto``,
     ``onnxq.tune.range_choice``) and the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
     then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
-    saturate this CPU's kernels (on the first batch; skipped without data) and which would not fuse."""
+    saturate this CPU's kernels (on the first batch; skipped without data) and which would not
+    fuse; last, with data and ``config.bias_correction``, each layer's int8 shift with the weights
+    it will have (``onnxq.tune.bias_correction``)."""
     sentinel = tuple(sentinel_tensors(loaded, state, source))
     model = loaded.fresh()
     plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel)
@@ -48,8 +52,24 @@ def measure_layers(
         if poor:
             plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor, chosen=ranges)
     feed = None if source is None else source.first.feed
-    if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, (), (), sentinel, poor, ranges)
+    reduced, unfused = (), ()
+    if config.reduce_range == "auto" and feed is not None or not config.quantize_unfused:
+        reduced, unfused = _saturation_and_fusion(loaded, model, plan, config, feed)
+    shifts = {}
+    if source is not None and config.bias_correction:
+        measured = loaded.fresh()
+        keys = loaded.keys.for_copy(measured.graph)
+        measured_plan = plan_for_state(measured.graph, loaded.keys.tensors, state, config, sentinel + poor,
+                                       chosen=ranges)
+        shifts = measure_bias_shifts(loaded, measured, measured_plan, source, keys,
+                                     reduced_layers(measured_plan, keys, config, reduced))
+    return LayersStep(calibration_step, reduced, unfused, sentinel, poor, ranges, shifts)
+
+
+def _saturation_and_fusion(loaded: LoadedModel, model: ir.Model, plan: QuantPlan, config: QuantConfig,
+                           feed: dict | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The layers that need 7-bit weights and the quantized nodes ONNX Runtime would not fuse,
+    by key, measured on ``model`` rewritten to QDQ by ``plan``."""
     keys = loaded.keys.for_copy(model.graph)
     QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
@@ -64,7 +84,7 @@ def measure_layers(
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
             names = unfused_nodes(ir.to_proto(model), folder)
             unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
-    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor, ranges)
+    return tuple(reduced), tuple(unfused)
 
 
 def _chosen_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, state: CalibrationState,

@@ -83,7 +83,9 @@ class LayersStep(StepRecord):
     """Per-layer choices measured after the calibration step ``calibration_step``, by topology
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
     tensors whose range is dominated by sentinel values, tensors whose own 8-bit error is poor,
-    and the ranges chosen by their downstream error (``--method auto``: tensor key -> ``[low, high]``)."""
+    the ranges chosen by their downstream error (``--method auto``: tensor key -> ``[low, high]``),
+    and the mean int8 shift of each layer's output channels that bias correction removes
+    (``onnxq.tune.bias_correction``)."""
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
@@ -92,6 +94,7 @@ class LayersStep(StepRecord):
     sentinel: tuple[str, ...] = ()
     poor: tuple[str, ...] = ()
     ranges: dict = dataclasses.field(default_factory=dict)
+    bias_shifts: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
