@@ -114,7 +114,7 @@ def test_workers_below_one_is_a_clean_usage_error(tmp_path):
 def test_a_driver_killed_mid_calibration_with_two_workers_resumes_to_the_same_bytes(reference, tmp_path):  # noqa: F811
     expected, _, _ = reference  # one worker, uninterrupted (tests/test_workspace_resume.py)
     loader, workspace, out = _loader(tmp_path, delay=0.01), tmp_path / "ws", tmp_path / "out.onnx"
-    args = ["convert", str(DEMO), "-o", str(out), "--calibration-data", loader, "--method", "percentile",
+    args = ["convert", str(DEMO), "-o", str(out), "--calibration-data", loader, "--method", "percentile", "--equalize", "--bias-correction",
             "--checkpoint-interval", "0", "--workspace", str(workspace), "-q"]
     process = subprocess.Popen([sys.executable, "-m", "onnxq", *args, "--workers", "2"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=os.environ | {"TMPDIR": str(tmp_path)})  # its leftovers

@@ -224,7 +224,7 @@ def calibrate(
         model, exposed = augmented_model(proto, [n for n in names if n not in inputs], reduce_in_graph)
         outputs = list(dict.fromkeys(output for sources in exposed.values() for output in sources.values()))
         job = executor.share(_PassJob(model, external_folder, providers, tensors, names, inputs, exposed, outputs,
-                                      config.method, config.percentile))
+                                      config.observer_method, config.percentile))
         skip, seen, digest = state.samples_done, 0, ""
         waiting: list[Batch] = []
 
