@@ -2,15 +2,52 @@
 outlier migration, ...). They run after clean-up and before calibration, on a copy of the
 cleaned-up graph (``LoadedModel.with_passes``): calibration, the rewrite and the float reference
 the output is measured against all work from the transformed graph, whose outputs equal the
-user's model's to float rounding. Each is chosen by an option of ``QuantConfig``."""
+user's model's to float rounding. Each is chosen by an option of ``QuantConfig``.
+
+A pass that measures something on data (outlier migration's factors) is given the first
+calibration batches (``TransformData``), or what an earlier run recorded in the workspace;
+``transform_steps`` are the records of what the passes measured, to append to the workspace so
+that ``recover`` and ``--resume`` apply the same."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxq.calibration.data import Batch
+from onnxq.calibration.layer_inputs import LayerInput, layer_inputs
 from onnxq.config import QuantConfig
 from onnxq.passes import GraphPass
+from onnxq.transform.smoothing import OutlierMigrationPass
+from onnxq.workspace.steps import SmoothingStep, StepRecord
 
 
-def float_exact_passes(config: QuantConfig) -> tuple[GraphPass, ...]:
-    """The float-exact passes ``config`` asks for, in the order they run."""
-    del config  # no transform is chosen by an option yet
-    return ()
+@dataclasses.dataclass(frozen=True)
+class TransformData:
+    """The first calibration batches the data-driven passes measure on (and where the model's
+    external weights lie, to run it)."""
+
+    batches: tuple[Batch, ...]
+    external_folder: Path | None = None
+
+    def layer_inputs(self, model: ir.Model, nodes: list[ir.Node]) -> dict[ir.Node, LayerInput]:
+        return layer_inputs(model, nodes, self.batches, external_folder=self.external_folder)
+
+
+def float_exact_passes(config: QuantConfig, data: TransformData | None = None,
+                       recorded: SmoothingStep | None = None) -> tuple[GraphPass, ...]:
+    """The float-exact passes ``config`` asks for, in the order they run; those that measure use
+    ``recorded`` when given, else ``data``."""
+    passes: list[GraphPass] = []
+    if config.smooth:
+        factors = None if recorded is None else recorded.arrays()
+        passes.append(OutlierMigrationPass(config.smooth_alpha, None if data is None else data.layer_inputs, factors))
+    return tuple(passes)
+
+
+def transform_steps(passes: tuple[GraphPass, ...]) -> list[StepRecord]:
+    """What ``passes`` measured (once they ran), as workspace steps."""
+    return [SmoothingStep.of(p.alpha, p.factors) for p in passes
+            if isinstance(p, OutlierMigrationPass) and p.factors is not None]
