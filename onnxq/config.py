@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("cpu", "cuda", "tensorrt")
 SENSITIVITY_MODES = ("only-float", "only-quantized")
+ROUNDINGS = ("nearest", "gptq")
 MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
 
 
@@ -63,6 +64,10 @@ class QuantConfig:
         False, flag="--smooth/--no-smooth", changes_model=True,
         help="Outlier migration (SmoothQuant): divide MatMul/Gemm input channels by factors measured on the first "
         "calibration batches, absorbed exactly into the op that makes the input, and multiply the weights by them.")
+    rounding: str = option(
+        "nearest", choices=ROUNDINGS, changes_model=True,
+        help="How weights are rounded to int8: nearest, or gptq (each layer's rounding errors compensated through "
+        "the Hessian of its input on the first calibration batches, GPTQ-style).")
     smooth_alpha: float = option(
         0.5, help="With --smooth: how much of each channel's range moves into the weights (0 none, 1 all).")
 

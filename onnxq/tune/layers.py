@@ -1,10 +1,11 @@
 """Per-layer choices measured once after calibration: sentinel tensors, tensors whose own 8-bit
-error is poor, layers that need 7-bit weights on this CPU, and quantized nodes ONNX Runtime
-would not fuse."""
+error is poor, layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime
+would not fuse, and (``--rounding gptq``) learned integer weights."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import onnx_ir as ir
 
@@ -18,6 +19,7 @@ from onnxq.ops import FUSION_CHECKED
 from onnxq.rewrite.build import plan_for_state
 from onnxq.rewrite.qdq import QdqPass
 from onnxq.tune.fusion import unfused_nodes
+from onnxq.tune.rounding import round_weights
 from onnxq.tune.saturation import saturating_layers
 from onnxq.tune.tensor_error import poor_tensors, tensor_errors
 from onnxq.workspace.steps import LayersStep
@@ -42,7 +44,7 @@ def measure_layers(
             plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor)
     feed = None if source is None else source.first.feed
     if (config.reduce_range != "auto" or feed is None) and config.quantize_unfused:
-        return LayersStep(calibration_step, (), (), sentinel, poor)
+        return _with_rounding(LayersStep(calibration_step, (), (), sentinel, poor), loaded, config, source)
     keys = loaded.keys.for_copy(model.graph)
     QdqPass(plan)(model)
     with contextlib.ExitStack() as stack:
@@ -57,4 +59,13 @@ def measure_layers(
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}
             names = unfused_nodes(ir.to_proto(model), folder)
             unfused = sorted(keys[by_name[name]] for name in names if name in by_name)
-    return LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor)
+    return _with_rounding(LayersStep(calibration_step, tuple(reduced), tuple(unfused), sentinel, poor),
+                          loaded, config, source)
+
+
+def _with_rounding(layers: LayersStep, loaded: LoadedModel, config: QuantConfig, source: BatchSource | None) -> LayersStep:
+    """``layers`` with the learned weight rounding of ``--rounding gptq`` (``onnxq.tune.rounding``;
+    it needs data: none without)."""
+    if config.rounding != "gptq" or source is None:
+        return layers
+    return dataclasses.replace(layers, rounded=round_weights(loaded, config, set(layers.reduced), source))

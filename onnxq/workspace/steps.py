@@ -103,7 +103,9 @@ class CalibrationStep(StepRecord):
 class LayersStep(StepRecord):
     """Per-layer choices measured after the calibration step ``calibration_step``, by topology
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
-    tensors whose range is dominated by sentinel values, and tensors whose own 8-bit error is poor."""
+    tensors whose range is dominated by sentinel values, tensors whose own 8-bit error is poor, and
+    the learned integer weights of ``--rounding gptq`` with the scale they were rounded for
+    (``{"values", "scale"}``, each an ``encode_array``)."""
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
@@ -111,6 +113,7 @@ class LayersStep(StepRecord):
     unfused: tuple[str, ...]
     sentinel: tuple[str, ...] = ()
     poor: tuple[str, ...] = ()
+    rounded: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
