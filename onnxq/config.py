@@ -63,13 +63,12 @@ class QuantConfig:
     smooth: bool = option(
         False, flag="--smooth/--no-smooth", changes_model=True,
         help="Outlier migration (SmoothQuant): divide MatMul/Gemm input channels by factors measured on the first "
-        "calibration batches, absorbed exactly into the op that makes the input, and multiply the weights by them.")
+        "calibration batches, absorbed exactly into the op that makes the input, and multiply the weights by them "
+        "(per layer, only where it lowers the layer's measured output error).")
     rounding: str = option(
         "nearest", choices=ROUNDINGS, changes_model=True,
         help="How weights are rounded to int8: nearest, or gptq (each layer's rounding errors compensated through "
         "the Hessian of its input on the first calibration batches, GPTQ-style).")
-    smooth_alpha: float = option(
-        0.5, help="With --smooth: how much of each channel's range moves into the weights (0 none, 1 all).")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -87,19 +86,15 @@ class QuantConfig:
             raise ConfigError(f"max samples must be at least 1 (or unset for all), not {self.max_samples}")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], not {self.percentile}")
-        if not 0 <= self.smooth_alpha <= 1:  # NaN too
-            raise ConfigError(f"smooth alpha must be in [0, 1], not {self.smooth_alpha}")
         if not self.max_shared_range_ratio > 1:  # NaN too
             raise ConfigError(f"max shared range ratio must be above 1, not {self.max_shared_range_ratio}")
 
     def result_options(self) -> dict:
         """The options that determine the quantized model (not where or how fast it is made);
-        the percentile only matters to ``--method percentile``, the alpha to ``--smooth``."""
+        the percentile only matters to ``--method percentile``."""
         options = model_options(self)
         if self.method == "percentile":
             options["percentile"] = self.percentile
-        if self.smooth:
-            options["smooth_alpha"] = self.smooth_alpha
         return options
 
 

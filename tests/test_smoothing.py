@@ -10,6 +10,7 @@ import onnxq
 from onnxq.calibration.data import Batch
 from onnxq.load.prepare import load
 from onnxq.transform import TransformData, float_exact_passes
+from onnxq.transform.smoothing import ALPHAS
 from onnxq.workspace.steps import SmoothingStep
 from onnxq.workspace.store import Workspace
 from tests.graphs import initializers, make_model, run, sqnr_db
@@ -94,14 +95,16 @@ def test_factors_follow_the_smoothquant_formula():
     model = layernorm_matmuls(rng)
     feeds = _feeds(model, rng, 5)
     smoothed = _smoothed(model, feeds)
-    # numpy reference: s_j = sqrt(max|h_j| / max_j |W|), max over both readers' rows
+    # numpy reference: s_j = max|h_j|^a / max|W_j|^(1-a), max over both readers' rows, for one of the alphas tried
     x = np.concatenate([f["x"].reshape(-1, DIM) for f in feeds]).astype(np.float64)
     weights = initializers(model)
     h = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5) * weights["gamma"] + weights["beta"]
     w_max = np.maximum(np.abs(weights["w1"]).max(1), np.abs(weights["w2"]).max(1))
-    factor = np.sqrt(np.abs(h).max(0) / w_max)
+    factor = initializers(smoothed.cleaned)["w1"][:, 0] / weights["w1"][:, 0]
+    alphas = [a for a in ALPHAS if np.allclose(factor, np.abs(h).max(0) ** a / w_max ** (1 - a), rtol=1e-4)]
+    assert len(alphas) == 1, factor
     np.testing.assert_allclose(initializers(smoothed.cleaned)["gamma"], weights["gamma"] / factor, rtol=1e-4)
-    np.testing.assert_allclose(initializers(smoothed.cleaned)["w1"], weights["w1"] * factor[:, None], rtol=1e-4)
+    np.testing.assert_allclose(initializers(smoothed.cleaned)["w2"], weights["w2"] * factor[:, None], rtol=1e-4)
 
 
 def _output_sqnr(model, quantized, feeds) -> float:

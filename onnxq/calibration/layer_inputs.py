@@ -7,8 +7,10 @@ that move or round weights by what the layer really reads (``onnxq.transform.smo
    columns in the order of the weight's ``[C/group, kernel...]``).
 2. The float model runs on ``LAYER_INPUT_SAMPLES`` samples with the inputs exposed; per input
    channel (a Conv's: per input feature map) the largest ``|x|`` is kept and, when asked, the
-   Hessian ``X^T X`` of the rows (per group for a Conv), summed in float64.
-3. Memory is bounded: a layer with more than ``MAX_HESSIAN_COLUMNS`` columns gets no Hessian.
+   Hessian ``X^T X`` of the rows (per group for a Conv), summed in float64, and, when asked, a
+   sample of the rows of a MatMul or Gemm (evenly spaced, up to a number per batch).
+3. Time and memory are bounded: a layer with more than ``MAX_HESSIAN_COLUMNS`` columns gets no
+   Hessian, and a Hessian takes at most ``MAX_ROWS_PER_BATCH`` rows of a batch, evenly spaced.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from onnxq.runtime import create_session
 
 LAYER_INPUT_SAMPLES = 16
 MAX_HESSIAN_COLUMNS = 4608  # 4608^2 float64 = 170 MB: 512 channels of 3x3 patches
+MAX_ROWS_PER_BATCH = 4096  # rows of one batch a Hessian takes, evenly spaced (a Conv's output positions)
 _ROWS_PER_PRODUCT = 1 << 16  # rows multiplied at once into a Hessian
 
 
@@ -40,11 +43,13 @@ def layer_input_batches(source: BatchSource) -> list[Batch]:
 @dataclasses.dataclass
 class LayerInput:
     """What one layer read: per input channel ``max|x|``, the Hessian ``X^T X`` of its rows
-    (``[groups, K, K]``, ``None`` when not asked or too big) and the number of rows."""
+    (``[groups, K, K]``, ``None`` when not asked or too big), the number of rows, and the
+    sampled rows (``[rows, K]``, ``None`` when not asked)."""
 
     channel_max: np.ndarray
     hessian: np.ndarray | None
     rows: int = 0
+    sample: np.ndarray | None = None
 
 
 def is_weighted_layer(node: ir.Node) -> bool:
@@ -92,9 +97,8 @@ def conv_patches(node: ir.Node, x: np.ndarray) -> np.ndarray:
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
     windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]  # [N, C, OH, OW, kh, kw]
-    n, channels, out_h, out_w = windows.shape[:4]
-    rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, groups, -1)
-    return rows
+    n, _, out_h, out_w = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, groups, -1)
 
 
 def layer_rows(node: ir.Node, x: np.ndarray) -> np.ndarray:
@@ -122,10 +126,10 @@ def hessian_columns(node: ir.Node) -> int:
 
 
 def layer_inputs(model: ir.Model, nodes: Iterable[ir.Node], batches: Iterable[Batch], hessian: bool = False,
-                 external_folder: Path | None = None) -> dict[ir.Node, LayerInput]:
+                 external_folder: Path | None = None, sample_rows: int = 0) -> dict[ir.Node, LayerInput]:
     """Statistics of the inputs of ``nodes`` (weighted layers of ``model``'s main graph) on
-    ``batches``, run through the float ``model`` (rules 2-3); nodes whose input never arrived
-    are left out."""
+    ``batches``, run through the float ``model`` (rules 2-3), with up to ``sample_rows`` rows
+    of each batch kept; nodes whose input never arrived are left out."""
     nodes = list(nodes)
     names = sorted({node.inputs[0].name for node in nodes})
     if not names:
@@ -137,20 +141,28 @@ def layer_inputs(model: ir.Model, nodes: Iterable[ir.Node], batches: Iterable[Ba
         values = dict(zip(names, session.run(names, batch.feed)))
         for node in nodes:
             x = values[node.inputs[0].name].astype(np.float32, copy=False)
-            _update(stats, node, x, hessian and hessian_columns(node) <= MAX_HESSIAN_COLUMNS)
+            _update(stats, node, x, hessian and hessian_columns(node) <= MAX_HESSIAN_COLUMNS, sample_rows)
     return stats
 
 
-def _update(stats: dict[ir.Node, LayerInput], node: ir.Node, x: np.ndarray, hessian: bool) -> None:
+def _evenly(rows: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``rows``, evenly spaced."""
+    return rows[::max(1, -(-len(rows) // count))]
+
+
+def _update(stats: dict[ir.Node, LayerInput], node: ir.Node, x: np.ndarray, hessian: bool, sample_rows: int) -> None:
     current = stats.get(node)
     channel_max = _channel_max(node, x)
     if current is None:
         current = stats[node] = LayerInput(channel_max, None)
     else:
         np.maximum(current.channel_max, channel_max, out=current.channel_max)
+    if sample_rows and node.op_type != "Conv":
+        sample = _evenly(layer_rows(node, x)[:, 0], sample_rows)
+        current.sample = sample.copy() if current.sample is None else np.concatenate([current.sample, sample])
     if not hessian:
         return
-    rows = layer_rows(node, x)
+    rows = _evenly(layer_rows(node, x), MAX_ROWS_PER_BATCH)
     if current.hessian is None:
         current.hessian = np.zeros((rows.shape[1], rows.shape[2], rows.shape[2]), np.float64)
     for start in itertools.count(0, _ROWS_PER_PRODUCT):

@@ -32,8 +32,8 @@ class TransformData:
     batches: tuple[Batch, ...]
     external_folder: Path | None = None
 
-    def layer_inputs(self, model: ir.Model, nodes: list[ir.Node]) -> dict[ir.Node, LayerInput]:
-        return layer_inputs(model, nodes, self.batches, external_folder=self.external_folder)
+    def layer_inputs(self, model: ir.Model, nodes: list[ir.Node], sample_rows: int = 0) -> dict[ir.Node, LayerInput]:
+        return layer_inputs(model, nodes, self.batches, external_folder=self.external_folder, sample_rows=sample_rows)
 
 
 def float_exact_passes(config: QuantConfig, data: TransformData | None = None,
@@ -43,11 +43,12 @@ def float_exact_passes(config: QuantConfig, data: TransformData | None = None,
     passes: list[GraphPass] = []
     if config.smooth:
         factors = None if recorded is None else recorded.arrays()
-        passes.append(OutlierMigrationPass(config.smooth_alpha, None if data is None else data.layer_inputs, factors))
+        passes.append(OutlierMigrationPass(None if data is None else data.layer_inputs, factors, config.activations,
+                                           config.per_channel))
     return tuple(passes)
 
 
 def transform_steps(passes: tuple[GraphPass, ...]) -> list[StepRecord]:
     """What ``passes`` measured (once they ran), as workspace steps."""
-    return [SmoothingStep.of(p.alpha, p.factors) for p in passes
+    return [SmoothingStep.of(p.factors) for p in passes
             if isinstance(p, OutlierMigrationPass) and p.factors is not None]

@@ -18,7 +18,12 @@ quantized per output channel and take them far better. Rules:
 3. Per channel ``j``: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``, ``max|X_j|`` on the first
    calibration batches (``onnxq.calibration.layer_inputs``), ``max|W_j|`` over the weights of
    every reader; a channel with a zero statistic keeps 1.
-4. The factors are recorded by the key of ``X`` (``factors``); given recorded factors the pass
+4. Per group, ``alpha`` is chosen among ``ALPHAS`` by measurement, and so is whether to smooth at
+   all: on rows of ``X`` sampled from those batches, the readers' outputs are computed in numpy
+   with ``X / s`` quantized per tensor (minimum and maximum, the activation type of the config)
+   and ``W * s`` quantized as the rewrite does, and the factors with the least squared error
+   against the float outputs win; a group whose error smoothing does not lower is left as it is.
+5. The factors are recorded by the key of ``X`` (``factors``); given recorded factors the pass
    applies exactly those and measures nothing, so that ``recover`` and ``--resume`` rebuild the
    same model without data. A constant changed for one group that something else also reads is
    copied first.
@@ -36,8 +41,10 @@ from onnxq.analysis.signatures import tensor_keys
 from onnxq.calibration.layer_inputs import is_weighted_layer
 from onnxq.graph import add_initializer, constant_array, is_constant, taken_names
 from onnxq.passes import GraphPass, PassResult
+from onnxq.rewrite.quant_math import QuantParams, activation_params, dequantize, quantize, weight_scale
 
-DEFAULT_ALPHA = 0.5
+ALPHAS = (0.25, 0.5, 0.75)
+SAMPLE_ROWS = 64  # rows of X per calibration batch the choice of rule 4 is measured on
 _COMMUTING = ("Reshape", "Transpose", "Relu", "LeakyRelu", "Add", "Sub", "MatMul")
 
 
@@ -225,16 +232,35 @@ def _fit(array: np.ndarray, rank: int) -> np.ndarray:
     return array
 
 
+def _output_error(x: np.ndarray, weights: list[np.ndarray], factor: np.ndarray, activations: str,
+                  per_channel: bool) -> float:
+    """Squared error of ``x @ w`` for every ``w`` with ``x / factor`` and ``w * factor[:, None]``
+    quantized (rule 4)."""
+    smoothed = x / factor
+    params = activation_params(smoothed.min(), smoothed.max(), activations)
+    x_q = dequantize(quantize(smoothed, params), params)
+    error = 0.0
+    for weight in weights:
+        scaled = (weight * factor[:, None]).astype(np.float32)
+        scale = weight_scale(scaled, 1 if per_channel else None)
+        w_params = QuantParams(scale, np.zeros(scale.shape, np.int8), 1 if scale.ndim else None)
+        error += float(np.sum((x @ weight - x_q @ dequantize(quantize(scaled, w_params), w_params)) ** 2))
+    return error
+
+
 class OutlierMigrationPass(GraphPass):
     """Outlier migration; see the module docstring. ``factors`` (by tensor key) are applied when
-    given, else measured on ``batches`` (rule 3) and kept in ``factors`` to be recorded."""
+    given, else measured with ``measure(model, nodes, sample_rows)`` (``layer_inputs`` on the
+    first calibration batches: rules 3-4) and kept in ``factors`` to be recorded.
+    ``activations`` and ``per_channel``: how the rewrite will quantize (``QuantConfig``)."""
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA, measure: Callable[[ir.Model, list[ir.Node]], dict] | None = None,
-                 factors: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, measure: Callable[[ir.Model, list[ir.Node], int], dict] | None = None,
+                 factors: dict[str, np.ndarray] | None = None, activations: str = "uint8",
+                 per_channel: bool = True) -> None:
         super().__init__()
-        self.alpha = alpha
         self.measure = measure
         self.factors = factors
+        self.activations, self.per_channel = activations, per_channel
 
     def call(self, model: ir.Model) -> PassResult:
         groups = [g for g in map(_group, self._activations(model.graph)) if g is not None]
@@ -260,18 +286,27 @@ class OutlierMigrationPass(GraphPass):
         return list(seen.values())
 
     def _measured(self, model: ir.Model, groups: list[_Group], keys: dict[str, str]) -> dict[str, np.ndarray]:
-        """The factors of rule 3, by the key of each group's activation."""
-        stats = self.measure(model, [g.readers[0] for g in groups])
+        """The factors of rules 3-4, by the key of each smoothed group's activation."""
+        stats = self.measure(model, [g.readers[0] for g in groups], SAMPLE_ROWS)
         factors = {}
         for group in groups:
             seen = stats.get(group.readers[0])
-            if seen is None:
+            if seen is None or seen.sample is None or not np.isfinite(seen.sample).all():
                 continue
-            weight_max = np.max([np.abs(group.weight_rows(node)[0]).max(axis=1) for node in group.readers], axis=0)
-            usable = (seen.channel_max > 0) & (weight_max > 0) & np.isfinite(seen.channel_max)
-            factor = np.ones_like(weight_max, dtype=np.float64)
-            factor[usable] = seen.channel_max[usable] ** self.alpha / weight_max[usable] ** (1 - self.alpha)
-            factors[keys[group.x.name]] = factor.astype(np.float32)
+            weights = [group.weight_rows(node)[0] for node in group.readers]
+            weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            usable = (seen.channel_max > 0) & (weight_max > 0)
+            best, best_error = None, _output_error(seen.sample, weights, np.ones(len(weight_max), np.float32),
+                                                   self.activations, self.per_channel)
+            for alpha in ALPHAS:
+                factor = np.ones_like(weight_max, dtype=np.float64)
+                factor[usable] = seen.channel_max[usable] ** alpha / weight_max[usable] ** (1 - alpha)
+                factor = factor.astype(np.float32)
+                error = _output_error(seen.sample, weights, factor, self.activations, self.per_channel)
+                if error < best_error:
+                    best, best_error = factor, error
+            if best is not None:
+                factors[keys[group.x.name]] = best
         return factors
 
     @staticmethod

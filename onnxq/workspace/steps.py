@@ -166,16 +166,15 @@ class QuantizedStep(StepRecord):
 
 @dataclasses.dataclass(frozen=True)
 class SmoothingStep(StepRecord):
-    """The outlier-migration factors (``onnxq.transform.smoothing``) measured with ``alpha``:
-    tensor key of the smoothed activation -> its per-channel factors (``encode_array``)."""
+    """The outlier-migration factors (``onnxq.transform.smoothing``): tensor key of each
+    smoothed activation -> its per-channel factors (``encode_array``)."""
 
     KIND: ClassVar[str] = "smoothing"
-    alpha: float
     factors: dict
 
     @classmethod
-    def of(cls, alpha: float, factors: dict[str, np.ndarray]) -> SmoothingStep:
-        return cls(alpha, {key: encode_array(array) for key, array in sorted(factors.items())})
+    def of(cls, factors: dict[str, np.ndarray]) -> SmoothingStep:
+        return cls({key: encode_array(array) for key, array in sorted(factors.items())})
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {key: decode_array(encoded) for key, encoded in self.factors.items()}
