@@ -33,7 +33,7 @@ def test_typed_steps_read_back_as_written(tmp_path):
     assert space.latest(LayersStep).read(LayersStep) == layers
     assert space.latest("trial").read(TrialStep) == trial
     assert json.loads((space.path / "steps" / "000000-layers.json").read_text())["payload"] == {
-        "calibration_step": 3, "reduced": ["Conv:a:0"], "unfused": [], "sentinel": ["Add:b:0/0"], "poor": []}
+        "calibration_step": 3, "reduced": ["Conv:a:0"], "unfused": [], "sentinel": ["Add:b:0/0"], "poor": [], "rounded": {}}
 
 
 def test_a_payload_of_an_earlier_version_gets_the_defaults(tmp_path):
