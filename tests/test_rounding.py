@@ -115,3 +115,22 @@ def test_recover_and_resume_write_the_learned_weights_again(tmp_path):
     nearest = tmp_path / "nearest.onnx"
     onnxq.convert(model, nearest, _feeds(model, np.random.default_rng(2), 16), fallback=NO_FALLBACK)
     assert not np.array_equal(_dequantized_weight(onnx.load(nearest)), _dequantized_weight(onnx.load(out)))
+
+
+def test_a_scale_widened_for_the_bias_gets_round_to_nearest_not_integers_rounded_for_another_scale(tmp_path):
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1e-6, (8, 48)).astype(np.float32)
+    bias = np.full(8, 1.0, np.float32)  # far beyond 2^31 * s_x * s_w: the weight scale must widen
+    model = make_model([oh.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], [("x", [16, 48])], [("y", [16, 8])],
+                       [("w", w), ("b", bias)])
+    feeds = [{"x": x * 1e-3} for x in _correlated_inputs(rng, 16, 48, 16)]
+    out = tmp_path / "gptq.onnx"
+    result = onnxq.convert(model, out, feeds, onnxq.QuantConfig(rounding="gptq"), fallback=NO_FALLBACK)
+    assert any("learned rounding not used on 1 layer" in note for note in result.notes), result.notes
+    quantized = onnx.load(out)
+    values = initializers(quantized)
+    dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and values.get(n.input[0]) is not None
+              and values[n.input[0]].dtype == np.int8)
+    scale = values[dq.input[1]]
+    assert scale.max() > np.abs(w).max(1).max() / 127  # widened
+    np.testing.assert_array_equal(values[dq.input[0]], np.clip(np.rint(w / scale[:, None]), -127, 127))
