@@ -324,7 +324,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
 
     recorded = _recorded(workspace_path, SmoothingStep) if resume else None
     data = None if source is None or recorded is not None else \
-        TransformData(tuple(layer_input_batches(source)), loaded.external_folder)
+        TransformData(lambda: layer_input_batches(source), loaded.external_folder)
     passes = float_exact_passes(config, data, recorded)
     loaded = loaded.with_passes(passes)
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)

@@ -62,7 +62,7 @@ def _feeds(model, rng: np.random.Generator, count: int) -> list[dict[str, np.nda
 
 
 def _smoothed(model, feeds):
-    data = TransformData(tuple(Batch(feed, 1) for feed in feeds))
+    data = TransformData(lambda: [Batch(feed, 1) for feed in feeds])
     return load(model).with_passes(float_exact_passes(onnxq.QuantConfig(smooth=True), data))
 
 

@@ -12,6 +12,8 @@ that ``recover`` and ``--resume`` apply the same."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -26,11 +28,15 @@ from onnxq.workspace.steps import SmoothingStep, StepRecord
 
 @dataclasses.dataclass(frozen=True)
 class TransformData:
-    """The first calibration batches the data-driven passes measure on (and where the model's
-    external weights lie, to run it)."""
+    """The first calibration batches the data-driven passes measure on, read by ``read`` when a
+    pass first needs them (not at all otherwise), and where the model's external weights lie."""
 
-    batches: tuple[Batch, ...]
+    read: Callable[[], Sequence[Batch]]
     external_folder: Path | None = None
+
+    @functools.cached_property
+    def batches(self) -> Sequence[Batch]:
+        return self.read()
 
     def layer_inputs(self, model: ir.Model, nodes: list[ir.Node], sample_rows: int = 0) -> dict[ir.Node, LayerInput]:
         return layer_inputs(model, nodes, self.batches, external_folder=self.external_folder, sample_rows=sample_rows)
