@@ -287,6 +287,8 @@ class OutlierMigrationPass(GraphPass):
 
     def _measured(self, model: ir.Model, groups: list[_Group], keys: dict[str, str]) -> dict[str, np.ndarray]:
         """The factors of rules 3-4, by the key of each smoothed group's activation."""
+        if not groups:
+            return {}
         stats = self.measure(model, [g.readers[0] for g in groups], SAMPLE_ROWS)
         factors = {}
         for group in groups:
