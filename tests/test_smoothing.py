@@ -39,6 +39,21 @@ def layernorm_matmuls(rng: np.random.Generator, residual: bool = False):
     return make_model(nodes, [("x", [1, SEQ, DIM])], [("y1", [1, SEQ, DIM]), ("y2", [1, SEQ, DIM])], inits)
 
 
+def decomposed_layernorm_matmuls(rng: np.random.Generator):
+    """A LayerNorm spelled as ReduceMean, Sub, Pow, Add, Sqrt, Div, then its affine Mul and Add
+    (kept float as a normalization): the division goes into the affine constants."""
+    nodes = [oh.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]), oh.make_node("Sub", ["x", "mean"], ["centred"]),
+             oh.make_node("Pow", ["centred", "two"], ["squares"]), oh.make_node("ReduceMean", ["squares"], ["var"], axes=[-1]),
+             oh.make_node("Add", ["var", "eps"], ["var_eps"]), oh.make_node("Sqrt", ["var_eps"], ["std"]),
+             oh.make_node("Div", ["centred", "std"], ["normed"]), oh.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+             oh.make_node("Add", ["scaled", "beta"], ["h"]),
+             oh.make_node("MatMul", ["h", "w1"], ["y1"]), oh.make_node("MatMul", ["h", "w2"], ["y2"])]
+    w1, w2 = rng.normal(0, 0.3, (2, DIM, DIM)).astype(np.float32)
+    inits = [("two", np.array(2.0, np.float32)), ("eps", np.array(1e-5, np.float32)), ("gamma", _outlier_scale(rng)),
+             ("beta", rng.normal(0, 0.1, DIM).astype(np.float32)), ("w1", w1), ("w2", w2)]
+    return make_model(nodes, [("x", [1, SEQ, DIM])], [("y1", [1, SEQ, DIM]), ("y2", [1, SEQ, DIM])], inits, opset=13)
+
+
 def attention_value_chain(rng: np.random.Generator, bias: bool = False):
     """value MatMul (+ bias) -> heads (Reshape, Transpose) -> probs @ V -> back (Transpose,
     Reshape) -> output MatMul: the division is absorbed into the value projection's columns."""
@@ -66,7 +81,7 @@ def _smoothed(model, feeds):
     return load(model).with_passes(float_exact_passes(onnxq.QuantConfig(smooth=True), data))
 
 
-@pytest.mark.parametrize("build", [layernorm_matmuls, attention_value_chain])
+@pytest.mark.parametrize("build", [layernorm_matmuls, decomposed_layernorm_matmuls, attention_value_chain])
 def test_smoothing_keeps_the_float_outputs_and_changes_the_weights(build):
     rng = np.random.default_rng(0)
     model = build(rng)

