@@ -16,6 +16,7 @@ from typing import TypeVar
 from onnxq.analysis.rules import resolve_rules, save_rules
 from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samples
+from onnxq.calibration.layer_inputs import layer_input_batches
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import FallbackOptions, QuantConfig, RunOptions
@@ -34,7 +35,7 @@ from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
 from onnxq.runtime import create_session
 from onnxq.save.output import ModelSource, write_output
-from onnxq.transform import float_exact_passes
+from onnxq.transform import TransformData, float_exact_passes, transform_steps
 from onnxq.tune.fallback import (
     FallbackReport,
     TuningProgress,
@@ -49,7 +50,7 @@ from onnxq.workspace.manifest import (
     data_fingerprint,
     default_workspace,
 )
-from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, TrialStep
+from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, SmoothingStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
 
 T = TypeVar("T")
@@ -277,7 +278,6 @@ def convert(
     loaded = load(model)
     if has_quantize_nodes(loaded.model):
         return _convert_quantized(loaded, output_path, config, run)
-    loaded = loaded.with_passes(float_exact_passes(config))
     with locked(workspace_path), executor_for(run.workers, run.ray) as executor:
         remove_stale_temporaries(output_path.parent, output_path.name)
         return _convert(loaded, output_path, calibration_data, config, run, eval_data, fallback, workspace_path,
@@ -299,6 +299,14 @@ def _model_path(model: ModelInput) -> Path | None:
     return Path(model) if isinstance(model, _PATH) else None  # anything else: load() says what it must be
 
 
+def _recorded(workspace_path: Path, step_type: type[T]) -> T | None:
+    """The last ``step_type`` step of the workspace at ``workspace_path``, if there is one."""
+    if not (workspace_path / "manifest.json").is_file():
+        return None
+    step = Workspace.open(workspace_path).latest(step_type)
+    return None if step is None else step.read(step_type)
+
+
 def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSource | None, config: QuantConfig,
              run: RunOptions, eval_data: DataSource | None, fallback: FallbackOptions, workspace_path: Path,
              resume: bool, progress: ProgressCallback | None, tuning_progress: TuningProgress | None,
@@ -316,7 +324,15 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     if source is not None and eval_source is None and config.hold_out:
         source = HeldOutSplit(source)
 
+    recorded = _recorded(workspace_path, SmoothingStep) if resume else None
+    data = None if source is None or recorded is not None else \
+        TransformData(lambda: layer_input_batches(source), loaded.external_folder)
+    passes = float_exact_passes(config, data, recorded)
+    loaded = loaded.with_passes(passes)
     conversion = _open_workspace(loaded, config, source, workspace_path, resume)
+    for step in transform_steps(passes):
+        if not conversion.resume or conversion.space.latest(type(step)) is None:
+            conversion.space.append(step)
     conversion.notes[:0] = list(loaded.notes) + rule_notes
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress, executor)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
@@ -419,7 +435,9 @@ def recover(
     except (TypeError, ConfigError) as exc:
         raise WorkspaceError(f"workspace {space.path} records options onnxq cannot read ({exc}); the workspace is "
                              "damaged, start a new run") from exc
-    loaded = loaded.with_passes(float_exact_passes(config))
+    smoothing = space.latest(SmoothingStep)
+    loaded = loaded.with_passes(float_exact_passes(config, None, None if smoothing is None else
+                                                   smoothing.read(SmoothingStep)))
     space.check_matches(build_manifest(loaded.keys, loaded.model.graph, config, None)
                         | {"data": space.manifest.get("data")})
     step, keep_float, fallback_dtype = _recorded_model(space, index)

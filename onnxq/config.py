@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 METHODS = ("minmax", "percentile", "entropy", "mse")  # one calibration method (observer) for every tensor
 TARGETS = ("cpu", "cuda", "tensorrt")
 SENSITIVITY_MODES = ("only-float", "only-quantized")
+ROUNDINGS = ("nearest", "gptq")
 MIN_BATCHES_TO_SPLIT = 8  # fewer evaluation batches than this are not split in halves
 
 
@@ -72,6 +73,15 @@ class QuantConfig:
         True, flag="--bias-correction/--no-bias-correction", changes_model=True,
         help="Remove the mean shift int8 causes in each weighted layer's output, measured on the first "
         "calibration batches, through the layer's bias (docs/int8-accuracy.md).")
+    smooth: bool = option(
+        False, flag="--smooth/--no-smooth", changes_model=True,
+        help="Outlier migration (SmoothQuant): divide MatMul/Gemm input channels by factors measured on the first "
+        "calibration batches, absorbed exactly into the op that makes the input, and multiply the weights by them "
+        "(per layer, only where it lowers the layer's measured output error).")
+    rounding: str = option(
+        "nearest", choices=ROUNDINGS, changes_model=True,
+        help="How weights are rounded to int8: nearest, or gptq (each layer's rounding errors compensated through "
+        "the Hessian of its input on the first calibration batches, GPTQ-style).")
 
     def __post_init__(self) -> None:
         check_choices(self)

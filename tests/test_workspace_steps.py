@@ -35,7 +35,7 @@ def test_typed_steps_read_back_as_written(tmp_path):
     assert space.latest("trial").read(TrialStep) == trial
     assert json.loads((space.path / "steps" / "000000-layers.json").read_text())["payload"] == {
         "calibration_step": 3, "reduced": ["Conv:a:0"], "unfused": [], "sentinel": ["Add:b:0/0"], "poor": [],
-        "ranges": {"Conv:a:0/0": [-1.5, 2.25]}, "bias_shifts": {"Conv:a:0": [0.5, -0.25]}}
+        "ranges": {"Conv:a:0/0": [-1.5, 2.25]}, "bias_shifts": {"Conv:a:0": [0.5, -0.25]}, "rounded": {}}
 
 
 def test_a_payload_of_an_earlier_version_gets_the_defaults(tmp_path):

@@ -23,7 +23,7 @@ from onnxq.rewrite.qdq import QdqPass
 from onnxq.rewrite.qoperator import QOperatorPass
 from onnxq.tune.bias_correction import BiasCorrectionPass, correctable_layers
 from onnxq.tune.tensor_error import POOR_TENSOR_DB
-from onnxq.workspace.steps import LayersStep
+from onnxq.workspace.steps import LayersStep, decode_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +211,9 @@ def build_model(
     notes += control_flow_notes(graph, config.observer_method, set(plan.decisions)) + plan.notes
     if reduced and config.reduce_range == "auto":
         notes += _reduced_notes(graph, reduced)
-    pipeline: list[GraphPass] = [QdqPass(plan, reduced)]
+    rounded = {node: (decode_array(r["values"]), decode_array(r["scale"]))
+               for node, r in ((node, layers.rounded.get(keys[node])) for node in plan.decisions) if r is not None}
+    pipeline: list[GraphPass] = [QdqPass(plan, reduced, rounded)]
     if islands:
         pipeline.append(Fp16IslandsPass(islands))
     if config.format == "qoperator":

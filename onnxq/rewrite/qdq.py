@@ -4,7 +4,8 @@ Rules:
 1. A quantized weight becomes an int8 initializer feeding a DequantizeLinear (per channel where
    the plan says so); the float initializer is removed, never kept beside it.
 2. A quantized bias becomes an int32 initializer with scale ``s_x * s_w``; weight scales are
-   widened first on channels whose bias would not fit in int32.
+   widened first on channels whose bias would not fit in int32. A weight with learned integers
+   (``onnxq.tune.rounding``) gets them where its scale is the one they were rounded for.
 3. A quantized activation gets QuantizeLinear -> DequantizeLinear. When a quantized node produced
    it, every consumer reads the dequantized tensor (so the producer can run in integers); when a
    float node produced it, only the quantized consumers do.
@@ -137,13 +138,25 @@ def _finite(value: ir.Value, node: ir.Node) -> np.ndarray:
     return array
 
 
+def _weight_values(array: np.ndarray, params: QuantParams, nodes: list[ir.Node],
+                   rounded: dict[ir.Node, tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """The learned integers of a weight (``onnxq.tune.rounding``) when they were rounded for
+    exactly the scale ``params`` has, else ``None`` (round to nearest)."""
+    learned = rounded.get(nodes[0]) if len(nodes) == 1 else None
+    if learned is None or learned[0].shape != array.shape or not np.array_equal(learned[1], params.scale):
+        return None
+    return learned[0]
+
+
 def _quantize_weights_and_biases(
-    emitters: _Emitters, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node]
+    emitters: _Emitters, plan: QuantPlan, notes: list[str], reduced_range: set[ir.Node],
+    rounded: dict[ir.Node, tuple[np.ndarray, np.ndarray]],
 ) -> None:
     uses: dict[ir.Value, list[ir.Node]] = {}
     for node, decision in plan.decisions.items():
         if decision.weight_slot is not None:
             uses.setdefault(node.inputs[decision.weight_slot], []).append(node)
+    unused = 0
     for weight, nodes in uses.items():
         axes = {plan.decisions[node].weight_axis for node in nodes}
         axis = axes.pop() if len(axes) == 1 else None  # consumers disagree: one scale for all
@@ -161,7 +174,9 @@ def _quantize_weights_and_biases(
             scale = fitted.weight_scale
         params = QuantParams(scale, np.zeros(scale.shape, np.int8), axis if scale.ndim else None)
         owner = emitters[owning_graph(weight)]
-        stored = owner.initializer(f"{weight.name}_quantized", quantize(array, params))
+        learned = _weight_values(array, params, nodes, rounded)
+        unused += learned is None and any(node in rounded for node in nodes)
+        stored = owner.initializer(f"{weight.name}_quantized", quantize(array, params) if learned is None else learned)
         _Dequantized(emitters, stored, *owner.params(weight.name, params), weight, params.axis).replace_uses(weight)
         emitters.remove_if_unused(weight)
         del array
@@ -177,6 +192,9 @@ def _quantize_weights_and_biases(
                 slot, emitter.dequantize(values, *emitter.params(bias.name, bias_params), bias, bias_axis)
             )
             emitters.remove_if_unused(bias)
+    if unused:
+        notes.append(f"learned rounding not used on {unused} layer(s) whose weight scale differs from the one it "
+                     "was rounded for (widened so that the int32 bias fits): rounded to nearest there")
 
 
 def _input_scale(plan: QuantPlan, node: ir.Node) -> np.ndarray:
@@ -225,14 +243,15 @@ class QdqPass(GraphPass):
     above); the weights of ``reduced_range`` nodes get 7 bits. Notes say what the rewrite had to
     adjust beyond the plan."""
 
-    def __init__(self, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset()) -> None:
+    def __init__(self, plan: QuantPlan, reduced_range: set[ir.Node] = frozenset(),
+                 rounded: dict[ir.Node, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         super().__init__()
-        self.plan, self.reduced_range = plan, set(reduced_range)
+        self.plan, self.reduced_range, self.rounded = plan, set(reduced_range), dict(rounded or {})
 
     def call(self, model: ir.Model) -> PassResult:
         emitters = _Emitters(model)
         notes: list[str] = []
-        _quantize_weights_and_biases(emitters, self.plan, notes, self.reduced_range)
+        _quantize_weights_and_biases(emitters, self.plan, notes, self.reduced_range, self.rounded)
         _quantize_activations(emitters, self.plan)
         model.graph.sort()
         return PassResult(model, bool(self.plan.decisions), notes)

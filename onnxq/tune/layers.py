@@ -1,11 +1,12 @@
 """Per-layer choices measured once after calibration: sentinel tensors, the ranges chosen by
 their downstream error (``--method auto``), tensors whose own 8-bit error is poor, the mean int8
-shift of each layer's output (bias correction), layers that need 7-bit weights on this CPU, and
-quantized nodes ONNX Runtime would not fuse."""
+shift of each layer's output (bias correction), layers that need 7-bit weights on this CPU,
+quantized nodes ONNX Runtime would not fuse, and (``--rounding gptq``) learned integer weights."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import onnx_ir as ir
 
@@ -22,6 +23,7 @@ from onnxq.rewrite.qdq import QdqPass
 from onnxq.tune.bias_correction import measure_bias_shifts
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.range_choice import choose_ranges
+from onnxq.tune.rounding import round_weights
 from onnxq.tune.saturation import saturating_layers
 from onnxq.tune.tensor_error import poor_tensors, tensor_errors
 from onnxq.workspace.steps import LayersStep
@@ -63,7 +65,8 @@ def measure_layers(
                                        chosen=ranges)
         shifts = measure_bias_shifts(loaded, measured, measured_plan, source, keys,
                                      reduced_layers(measured_plan, keys, config, reduced))
-    return LayersStep(calibration_step, reduced, unfused, sentinel, poor, ranges, shifts)
+    return _with_rounding(LayersStep(calibration_step, reduced, unfused, sentinel, poor, ranges, shifts),
+                          loaded, config, source)
 
 
 def _saturation_and_fusion(loaded: LoadedModel, model: ir.Model, plan: QuantPlan, config: QuantConfig,
@@ -94,3 +97,11 @@ def _chosen_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, state:
     calibrated = {name: by_key[key] for name, key in loaded.keys.tensors.items() if key in by_key}
     chosen = choose_ranges(loaded, graph, plan, calibrated, config, source)
     return {loaded.keys.tensors[name]: [float(low), float(high)] for name, (low, high) in sorted(chosen.items())}
+
+
+def _with_rounding(layers: LayersStep, loaded: LoadedModel, config: QuantConfig, source: BatchSource | None) -> LayersStep:
+    """``layers`` with the learned weight rounding of ``--rounding gptq`` (``onnxq.tune.rounding``;
+    it needs data: none without)."""
+    if config.rounding != "gptq" or source is None:
+        return layers
+    return dataclasses.replace(layers, rounded=round_weights(loaded, config, set(layers.reduced), source))

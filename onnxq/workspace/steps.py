@@ -9,10 +9,14 @@ be absent (payloads of earlier onnxq versions). The calibration step is
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import types
 import typing
+import zlib
 from typing import Any, ClassVar
+
+import numpy as np
 
 from onnxq.errors import WorkspaceError
 
@@ -26,6 +30,23 @@ def _json_types(annotation: Any) -> tuple[type, ...]:
     if annotation is type(None):
         return (type(None),)
     return _JSON_TYPES[origin]
+
+
+def encode_array(array: np.ndarray) -> dict:
+    """An array as JSON: dtype, shape and its little-endian bytes, compressed, in base64."""
+    array = np.ascontiguousarray(array)
+    data = base64.b64encode(zlib.compress(array.astype(array.dtype.newbyteorder("<")).tobytes())).decode("ascii")
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": data}
+
+
+def decode_array(encoded: dict) -> np.ndarray:
+    """The array ``encode_array`` wrote; a damaged one is a ``WorkspaceError``."""
+    try:
+        raw = zlib.decompress(base64.b64decode(encoded["data"]))
+        return np.frombuffer(raw, np.dtype(encoded["dtype"]).newbyteorder("<")).reshape(encoded["shape"]).astype(
+            np.dtype(encoded["dtype"]))
+    except (KeyError, TypeError, ValueError, zlib.error) as exc:
+        raise WorkspaceError(f"a recorded array is damaged ({exc}); the workspace is damaged, start a new run") from exc
 
 
 class StepRecord:
@@ -84,8 +105,9 @@ class LayersStep(StepRecord):
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
     tensors whose range is dominated by sentinel values, tensors whose own 8-bit error is poor,
     the ranges chosen by their downstream error (``--method auto``: tensor key -> ``[low, high]``),
-    and the mean int8 shift of each layer's output channels that bias correction removes
-    (``onnxq.tune.bias_correction``)."""
+    the mean int8 shift of each layer's output channels that bias correction removes
+    (``onnxq.tune.bias_correction``), and the learned integer weights of ``--rounding gptq`` with
+    the scale they were rounded for (``{"values", "scale"}``, each an ``encode_array``)."""
 
     KIND: ClassVar[str] = "layers"
     calibration_step: int
@@ -95,6 +117,7 @@ class LayersStep(StepRecord):
     poor: tuple[str, ...] = ()
     ranges: dict = dataclasses.field(default_factory=dict)
     bias_shifts: dict = dataclasses.field(default_factory=dict)
+    rounded: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,3 +166,19 @@ class QuantizedStep(StepRecord):
     output_sha256: str
     keep_float: dict
     fallback_dtype: str = "fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingStep(StepRecord):
+    """The outlier-migration factors (``onnxq.transform.smoothing``): tensor key of each
+    smoothed activation -> its per-channel factors (``encode_array``)."""
+
+    KIND: ClassVar[str] = "smoothing"
+    factors: dict
+
+    @classmethod
+    def of(cls, factors: dict[str, np.ndarray]) -> SmoothingStep:
+        return cls({key: encode_array(array) for key, array in sorted(factors.items())})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {key: decode_array(encoded) for key, encoded in self.factors.items()}
