@@ -18,16 +18,11 @@ conversion wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.corpus import _fmt as fmt
-from benchmarks.corpus import bench_model, replace_section, run_facts
+from benchmarks.corpus import replace_section, run_models
 from benchmarks.corpus_models import CORPUS
-from onnxq.cli.render import json_safe
 
 SECTION = "## Ablation: int8 accuracy techniques"
 MODELS = ("yolov8n", "ppocr_det", "ppocr_rec", "orientation", "minilm")
@@ -102,17 +97,7 @@ def main() -> None:
             parser.error(f"unknown model {name!r}; known: {', '.join(CORPUS)}")
     settings = f"--models {args.models} --calibration {args.calibration} --eval {args.eval} " \
                f"--latency-runs {args.latency_runs}"
-    facts, rows, start = run_facts(settings), [], time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        for name in names:
-            began = time.perf_counter()
-            rows += bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, ["onnxq"],
-                                args.latency_runs, variants())
-            print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
-            facts["minutes"] = (time.perf_counter() - start) / 60
-            section = render(rows, facts)
-            print(section, flush=True)
-            args.json.write_text(json.dumps(json_safe(facts | {"rows": rows}), indent=1) + "\n")
+    section = run_models(names, args, ["onnxq"], variants(), settings, render)
     if args.results is not None:
         document = args.results.read_text() if args.results.exists() else ""
         args.results.write_text(replace_section(document, section, SECTION))

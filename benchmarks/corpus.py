@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,25 @@ def onnxq_origin() -> str:
     return str(Path(proc.stdout.strip()).parent) if proc.returncode == 0 else f"not importable: {_last_line(proc.stderr)}"
 
 
+def run_models(names: list[str], args: argparse.Namespace, tools: list[str], variants: dict[str, list[str]],
+               settings: str, render_rows: Callable[[list[dict], dict], str]) -> str:
+    """Benchmark the corpus models ``names`` one after another (``bench_model`` with ``args``'
+    sample counts and latency runs), printing and writing ``args.json`` after each; returns the
+    section ``render_rows`` makes of all rows."""
+    facts, rows, start = run_facts(settings), [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            began = time.perf_counter()
+            rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools,
+                                    args.latency_runs, variants))
+            print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+            facts["minutes"] = (time.perf_counter() - start) / 60
+            section = render_rows(rows, facts)
+            print(section, flush=True)
+            args.json.write_text(json.dumps(json_safe(facts | {"rows": rows}), indent=1) + "\n")
+    return section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(CORPUS), help="comma-separated names (default: all)")
@@ -331,17 +351,7 @@ def main() -> None:
         settings = (f"--models {args.models} --calibration {args.calibration} --eval {args.eval} "
                     f"--tools {args.tools} --latency-runs {args.latency_runs}"
                     + (f" --onnxq-options '{args.onnxq_options}'" if args.onnxq_options else ""))
-        facts, rows, start = run_facts(settings), [], time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            for name in names:
-                began = time.perf_counter()
-                rows.extend(bench_model(CORPUS[name], Path(folder), args.calibration, args.eval, tools,
-                                        args.latency_runs, {"onnxq": shlex.split(args.onnxq_options)}))
-                print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
-                facts["minutes"] = (time.perf_counter() - start) / 60
-                section = render(rows, facts)
-                print(section, flush=True)
-                args.json.write_text(json.dumps(json_safe(facts | {"rows": rows}), indent=1) + "\n")
+        section = run_models(names, args, tools, {"onnxq": shlex.split(args.onnxq_options)}, settings, render)
     if args.results is not None:
         args.results.write_text(replace_section(args.results.read_text() if args.results.exists() else "", section))
 
