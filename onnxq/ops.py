@@ -23,6 +23,10 @@ Per standard-domain op type (``OpInfo``):
 6. ``normalization``: a normalization op (``pattern:normalization`` keeps it float).
 7. ``reduction``: it reduces a tensor to statistics (a mean, sum, norm, max); what a graph
    computes from a reduction and its input again is found by dataflow (``onnxq.analysis.rules``).
+8. ``float_output``: a quantized node of this op may leave its output float, in QDQ form, and
+   still compute from its int8 inputs: ONNX Runtime's CPU provider fuses DequantizeLinear ->
+   MatMul with no QuantizeLinear after it into MatMulIntegerToFloat (checked by
+   ``onnxq.tune.fusion`` like every fusion). Used where the output may not be quantized.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ class OpInfo:
     fp16_safe: bool = True
     normalization: bool = False
     reduction: bool = False
+    float_output: bool = False
 
 
-def _weighted(qlinear: tuple[str, str] | None, bias: bool = True) -> OpInfo:
-    return OpInfo("compute", (0,), 1, 2 if bias else None, qlinear, compute=True)
+def _weighted(qlinear: tuple[str, str] | None, bias: bool = True, float_output: bool = False) -> OpInfo:
+    return OpInfo("compute", (0,), 1, 2 if bias else None, qlinear, compute=True, float_output=float_output)
 
 
 def _compute(qlinear_op: str, activation_inputs: tuple[int, ...] | None = (0,)) -> OpInfo:
@@ -69,7 +74,7 @@ OPS: dict[str, OpInfo] = {
     "Conv": _weighted(("", "QLinearConv")),
     "ConvTranspose": _weighted(None),
     "Gemm": _weighted((MS_DOMAIN, "QGemm")),
-    "MatMul": _weighted(("", "QLinearMatMul"), bias=False),
+    "MatMul": _weighted(("", "QLinearMatMul"), bias=False, float_output=True),
     "Add": _compute("QLinearAdd", (0, 1)),
     "Mul": _compute("QLinearMul", (0, 1)),
     "AveragePool": _compute("QLinearAveragePool"),

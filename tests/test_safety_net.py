@@ -145,7 +145,7 @@ def test_a_tensor_whose_own_8_bit_form_is_poor_is_kept_float(detector, tmp_path)
     model, calibration = detector
     result = onnxq.convert(model, tmp_path / "out.onnx", calibration, ONE_SCALE,
                            fallback=onnxq.FallbackOptions(auto=False))
-    assert any("own 8-bit error is poor" in note and "scores" in note for note in result.notes)
+    assert any("8-bit error is poor" in note and "scores" in note for note in result.notes)
     whole, scores = _scores_sqnr(result.output, detector_data(16, seed=6))
     assert whole > 20 and scores > 20
 

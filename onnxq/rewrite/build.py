@@ -200,7 +200,8 @@ def build_model(
     notes += _float_tensor_notes(sentinel_names, "whose range is dominated by sentinel values (attention masks such "
                                  "as -1e9, the float minimum or -inf)")
     notes += _float_tensor_notes([name for name, key in loaded.keys.tensors.items() if key in poor],
-                                 f"whose own 8-bit error is poor on calibration data (SQNR under {POOR_TENSOR_DB:g} dB)")
+                                 f"whose 8-bit error is poor on calibration data, on them or after the ops reading them (SQNR under "
+                                 f"{POOR_TENSOR_DB:g} dB)")
     if layers.ranges:
         notes.append(f"clipped the ranges of {len(layers.ranges)} tensor(s) where that lowered the error of the layers "
                      "reading them (--method auto)")

@@ -4,7 +4,9 @@ The plan is the single source of the quantization decisions; the rewrite only ca
 Rules, in order:
 1. Nodes are visited in topological order, those of If/Loop/Scan bodies right after their
    parent node (``onnxq.analysis.subgraphs``); each op's rule in the registry (``onnxq.ops``) says when its node is
-   quantized. A node whose activations lack a float range stays float.
+   quantized. A node whose activations lack a float range stays float; so does one whose output
+   lacks it, unless its op may compute into a float output (``OpInfo.float_output``, QDQ form),
+   which then reads int8 inputs and writes float.
 2. Tensors that must share a scale (a data-movement op's input and output, a Concat's inputs
    and output) form one group; the group's range is the union of its members' ranges.
 3. A group whose members' magnitudes differ by more than ``max_shared_range_ratio`` would lose
@@ -86,7 +88,8 @@ def _decide_compute(node: ir.Node, rule: OpInfo, ranges: dict[str, Range], confi
     for slot in slots:
         if slot >= len(inputs) or value_range(inputs[slot], ranges) is None:
             return None
-    if not node.outputs or node.outputs[0].name not in ranges:
+    if not node.outputs or (node.outputs[0].name not in ranges
+                             and not (rule.float_output and config.format == "qdq" and weight_slot is not None)):
         return None
     if weight_slot is not None and rule.bias_input is not None and rule.bias_input < len(inputs):
         bias = inputs[rule.bias_input]

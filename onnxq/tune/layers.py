@@ -1,5 +1,5 @@
 """Per-layer choices measured once after calibration: sentinel tensors, the ranges chosen by
-their downstream error (``--method auto``), tensors whose own 8-bit error is poor, the mean int8
+their downstream error (``--method auto``), tensors whose 8-bit error is poor, the mean int8
 shift of each layer's output (bias correction), layers that need 7-bit weights on this CPU,
 quantized nodes ONNX Runtime would not fuse, and (``--rounding gptq``) learned integer weights."""
 
@@ -35,7 +35,7 @@ def measure_layers(
 ) -> LayersStep:
     """Find sentinel-dominated tensors (looking at calibration batches when ``source`` is given)
     and, with data, the ranges chosen by their downstream error (``--method auto``,
-    ``onnxq.tune.range_choice``) and the tensors whose own 8-bit error is poor (``onnxq.tune.tensor_error``);
+    ``onnxq.tune.range_choice``) and the tensors whose 8-bit error is poor (``onnxq.tune.tensor_error``);
     then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
     saturate this CPU's kernels (on the first batch; skipped without data) and which would not
     fuse; last, with data and ``config.bias_correction``, each layer's int8 shift with the weights

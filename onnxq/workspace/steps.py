@@ -103,7 +103,7 @@ class CalibrationStep(StepRecord):
 class LayersStep(StepRecord):
     """Per-layer choices measured after the calibration step ``calibration_step``, by topology
     key: layers that need 7-bit weights on this CPU, quantized nodes ONNX Runtime would not fuse,
-    tensors whose range is dominated by sentinel values, tensors whose own 8-bit error is poor,
+    tensors whose range is dominated by sentinel values, tensors whose 8-bit error is poor,
     the ranges chosen by their downstream error (``--method auto``: tensor key -> ``[low, high]``),
     the mean int8 shift of each layer's output channels that bias correction removes
     (``onnxq.tune.bias_correction``), and the learned integer weights of ``--rounding gptq`` with
