@@ -108,17 +108,14 @@ def saturating_layers(
     if not boundaries:
         return hurt
     proto = ir.to_proto(qdq_model)
-    names = sorted({name for pair in boundaries.values() for name in pair})
-    whole = _session(with_outputs(proto, names), False, external_folder)
+    sources = sorted({source for source, _ in boundaries.values()})
+    whole = _session(with_outputs(proto, sources), False, external_folder)
+    measured = [dict(zip(sources, whole.run(sources, feed))) for feed in feeds]  # the layers' quantized inputs
     extractor = onnx.utils.Extractor(proto)
-    layers = {}
     for node, (source, target) in boundaries.items():
         layer = extractor.extract_model([source], [target])
-        layers[node] = (_session(layer, True, external_folder), _session(layer, False, external_folder))
-    outputs = {node: ([], []) for node in boundaries}
-    for feed in feeds:
-        values = dict(zip(names, whole.run(names, feed)))
-        for node, (source, _) in boundaries.items():
-            for session, kept in zip(layers[node], outputs[node]):
-                kept.append(session.run(None, {source: values[source]})[0])
-    return hurt | {node for node, (fused, exact) in outputs.items() if saturation_hurts(fused, exact)}
+        fused, exact = (_session(layer, kind, external_folder) for kind in (True, False))
+        runs = [{source: values[source]} for values in measured]
+        if saturation_hurts([fused.run(None, run)[0] for run in runs], [exact.run(None, run)[0] for run in runs]):
+            hurt.add(node)
+    return hurt
