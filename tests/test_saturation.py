@@ -8,7 +8,7 @@ import onnx.helper as oh
 import pytest
 
 import onnxq
-from onnxq.tune.saturation import cpu_saturates, saturates
+from onnxq.tune.saturation import cpu_saturates, saturates, saturation_hurts
 from tests.graphs import initializers, make_model, run, sqnr_db
 
 
@@ -18,6 +18,17 @@ def test_cpu_capability_detection():
     assert not saturates("x86_64", "flags : avx2 avx_vnni")
     assert not saturates("aarch64", "Features : fp asimd asimddp")
     assert saturates("x86_64", None)
+
+
+def test_saturation_in_any_measured_batch_counts_and_rounding_level_differences_do_not():
+    exact = [np.full((1, 8), 128, np.uint8) for _ in range(4)]
+    saturated = [batch.copy() for batch in exact]
+    saturated[2][0, :3] -= 15  # the third batch alone saturates: 3 outputs off by 15 steps
+    assert saturation_hurts(saturated, exact)  # 675 / 32 steps^2 over the four batches
+    assert not saturation_hurts(saturated[:2], exact[:2])  # the first batches alone look exact
+    off_by_one = [batch.copy() for batch in exact]
+    off_by_one[0][0, 0] += 1  # one output one step off: 1 / 32 steps^2, below rounding noise (1/12)
+    assert not saturation_hurts(off_by_one, exact)
 
 
 def _first_layer_model():
@@ -78,3 +89,28 @@ def test_recover_reuses_the_recorded_choice(tmp_path):
     recovered = tmp_path / "recovered.onnx"
     onnxq.recover(_first_layer_model(), result.workspace, recovered)
     assert recovered.read_bytes() == auto.read_bytes()
+
+
+def _dense_gemm_model():
+    """Audio-like inputs in +-30000 into one Gemm: most samples, but not the first two, have a pair
+    of large uint8 activations meeting a pair of large weights."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.01, (64, 8)).astype(np.float32)
+    model = make_model([oh.make_node("Gemm", ["x", "w", "b"], ["y"])], [("x", [None, 64])], [("y", [None, 8])],
+                       [("w", w), ("b", np.zeros(8, np.float32))])
+    return model, {"x": rng.uniform(-30000, 30000, (32, 64)).astype(np.float32)}
+
+
+@pytest.mark.skipif(not cpu_saturates(), reason="this CPU's int8 kernels do not saturate (VNNI/ARM)")
+def test_auto_finds_saturation_that_the_first_sample_does_not_show(tmp_path):
+    model, data = _dense_gemm_model()
+    outputs = {}
+    for reduce_range in ("auto", "never"):
+        out = tmp_path / f"{reduce_range}.onnx"
+        onnxq.convert(model, out, data, onnxq.QuantConfig(reduce_range=reduce_range),
+                      fallback=onnxq.FallbackOptions(auto=False), workspace=tmp_path / reduce_range)
+        outputs[reduce_range] = (_weight_qmax(out)[0], run(str(out), data)[0])
+    reference = run(model, data)[0]
+    assert outputs["auto"][0] == 63 and outputs["never"][0] == 127
+    # Measured against the float model with ONNX Runtime's fused integer kernels, as deployed.
+    assert sqnr_db(reference, outputs["auto"][1]) > sqnr_db(reference, outputs["never"][1]) + 3

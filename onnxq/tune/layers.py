@@ -24,7 +24,7 @@ from onnxq.tune.bias_correction import measure_bias_shifts
 from onnxq.tune.fusion import unfused_nodes
 from onnxq.tune.range_choice import choose_ranges
 from onnxq.tune.rounding import round_weights
-from onnxq.tune.saturation import saturating_layers
+from onnxq.tune.saturation import MEASURED_BATCHES, saturating_layers
 from onnxq.tune.tensor_error import poor_tensors, tensor_errors
 from onnxq.workspace.steps import LayersStep
 
@@ -37,7 +37,7 @@ def measure_layers(
     and, with data, the ranges chosen by their downstream error (``--method auto``,
     ``onnxq.tune.range_choice``) and the tensors whose 8-bit error is poor (``onnxq.tune.tensor_error``);
     then rewrite a fresh copy of the graph to QDQ (8-bit weights) and measure on it which layers
-    saturate this CPU's kernels (on the first batch; skipped without data) and which would not
+    saturate this CPU's kernels (on the first batches; skipped without data) and which would not
     fuse; last, with data and ``config.bias_correction``, each layer's int8 shift with the weights
     it will have (``onnxq.tune.bias_correction``)."""
     sentinel = tuple(sentinel_tensors(loaded, state, source))
@@ -53,10 +53,11 @@ def measure_layers(
         poor = tuple(sorted(loaded.keys.tensors[name] for name in poor_tensors(errors)))
         if poor:
             plan = plan_for_state(model.graph, loaded.keys.tensors, state, config, sentinel + poor, chosen=ranges)
-    feed = None if source is None else source.first.feed
+    saturation_measured = config.reduce_range == "auto" and source is not None
+    feeds = [batch.feed for batch in source.first_batches(MEASURED_BATCHES)] if saturation_measured else None
     reduced, unfused = (), ()
-    if config.reduce_range == "auto" and feed is not None or not config.quantize_unfused:
-        reduced, unfused = _saturation_and_fusion(loaded, model, plan, config, feed)
+    if feeds is not None or not config.quantize_unfused:
+        reduced, unfused = _saturation_and_fusion(loaded, model, plan, config, feeds)
     shifts = {}
     if source is not None and config.bias_correction:
         measured = loaded.fresh()
@@ -70,7 +71,7 @@ def measure_layers(
 
 
 def _saturation_and_fusion(loaded: LoadedModel, model: ir.Model, plan: QuantPlan, config: QuantConfig,
-                           feed: dict | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                           feeds: list[dict] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The layers that need 7-bit weights and the quantized nodes ONNX Runtime would not fuse,
     by key, measured on ``model`` rewritten to QDQ by ``plan``."""
     keys = loaded.keys.for_copy(model.graph)
@@ -80,8 +81,8 @@ def _saturation_and_fusion(loaded: LoadedModel, model: ir.Model, plan: QuantPlan
         if loaded.offload:  # a big model goes to ONNX Runtime with its weights in a file
             folder = stack.enter_context(offloaded(model))
         reduced = []
-        if config.reduce_range == "auto" and feed is not None:
-            reduced = sorted(keys[node] for node in saturating_layers(model, plan, feed, folder))
+        if feeds is not None:
+            reduced = sorted(keys[node] for node in saturating_layers(model, plan, feeds, folder))
         unfused = []
         if not config.quantize_unfused:
             by_name = {node.name: node for node in plan.decisions if node.op_type in FUSION_CHECKED}

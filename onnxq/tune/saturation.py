@@ -6,11 +6,13 @@ with an instruction that adds pairs of products into int16, saturating above 327
 8-bit weights (up to 127) and activations up to 255, a pair can reach 64770. Weights of 7 bits
 (up to 63) cannot saturate, but lose resolution everywhere ("reduce_range"). Rules:
 1. CPUs with VNNI or AMX (x86) or dot-product instructions (ARM) do not saturate: nothing to do.
-2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on a calibration batch
-   twice, as ONNX Runtime's fused integer kernel and as the exact QDQ arithmetic, from the same
-   quantized input.
-3. A layer whose saturation error (fused vs exact, in output steps) has more power than its own
-   rounding noise (1/12 step squared) gets 7-bit weights.
+2. Otherwise each uint8 Conv/Gemm/MatMul layer of the main graph is run on the first
+   ``MEASURED_BATCHES`` calibration batches twice, as ONNX Runtime's fused integer kernel and as
+   the exact QDQ arithmetic, from the same quantized input. Saturation depends on the values (a
+   pair of large activations meeting a pair of large weights): one sample of a small layer (a Gemm
+   on a vector) can miss it when most samples hit it, so every measured batch counts.
+3. A layer whose saturation error (fused vs exact, in output steps, over all measured batches)
+   has more power than its own rounding noise (1/12 step squared) gets 7-bit weights.
 4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
    a CPU that saturates, every uint8 one gets 7-bit weights (the safe side).
 """
@@ -27,11 +29,14 @@ import onnx.utils
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxq.calibration.data import KEPT_BATCHES
 from onnxq.graph import with_outputs
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.runtime import session_options
 
 _NO_SATURATION_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
+MEASURED_BATCHES = KEPT_BATCHES  # the first calibration batches, which a one-shot source keeps too
+ROUNDING_NOISE = 1 / 12  # power of the rounding error of a quantized output, in steps squared
 
 
 def saturates(machine: str, cpuinfo: str | None) -> bool:
@@ -82,12 +87,19 @@ def _layer_boundaries(model: ir.Model, plan: QuantPlan) -> dict[ir.Node, tuple[s
     return boundaries
 
 
+def saturation_hurts(fused: list[np.ndarray], exact: list[np.ndarray]) -> bool:
+    """Rule 3: whether a layer's quantized outputs from the fused kernel (``fused``, one array per
+    measured batch) differ from the exact ones (``exact``) by more power than rounding noise."""
+    errors = [(f.astype(np.float64) - e.astype(np.float64)).ravel() for f, e in zip(fused, exact, strict=True)]
+    return float(np.mean(np.concatenate(errors) ** 2)) > ROUNDING_NOISE
+
+
 def saturating_layers(
-    qdq_model: ir.Model, plan: QuantPlan, feed: dict[str, np.ndarray], external_folder: Path | None = None
+    qdq_model: ir.Model, plan: QuantPlan, feeds: list[dict[str, np.ndarray]], external_folder: Path | None = None
 ) -> set[ir.Node]:
     """The layers of ``plan`` (rewritten to QDQ as ``qdq_model``) that lose accuracy to
-    saturation on this CPU, measured on ``feed``; ``external_folder`` holds the external data
-    files the model's tensors reference, if any."""
+    saturation on this CPU, measured on the batches ``feeds`` (rule 2); ``external_folder``
+    holds the external data files the model's tensors reference, if any."""
     if not cpu_saturates():
         return set()
     boundaries = _layer_boundaries(qdq_model, plan)
@@ -96,14 +108,14 @@ def saturating_layers(
     if not boundaries:
         return hurt
     proto = ir.to_proto(qdq_model)
-    names = sorted({name for pair in boundaries.values() for name in pair})
-    exposed = with_outputs(proto, names)
-    values = dict(zip(names, _session(exposed, False, external_folder).run(names, feed)))
+    sources = sorted({source for source, _ in boundaries.values()})
+    whole = _session(with_outputs(proto, sources), False, external_folder)
+    measured = [dict(zip(sources, whole.run(sources, feed))) for feed in feeds]  # the layers' quantized inputs
     extractor = onnx.utils.Extractor(proto)
     for node, (source, target) in boundaries.items():
         layer = extractor.extract_model([source], [target])
-        exact = _session(layer, False, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
-        fused = _session(layer, True, external_folder).run(None, {source: values[source]})[0].astype(np.int32)
-        if np.mean((fused - exact).astype(np.float64) ** 2) > 1 / 12:
+        fused, exact = (_session(layer, kind, external_folder) for kind in (True, False))
+        runs = [{source: values[source]} for values in measured]
+        if saturation_hurts([fused.run(None, run)[0] for run in runs], [exact.run(None, run)[0] for run in runs]):
             hurt.add(node)
     return hurt
