@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
+import onnxruntime as ort
 
 from onnxq.analysis.rules import resolve_rules, save_rules
 from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs, source_path
@@ -31,9 +35,10 @@ from onnxq.files import (
 from onnxq.load.prepare import LoadedModel, ModelInput, load
 from onnxq.report.evaluate import Fidelity, FloatRuns, compare_models, compare_runs, run_checked
 from onnxq.report.inspect import inspect_model
+from onnxq.report.latency import Latency, batch_one, conversion_latency, latency_providers
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
-from onnxq.runtime import create_session
+from onnxq.runtime import CPU, create_session
 from onnxq.save.output import ModelSource, write_output
 from onnxq.transform import TransformData, float_exact_passes, transform_steps
 from onnxq.tune.fallback import (
@@ -73,6 +78,7 @@ class ConversionResult:
     fidelity: Fidelity | None = None
     fallback: FallbackReport | None = None
     accuracy: AccuracyCheck | None = None
+    latency: Latency | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -214,13 +220,12 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _fidelity(loaded: LoadedModel, quantized: ModelSource, batches: Iterable[Batch],
+def _fidelity(float_session: ort.InferenceSession, session: ort.InferenceSession, batches: Iterable[Batch],
               float_runs: FloatRuns | None) -> Fidelity:
-    """Fidelity of the written model on the measuring data, against ``float_runs`` (the float
-    model's outputs, computed before) or streaming through both models."""
-    session = create_session(quantized, "the quantized model")
+    """Fidelity of the written model's ``session`` on the measuring data, against ``float_runs``
+    (the float model's outputs, computed before) or streaming through both models."""
     if float_runs is None:
-        return compare_models(loaded.float_session(), session, batches)
+        return compare_models(float_session, session, batches)
     return compare_runs(float_runs.names, ((batch, reference, run_checked(session, float_runs.names, batch))
                                            for batch, reference in zip(batches, float_runs.outputs)))
 
@@ -337,14 +342,15 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress, executor)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
     measurement = _measurement(eval_source, source, config, fallback)
+    float_session = functools.cache(loaded.float_session)  # built once, for every measurement
     report_runs = None  # the float model's outputs, computed before any int8 model runs
     if measurement is not None and isinstance(measurement.report, list):
-        report_runs = FloatRuns.of(loaded.float_session(), measurement.report)
+        report_runs = FloatRuns.of(float_session(), measurement.report)
     target = AccuracyTarget.of(fallback)
     report, keep = None, base
     if measurement is not None and measurement.search:
         search_runs = report_runs if measurement.search is measurement.report else \
-            FloatRuns.of(loaded.float_session(), measurement.search)
+            FloatRuns.of(float_session(), measurement.search)
         search_options = fallback if fallback.max_drop is not None else target.search_options(fallback)
         keep, report = tune_fallback(loaded, state, config, layers, base, search_options, measurement.search,
                                      search_runs, conversion.space, tuning_progress, executor)
@@ -359,12 +365,14 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    fidelity = None
+    fidelity, int8_session = None, None
 
     def evaluate(written: ModelSource) -> None:
-        nonlocal fidelity
+        nonlocal fidelity, int8_session
+        if measurement is not None or run.latency:
+            int8_session = create_session(written, "the quantized model")
         if measurement is not None:
-            fidelity = _fidelity(loaded, written, measurement.report, report_runs)
+            fidelity = _fidelity(float_session(), int8_session, measurement.report, report_runs)
 
     written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
@@ -375,6 +383,13 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
         accuracy = target.check(fidelity, measurement.description)
+    latency = None
+    if run.latency:
+        data = eval_source if eval_source is not None else source
+        if data is None:
+            conversion.notes.append("latency not measured: no input to time the models on (pass --eval-data)")
+        else:
+            latency = _latency(loaded, float_session, int8_session, output_path, batch_one(data.first, inputs), config)
     return ConversionResult(
         output=output_path,
         float_bytes=loaded.float_bytes,
@@ -387,7 +402,20 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         fidelity=fidelity,
         fallback=report,
         accuracy=accuracy,
+        latency=latency,
     )
+
+
+def _latency(loaded: LoadedModel, float_session: Callable[[], ort.InferenceSession], int8_session: ort.InferenceSession,
+             output_path: Path, feed: dict[str, np.ndarray], config: QuantConfig) -> Latency:
+    """Batch-1 latency of the written model against the float model (``onnxq.report.latency``) on
+    the CPU, with the sessions already built, or on the ``config.target``'s provider."""
+    providers = latency_providers(config.target)
+    if providers != (CPU,):
+        float_session = functools.partial(create_session, loaded.cleaned, "the float model", providers,
+                                          loaded.external_folder)
+        int8_session = create_session(output_path, "the quantized model", providers)
+    return conversion_latency(float_session(), int8_session, feed, loaded.cleaned, output_path, loaded.external_folder)
 
 
 def _recorded_model(space: Workspace, index: int | None) -> tuple[Step, dict[str, str], str]:
