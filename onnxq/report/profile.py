@@ -6,8 +6,9 @@ profiler (the per-kernel durations of its JSON trace) on both models:
    or grouped Conv layers (the model's Conv of that name has ``group`` > 1, or the kernel's
    weights have shape [C, 1, k, k]), other Conv layers, MatMul/Gemm layers, or the nodes of
    one op type (``QLinearAdd`` counts as ``Add``).
-2. An int8 model's Conv or MatMul/Gemm kernel that takes float inputs ran in float between
-   DequantizeLinear and QuantizeLinear: kept float, or a group ONNX Runtime did not fuse.
+2. A kernel whose node reads a DequantizeLinear output in the model and that takes float
+   inputs ran in float on dequantized values: a group ONNX Runtime did not fuse into an int8
+   kernel, or a node kept float.
 3. A kernel's time per run is its median over the profiled runs (the warm-up run left out), so
    that one run disturbed by the machine does not count.
 4. A part is slow where its kernels take longer per run in the int8 model than in the float
@@ -51,10 +52,22 @@ class Kernel:
     ms: float
 
 
-def grouped_convs(model: onnx.ModelProto) -> set[str]:
-    """The names of the Conv nodes of ``model``'s main graph with ``group`` > 1."""
-    return {node.name for node in model.graph.node if node.op_type == "Conv"
-            and any(a.name == "group" and a.i > 1 for a in node.attribute)}
+@dataclasses.dataclass(frozen=True)
+class ModelNodes:
+    """What the profile cannot tell about a model's nodes, by name: its Convs with ``group`` > 1,
+    and its nodes that read a DequantizeLinear output (main graph)."""
+
+    grouped: frozenset[str] = frozenset()
+    dequantized_inputs: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ModelNodes:
+        nodes = model.graph.node
+        dequantized = {out for node in nodes if node.op_type == "DequantizeLinear" for out in node.output}
+        return cls(frozenset(node.name for node in nodes if node.op_type == "Conv"
+                             and any(a.name == "group" and a.i > 1 for a in node.attribute)),
+                   frozenset(node.name for node in nodes if node.op_type not in _QDQ
+                             and dequantized.intersection(node.input)))
 
 
 def _part(op: str, inputs: list[dict], grouped: bool) -> str:
@@ -73,13 +86,9 @@ def _part(op: str, inputs: list[dict], grouped: bool) -> str:
     return f"{op.removeprefix('QLinear')} nodes"
 
 
-def _in_float(op: str, inputs: list[dict]) -> bool:
-    return (op in _CONV or op in _MATMUL) and bool(inputs) and "float" in inputs[0]
-
-
-def kernels(trace: list[dict], runs: int, grouped: set[str] = frozenset()) -> list[Kernel]:
-    """The kernels of a profiler ``trace`` of a warm-up run and ``runs`` runs, each with its
-    time per run (rule 3); ``grouped``: the names of the model's grouped Convs (``grouped_convs``)."""
+def kernels(trace: list[dict], runs: int, nodes: ModelNodes = ModelNodes()) -> list[Kernel]:
+    """The kernels of a profiler ``trace`` of a warm-up run and ``runs`` runs of a model with
+    ``nodes``, each with its time per run (rule 3)."""
     times: dict[str, list[float]] = {}
     seen: dict[str, Kernel] = {}
     for event in trace:
@@ -88,7 +97,8 @@ def kernels(trace: list[dict], runs: int, grouped: set[str] = frozenset()) -> li
         key, args = event["name"], event.get("args", {})
         if key not in seen:  # the warm-up run's
             op, inputs, name = args.get("op_name", "?"), args.get("input_type_shape", []), _ORT_SUFFIX.sub("", key)
-            seen[key] = Kernel(name, op, _part(op, inputs, name in grouped), _in_float(op, inputs), 0.0)
+            in_float = name in nodes.dequantized_inputs and bool(inputs) and "float" in inputs[0]
+            seen[key] = Kernel(name, op, _part(op, inputs, name in nodes.grouped), in_float, 0.0)
             times[key] = []
         else:
             times[key].append(float(event.get("dur", 0)) / 1000)
@@ -105,7 +115,7 @@ def profile(make_session: Callable[[Path], ort.InferenceSession], feed: dict[str
         for _ in range(runs + 1):
             session.run(None, feed)
         trace = json.loads(Path(session.end_profiling()).read_text())
-    return kernels(trace, runs, grouped_convs(model))
+    return kernels(trace, runs, ModelNodes.of(model))
 
 
 def slow_parts(float_kernels: list[Kernel], int8_kernels: list[Kernel]) -> list[str]:
@@ -121,10 +131,12 @@ def slow_parts(float_kernels: list[Kernel], int8_kernels: list[Kernel]) -> list[
                           for k in mine[:SHOWN_KERNELS])
         lines.append(f"{part}: {len(mine)} kernel(s), {_ms(mine):.3f} ms in int8 vs {_ms(theirs):.3f} ms in float "
                      f"({len(theirs)} kernel(s)) per run"
-                     + (f"; {in_float} ran in float between DequantizeLinear and QuantizeLinear (kept float or "
-                        "not fused)" if in_float else "")
+                     + (f"; {in_float} ran in float on dequantized inputs (not fused into an int8 kernel, or "
+                        "kept float)" if in_float else "")
                      + f"; slowest: {shown}")
-    return lines
+    return lines or [f"no part's kernels take longer in int8 ({_ms(int8_kernels):.3f} ms of kernels per run vs "
+                     f"{_ms(float_kernels):.3f} ms in float): the time goes outside them, to ONNX Runtime's "
+                     "overhead per run and per kernel, which dominates tiny models"]
 
 
 def _ms(kernels: list[Kernel], part: str | None = None) -> float:
