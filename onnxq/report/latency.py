@@ -32,7 +32,7 @@ from onnxq.runtime import CPU, CUDA, create_session, cuda_unavailable_reason
 LATENCY_BUDGET_S = 2.0  # seconds of timed runs per conversion, all repeats and both models together
 REPEATS = 3
 MIN_RUNS = 1  # per model and repeat, however slow the model
-MAX_RUNS = 50  # per model and repeat, however fast the model
+MAX_RUNS = 20  # per model and repeat, however fast the model
 
 Feed = dict[str, np.ndarray]
 

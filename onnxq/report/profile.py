@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-PROFILE_RUNS = 5  # profiled runs of each model
+PROFILE_RUNS = 3  # profiled runs of each model
 SHOWN_PARTS = 4
 SHOWN_KERNELS = 3
 
