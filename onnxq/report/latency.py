@@ -6,8 +6,9 @@ the figures survive a re-run:
    random order), so that machine noise and frequency changes hit every model alike.
 3. There are ``REPEATS`` repeats; the runs per repeat fit ``LATENCY_BUDGET_S`` seconds in all
    (at least ``MIN_RUNS``, so a slow model takes longer than the budget; at most ``MAX_RUNS``).
-4. The ratio is the int8 median over the float median of all runs; the spread is the lowest
-   and highest ratio of the medians of one repeat.
+4. Each repeat gives one ratio: the int8 median over the float median of its runs. The ratio
+   reported is the median of these, the spread their lowest and highest (the runs of one repeat
+   share the machine's state, the repeats may not); the milliseconds are medians of all runs.
 5. Int8 is called slower only when the whole spread lies above 1 (faster: below 1); then the
    parts that make it slow are named from ONNX Runtime's profiler (``onnxq.report.profile``).
 """
@@ -56,12 +57,11 @@ def interleaved_ms(sessions: Mapping[str, ort.InferenceSession], feeds: Mapping[
 
 
 def ratio_spread(times: Mapping[str, list[list[float]]], name: str, reference: str) -> tuple[float, float, float]:
-    """The median ratio of ``name``'s times over ``reference``'s, and the lowest and highest
-    ratio of one repeat's medians (rule 4)."""
-    ratio = statistics.median(_flat(times[name])) / statistics.median(_flat(times[reference]))
+    """The median, lowest and highest over the repeats of the ratio of ``name``'s median time
+    over ``reference``'s (rule 4)."""
     per_repeat = [statistics.median(mine) / statistics.median(theirs)
                   for mine, theirs in zip(times[name], times[reference])]
-    return ratio, min(per_repeat), max(per_repeat)
+    return statistics.median(per_repeat), min(per_repeat), max(per_repeat)
 
 
 def _flat(repeats: list[list[float]]) -> list[float]:
