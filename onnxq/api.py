@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -220,12 +219,12 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _fidelity(float_session: ort.InferenceSession, session: ort.InferenceSession, batches: Iterable[Batch],
-              float_runs: FloatRuns | None) -> Fidelity:
+def _fidelity(float_session: Callable[[], ort.InferenceSession], session: ort.InferenceSession,
+              batches: Iterable[Batch], float_runs: FloatRuns | None) -> Fidelity:
     """Fidelity of the written model's ``session`` on the measuring data, against ``float_runs``
     (the float model's outputs, computed before) or streaming through both models."""
     if float_runs is None:
-        return compare_models(float_session, session, batches)
+        return compare_models(float_session(), session, batches)
     return compare_runs(float_runs.names, ((batch, reference, run_checked(session, float_runs.names, batch))
                                            for batch, reference in zip(batches, float_runs.outputs)))
 
@@ -342,15 +341,14 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     state, calibration_step = _calibrated(conversion, loaded, config, run, source, progress, executor)
     layers = _layer_choices(conversion, loaded, state, config, source, calibration_step.index, tuning_progress)
     measurement = _measurement(eval_source, source, config, fallback)
-    float_session = functools.cache(loaded.float_session)  # built once, for every measurement
     report_runs = None  # the float model's outputs, computed before any int8 model runs
     if measurement is not None and isinstance(measurement.report, list):
-        report_runs = FloatRuns.of(float_session(), measurement.report)
+        report_runs = FloatRuns.of(loaded.float_session(), measurement.report)
     target = AccuracyTarget.of(fallback)
     report, keep = None, base
     if measurement is not None and measurement.search:
         search_runs = report_runs if measurement.search is measurement.report else \
-            FloatRuns.of(float_session(), measurement.search)
+            FloatRuns.of(loaded.float_session(), measurement.search)
         search_options = fallback if fallback.max_drop is not None else target.search_options(fallback)
         keep, report = tune_fallback(loaded, state, config, layers, base, search_options, measurement.search,
                                      search_runs, conversion.space, tuning_progress, executor)
@@ -366,13 +364,14 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
     fidelity, int8_session = None, None
+    latency_wanted = run.latency and not loaded.offload
 
     def evaluate(written: ModelSource) -> None:
         nonlocal fidelity, int8_session
-        if measurement is not None or run.latency:
+        if measurement is not None or latency_wanted:
             int8_session = create_session(written, "the quantized model")
         if measurement is not None:
-            fidelity = _fidelity(float_session(), int8_session, measurement.report, report_runs)
+            fidelity = _fidelity(loaded.float_session, int8_session, measurement.report, report_runs)
 
     written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
@@ -383,13 +382,14 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
         accuracy = target.check(fidelity, measurement.description)
-    latency = None
-    if run.latency:
-        data = eval_source if eval_source is not None else source
-        if data is None:
-            conversion.notes.append("latency not measured: no input to time the models on (pass --eval-data)")
-        else:
-            latency = _latency(loaded, float_session, int8_session, output_path, batch_one(data.first, inputs), config)
+    latency, data = None, eval_source if eval_source is not None else source
+    if run.latency and loaded.offload:
+        conversion.notes.append("latency not measured: the weights are in external data (a big model), and timing "
+                                "both models would hold both in memory")
+    elif run.latency and data is None:
+        conversion.notes.append("latency not measured: no input to time the models on (pass --eval-data)")
+    elif run.latency:
+        latency = _latency(loaded, int8_session, output_path, batch_one(data.first, inputs), config)
     return ConversionResult(
         output=output_path,
         float_bytes=loaded.float_bytes,
@@ -406,16 +406,16 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     )
 
 
-def _latency(loaded: LoadedModel, float_session: Callable[[], ort.InferenceSession], int8_session: ort.InferenceSession,
-             output_path: Path, feed: dict[str, np.ndarray], config: QuantConfig) -> Latency:
+def _latency(loaded: LoadedModel, int8_session: ort.InferenceSession, output_path: Path, feed: dict[str, np.ndarray],
+             config: QuantConfig) -> Latency:
     """Batch-1 latency of the written model against the float model (``onnxq.report.latency``) on
-    the CPU, with the sessions already built, or on the ``config.target``'s provider."""
+    the CPU, with the written model's session the accuracy check built, or on the
+    ``config.target``'s provider."""
     providers = latency_providers(config.target)
     if providers != (CPU,):
-        float_session = functools.partial(create_session, loaded.cleaned, "the float model", providers,
-                                          loaded.external_folder)
         int8_session = create_session(output_path, "the quantized model", providers)
-    return conversion_latency(float_session(), int8_session, feed, loaded.cleaned, output_path, loaded.external_folder)
+    float_session = create_session(loaded.cleaned, "the float model", providers, loaded.external_folder)
+    return conversion_latency(float_session, int8_session, feed, loaded.cleaned, output_path, loaded.external_folder)
 
 
 def _recorded_model(space: Workspace, index: int | None) -> tuple[Step, dict[str, str], str]:
