@@ -9,8 +9,8 @@ the figures survive a re-run:
 4. Each repeat gives one ratio: the int8 median over the float median of its runs. The ratio
    reported is the median of these, the spread their lowest and highest (the runs of one repeat
    share the machine's state, the repeats may not); the milliseconds are medians of all runs.
-5. Int8 is called slower only when the whole spread lies above 1 (faster: below 1); then the
-   parts that make it slow are named from ONNX Runtime's profiler (``onnxq.report.profile``).
+5. Int8 is called slower only when the whole spread lies above 1; then the parts that make it
+   slow are named from ONNX Runtime's profiler (``onnxq.report.profile``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.data import Batch, InputSpec
+from onnxq.cpu import int8_summary, read_cpuinfo
 from onnxq.report.profile import profile, slow_parts
 from onnxq.runtime import CPU, CUDA, create_session, cuda_unavailable_reason
 
@@ -96,15 +97,10 @@ class Latency:
         """Int8 is slower than float beyond the measured spread."""
         return self.spread[0] > 1
 
-    @property
-    def faster(self) -> bool:
-        """Int8 is faster than float beyond the measured spread."""
-        return self.spread[1] < 1
-
 
 def measure_latency(float_session: ort.InferenceSession, int8_session: ort.InferenceSession, feed: Feed,
                     budget_s: float = LATENCY_BUDGET_S) -> Latency:
-    """Time both sessions on ``feed`` (rules 1-4); the slow parts are not named here (``name_slow_parts``)."""
+    """Time both sessions on ``feed`` (rules 1-4); ``conversion_latency`` also names the slow parts."""
     sessions = {"float": float_session, "int8": int8_session}
     warm_up = interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs=1, repeats=1)
     runs = runs_within(budget_s, sum(t[0][0] for t in warm_up.values()))
@@ -157,6 +153,6 @@ def latency_lines(latency: Latency | None) -> list[str]:
         return []
     lines = [f"warning: the int8 model is slower than float on this machine: {latency.ratio:.2f}x float's batch-1 "
              f"latency ({latency.int8_ms:.3f} ms vs {latency.float_ms:.3f} ms, {latency.spread[0]:.2f}-"
-             f"{latency.spread[1]:.2f}x over {REPEATS} repeats); keep the slow parts float (--keep-float) "
-             "or run it where int8 kernels are fast (VNNI)"]
+             f"{latency.spread[1]:.2f}x over {REPEATS} repeats); keep the slow parts float (--keep-float); "
+             f"{int8_summary(read_cpuinfo())}"]
     return lines + [f"warning:   slow: {part}" for part in latency.slow_parts]
