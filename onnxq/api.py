@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -219,12 +219,12 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _fidelity(float_session: Callable[[], ort.InferenceSession], session: ort.InferenceSession,
-              batches: Iterable[Batch], float_runs: FloatRuns | None) -> Fidelity:
+def _fidelity(loaded: LoadedModel, session: ort.InferenceSession, batches: Iterable[Batch],
+              float_runs: FloatRuns | None) -> Fidelity:
     """Fidelity of the written model's ``session`` on the measuring data, against ``float_runs``
     (the float model's outputs, computed before) or streaming through both models."""
     if float_runs is None:
-        return compare_models(float_session(), session, batches)
+        return compare_models(loaded.float_session(), session, batches)
     return compare_runs(float_runs.names, ((batch, reference, run_checked(session, float_runs.names, batch))
                                            for batch, reference in zip(batches, float_runs.outputs)))
 
@@ -371,7 +371,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         if measurement is not None or latency_wanted:
             int8_session = create_session(written, "the quantized model")
         if measurement is not None:
-            fidelity = _fidelity(loaded.float_session, int8_session, measurement.report, report_runs)
+            fidelity = _fidelity(loaded, int8_session, measurement.report, report_runs)
 
     written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
