@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.corpus import _fmt as fmt
-from benchmarks.corpus import replace_section, run_models
+from benchmarks.corpus import latency_cell, replace_section, run_models
 from benchmarks.corpus_models import CORPUS
 
 SECTION = "## Ablation: int8 accuracy techniques"
@@ -61,7 +61,8 @@ def render(rows: list[dict], facts: dict) -> str:
         f"Techniques: {techniques}. `none`: all off and `--no-fallback`; a technique's row: only it on, "
         "`--no-fallback`; `all`: all on, `--no-fallback`; `defaults`: no option (the safety net may keep nodes float).",
         "Task metric and SQNR on held-out inputs against the float model; int8 compute: share of",
-        "Conv/ConvTranspose/Gemm/MatMul nodes in int8; x float: batch-1 median latency over float's.",
+        "Conv/ConvTranspose/Gemm/MatMul nodes in int8; x float: batch-1 median latency over float's, runs interleaved in",
+        "random order (the lowest-highest ratio of three repeats in brackets).",
         "",
         "| model | variant | task metric | SQNR dB | int8 compute | x float | convert s | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -75,7 +76,7 @@ def render(rows: list[dict], facts: dict) -> str:
         note = row["message"] if row["status"] == "ok" else f"{row['status']}: {row['message']}"
         lines.append(
             f"| {row['model']} | {row['tool']} | {fmt(row.get('task_metric'), '.3f')} | {fmt(row.get('sqnr_db'), '.1f')} "
-            f"| {share} | {fmt(row.get('latency_ratio'), '.2f')} | {fmt(row.get('seconds'), '.1f')} | "
+            f"| {share} | {latency_cell(row)} | {fmt(row.get('seconds'), '.1f')} | "
             f"{note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

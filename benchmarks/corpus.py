@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,8 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks.corpus_models import CORPUS, CorpusModel, Feed
-from benchmarks.timing import latencies_ms, session, sqnr_db
+from benchmarks.timing import cpu_line, latencies_ms, median_ms, session, sqnr_db
+from onnxq.report.latency import ratio_spread
 from onnxq.cli.render import json_safe
 from onnxq.errors import OnnxqError
 
@@ -166,11 +166,11 @@ def bench_model(model: CorpusModel, folder: Path, n_calibration: int, n_eval: in
                 row["message"] = "; ".join(filter(None, [row["message"], f"int8 not counted: {str(exc)[:160]}"]))
         rows.append(row)
     times = latencies_ms(sessions, evaluation[0], latency_runs)
-    float_ms = statistics.median(times["float"])
     for row in rows:
         if row["tool"] in times:
-            row["latency_ms"] = statistics.median(times[row["tool"]])
-            row["latency_ratio"] = row["latency_ms"] / float_ms
+            row["latency_ms"] = median_ms(times[row["tool"]])
+            ratio, low, high = ratio_spread(times, row["tool"], "float")
+            row |= {"latency_ratio": ratio, "latency_spread": (low, high)}
     return rows
 
 
@@ -178,10 +178,18 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
+def latency_cell(row: dict) -> str:
+    """A row's latency ratio to float with its spread over the repeats: ``0.54 (0.52-0.57)``."""
+    if row.get("latency_ratio") is None:
+        return "-"
+    spread = row.get("latency_spread")  # absent from results measured before the repeats
+    return f"{row['latency_ratio']:.2f}" + ("" if spread is None else f" ({spread[0]:.2f}-{spread[1]:.2f})")
+
+
 def run_facts(settings: str) -> dict:
     """The settings, the machine and the versions a run measures with."""
     return {"settings": settings, "onnxq": onnxq_origin(), "onnxruntime": ort.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(datetime.date.today())}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_line()}", "date": str(datetime.date.today())}
 
 
 def render(rows: list[dict], facts: dict) -> str:
@@ -200,7 +208,8 @@ def render(rows: list[dict], facts: dict) -> str:
         "activations (S8S8, its default) or uint8 (U8S8). The task metric compares int8 with float outputs on the",
         "held-out inputs (1.0 = identical); SQNR is over all float outputs; int8 compute is the share of",
         "Conv/ConvTranspose/Gemm/MatMul nodes that run in int8 (as `onnxq inspect` counts them); latency is the",
-        "batch-1 median, runs interleaved, as a ratio to float; convert s is the conversion's wall time in a",
+        "batch-1 median, runs interleaved in random order, as a ratio to float (the lowest-highest ratio of three",
+        "repeats in brackets: a difference within it is noise); convert s is the conversion's wall time in a",
         "fresh process (onnxq's includes its safety-net search where one ran), x ORT its ratio to ORT's fastest.",
         "",
         "| model | what it is | tool | task metric | SQNR dB | int8 compute | b1 ms | x float | convert s | x ORT | note |",
@@ -228,7 +237,7 @@ def render(rows: list[dict], facts: dict) -> str:
             f"| {row['model']} | {row['kind'] if row['tool'] == 'float' else ''} | "
             f"{_tool_label(row)} | {_fmt(row.get('task_metric'), '.3f')} | "
             f"{_fmt(row.get('sqnr_db'), '.1f')} | {share} | {_fmt(row.get('latency_ms'), '.2f')} | "
-            f"{_fmt(row.get('latency_ratio'), '.2f')} | {_fmt(seconds, '.1f')} | {_fmt(ratio, '.1f')} | "
+            f"{latency_cell(row)} | {_fmt(seconds, '.1f')} | {_fmt(ratio, '.1f')} | "
             f"{note.replace('|', '/')} |"
         )
     lines += ["", *render_verdicts(rows)]

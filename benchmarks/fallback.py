@@ -8,7 +8,6 @@ Run as part of ``python -m benchmarks.run`` (section "Mixed precision"), or alon
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 import onnxq
 from onnxq.ops import WEIGHTED
-from benchmarks.timing import latencies_ms, session, sqnr_db
+from benchmarks.timing import latencies_ms, median_ms, session, sqnr_db
 from benchmarks.workloads import WORKLOADS, Workload
 
 FALLBACK_SEARCH = 96  # evaluation inputs the search sees
@@ -81,7 +80,7 @@ def bench_fallback(workload: Workload, folder: Path, n_calibration: int, n_searc
         row[f"extra_{name}"] = workload.extra_metrics(outputs["float"], outputs[name])
         row[f"sqnr_{name}"] = sqnr_db([o[0] for o in outputs["float"]], [o[0] for o in outputs[name]])
     times = latencies_ms(sessions, test[0], latency_runs)
-    row["latency_ms"] = {name: statistics.median(t) for name, t in times.items()}
+    row["latency_ms"] = {name: median_ms(t) for name, t in times.items()}
     return row
 
 

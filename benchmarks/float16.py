@@ -1,14 +1,14 @@
 """Float16 models: onnxq's design (float32 inside, the float16 interface kept through Casts)
 against the alternative, Q/DQ with float16 scales (opset 21, no Casts), on the network of
 ``tests/test_float16.py``. Prints a markdown table: file size, SQNR against ONNX Runtime on the
-float32 twin, median CPU latency (ONNX Runtime's default session; each model timed on its own).
+float32 twin, median CPU latency (ONNX Runtime's default session; the runs of all models interleaved
+in random order, each on its own input).
 
     python -m benchmarks.float16
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import onnx
 import onnx.numpy_helper as onh
 
 import onnxq
-from benchmarks.timing import latencies_ms, session, sqnr_db
+from benchmarks.timing import cpu_line, latencies_ms, median_ms, session, sqnr_db
 from tests.graphs import as_float16, conv_classifier
 
 BATCH, RUNS = 8, 300
@@ -63,14 +63,15 @@ def main() -> None:
         sessions = {name: session(path) for name, path in paths.items()}
         feeds = {name: {"x": x.astype(np.float32 if name == "float32" else np.float16)} for name in paths}
         reference = sessions["float32"].run(None, feeds["float32"])
-        times = {name: latencies_ms({name: sessions[name]}, feeds[name], RUNS)[name] for name in paths}
+        times = latencies_ms(sessions, None, RUNS, feeds)
+        print(cpu_line(), end="\n\n")
         print(f"| model | size KB | size / float16 | SQNR dB vs float32 | median ms (batch {BATCH}) |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, path in paths.items():
             size = path.stat().st_size
             quality = sqnr_db(reference, sessions[name].run(None, feeds[name]))
             print(f"| {name} | {size / 1024:.1f} | {size / paths['float16'].stat().st_size:.3f} | {quality:.1f} | "
-                  f"{statistics.median(times[name]):.3f} |")
+                  f"{median_ms(times[name]):.3f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,8 @@ import onnxruntime as ort
 from benchmarks.big_model import measure as measure_big, render as render_big
 from benchmarks.calibration import bench_calibration
 from benchmarks.corpus import corpus_section, replace_section
-from benchmarks.timing import latencies_ms, session, sqnr_db
+from benchmarks.timing import cpu_line, latencies_ms, median_ms, session, sqnr_db
+from onnxq.report.latency import ratio_spread
 from benchmarks.fallback import (
     FALLBACK_MAX_DROP, FALLBACK_SEARCH, FALLBACK_TEST, FALLBACK_TRIALS, bench_fallback, render_fallback,
 )
@@ -84,13 +84,10 @@ def bench_model(workload: Workload | BundledWorkload, folder: Path, n_calibratio
     for batch in BATCHES:
         feed = {name: np.concatenate([sample[name] for sample in evaluation[:batch]]) for name in evaluation[0]}
         times = latencies_ms(sessions, feed, latency_runs if batch == 1 else max(5, latency_runs // 3))
-        float_ms = statistics.median(times["float"])
-        for row in [{"tool": "float", "model": workload.name}] + rows:
-            if row["tool"] in times:
-                spread = np.percentile(times[row["tool"]], [10, 90])
-                row[f"b{batch}"] = (statistics.median(times[row["tool"]]), *spread, statistics.median(times[row["tool"]]) / float_ms)
-        rows_float = rows[0].setdefault("float_latency", {})
-        rows_float[batch] = (float_ms, *np.percentile(times["float"], [10, 90]))
+        for row in rows:
+            if row["tool"] in times:  # median ms, ratio to float, its lowest and highest over the repeats
+                row[f"b{batch}"] = (median_ms(times[row["tool"]]), *ratio_spread(times, row["tool"], "float"))
+        rows[0].setdefault("float_latency", {})[batch] = median_ms(times["float"])
     return rows
 
 
@@ -105,7 +102,7 @@ def _note(row: dict) -> str:
 
 def _latency(row: dict, batch: int) -> str:
     value = row.get(f"b{batch}")
-    return "- | -" if value is None else f"{value[0]:.1f} ({value[1]:.1f}-{value[2]:.1f}) | {value[3]:.2f}"
+    return "- | -" if value is None else f"{value[0]:.1f} | {value[1]:.2f} ({value[2]:.2f}-{value[3]:.2f})"
 
 
 def _verdicts(rows: list[dict]) -> list[str]:
@@ -118,10 +115,11 @@ def _verdicts(rows: list[dict]) -> list[str]:
         for batch in BATCHES:
             if f"b{batch}" not in mine:
                 continue
-            ratio = mine[f"b{batch}"][3]
+            _, ratio, low, high = mine[f"b{batch}"]
             fastest = min((r[f"b{batch}"][0] for r in others), default=float("nan"))
+            verdict = "faster than" if high < 1 else "slower than" if low > 1 else "within the spread of"
             parts.append(
-                f"batch {batch}: {'faster' if ratio < 1 else 'slower'} than float ({ratio:.2f}x), "
+                f"batch {batch}: {verdict} float ({ratio:.2f}x, {low:.2f}-{high:.2f}x over the repeats), "
                 f"{mine[f'b{batch}'][0] / fastest:.2f}x the time of ORT's fastest int8 output"
             )
         best_ort = max((r["task_metric"] for r in others if r.get("task_metric") is not None), default=float("nan"))
@@ -136,7 +134,8 @@ def render(rows: list[dict], settings: str) -> str:
         "# Benchmark: onnxq vs ONNX Runtime's quantize_static",
         "",
         f"Produced by `python -m benchmarks.run {settings}` on {datetime.date.today()}, "
-        f"{platform.machine()} with {os.cpu_count()} cores, onnxruntime {ort.__version__}, CPU execution provider.",
+        f"{platform.machine()} with {os.cpu_count()} cores ({cpu_line()}), onnxruntime {ort.__version__}, "
+        "CPU execution provider.",
         "ORT is run as a new user would: per-channel int8 weights, MinMax, the same calibration samples, as QDQ",
         "with uint8 (u8) and int8 (s8) activations and as QOperator. SQNR is of the first output vs float on",
         "the held-out inputs; the task metric compares int8 with float outputs (1.0 = identical).",
@@ -157,8 +156,9 @@ def render(rows: list[dict], settings: str) -> str:
         "",
         "## CPU latency",
         "",
-        "Median ms (10th-90th percentile) over interleaved runs of float and every int8 model in one process,",
-        "and the ratio int8/float, at batch 1 and batch 8.",
+        "Median ms over the runs of float and every int8 model in one process, interleaved in random order in",
+        "three repeats, and the ratio int8/float with the lowest and highest ratio of one repeat in brackets (a",
+        "difference within that spread is noise), at batch 1 and batch 8.",
         "",
         "| model | tool | batch 1 ms | b1 int8/float | batch 8 ms | b8 int8/float | task metric |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -168,8 +168,7 @@ def render(rows: list[dict], settings: str) -> str:
         if float_latency:
             b1, b8 = float_latency.get(1), float_latency.get(8)
             lines.append(
-                f"| {row['model']} | float | {b1[0]:.1f} ({b1[1]:.1f}-{b1[2]:.1f}) | 1.00 "
-                f"| {'-' if b8 is None else f'{b8[0]:.1f} ({b8[1]:.1f}-{b8[2]:.1f})'} | 1.00 | 1.000 |"
+                f"| {row['model']} | float | {b1:.1f} | 1.00 | {'-' if b8 is None else f'{b8:.1f}'} | 1.00 | 1.000 |"
             )
         lines.append(
             f"| {row['model']} | {row['tool']} | {_latency(row, 1)} | {_latency(row, 8)} "

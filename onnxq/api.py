@@ -13,6 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+import onnxruntime as ort
+
 from onnxq.analysis.rules import resolve_rules, save_rules
 from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samples
@@ -31,9 +34,10 @@ from onnxq.files import (
 from onnxq.load.prepare import LoadedModel, ModelInput, load
 from onnxq.report.evaluate import Fidelity, FloatRuns, compare_models, compare_runs, run_checked
 from onnxq.report.inspect import inspect_model
+from onnxq.report.latency import Latency, batch_one, conversion_latency, latency_providers
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
-from onnxq.runtime import create_session
+from onnxq.runtime import CPU, create_session
 from onnxq.save.output import ModelSource, write_output
 from onnxq.transform import TransformData, float_exact_passes, transform_steps
 from onnxq.tune.fallback import (
@@ -73,6 +77,7 @@ class ConversionResult:
     fidelity: Fidelity | None = None
     fallback: FallbackReport | None = None
     accuracy: AccuracyCheck | None = None
+    latency: Latency | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -214,11 +219,10 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     return _Measurement(batches if fallback.auto else None, batches, what)
 
 
-def _fidelity(loaded: LoadedModel, quantized: ModelSource, batches: Iterable[Batch],
+def _fidelity(loaded: LoadedModel, session: ort.InferenceSession, batches: Iterable[Batch],
               float_runs: FloatRuns | None) -> Fidelity:
-    """Fidelity of the written model on the measuring data, against ``float_runs`` (the float
-    model's outputs, computed before) or streaming through both models."""
-    session = create_session(quantized, "the quantized model")
+    """Fidelity of the written model's ``session`` on the measuring data, against ``float_runs``
+    (the float model's outputs, computed before) or streaming through both models."""
     if float_runs is None:
         return compare_models(loaded.float_session(), session, batches)
     return compare_runs(float_runs.names, ((batch, reference, run_checked(session, float_runs.names, batch))
@@ -359,12 +363,15 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    fidelity = None
+    fidelity, int8_session = None, None
+    latency_wanted = run.latency and not loaded.offload
 
     def evaluate(written: ModelSource) -> None:
-        nonlocal fidelity
+        nonlocal fidelity, int8_session
+        if measurement is not None or latency_wanted:
+            int8_session = create_session(written, "the quantized model")
         if measurement is not None:
-            fidelity = _fidelity(loaded, written, measurement.report, report_runs)
+            fidelity = _fidelity(loaded, int8_session, measurement.report, report_runs)
 
     written = write_output(loaded, built.model, output_path, run.external_data, before_commit=evaluate)
     conversion.space.append(QuantizedStep(calibration_step.index, written.sha256, built.kept_float, fallback.dtype))
@@ -375,6 +382,14 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
         accuracy = target.check(fidelity, measurement.description)
+    latency, data = None, eval_source if eval_source is not None else source
+    if run.latency and loaded.offload:
+        conversion.notes.append("latency not measured: the weights are in external data (a big model), and timing "
+                                "both models would hold both in memory")
+    elif run.latency and data is None:
+        conversion.notes.append("latency not measured: no input to time the models on (pass --eval-data)")
+    elif run.latency:
+        latency = _latency(loaded, int8_session, output_path, batch_one(data.first, inputs), config)
     return ConversionResult(
         output=output_path,
         float_bytes=loaded.float_bytes,
@@ -387,7 +402,20 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         fidelity=fidelity,
         fallback=report,
         accuracy=accuracy,
+        latency=latency,
     )
+
+
+def _latency(loaded: LoadedModel, int8_session: ort.InferenceSession, output_path: Path, feed: dict[str, np.ndarray],
+             config: QuantConfig) -> Latency:
+    """Batch-1 latency of the written model against the float model (``onnxq.report.latency``) on
+    the CPU, with the written model's session the accuracy check built, or on the
+    ``config.target``'s provider."""
+    providers = latency_providers(config.target)
+    if providers != (CPU,):
+        int8_session = create_session(output_path, "the quantized model", providers)
+    float_session = create_session(loaded.cleaned, "the float model", providers, loaded.external_folder)
+    return conversion_latency(float_session, int8_session, feed, loaded.cleaned, output_path, loaded.external_folder)
 
 
 def _recorded_model(space: Workspace, index: int | None) -> tuple[Step, dict[str, str], str]:

@@ -136,6 +136,10 @@ class RunOptions:
     workers: int = option(
         1, help="Local worker processes for calibration and the fallback search (each gets cores / N ONNX Runtime "
         "threads); the result is the same for any N. 1: ONNX Runtime alone already uses every core.")
+    latency: bool = option(
+        True, flag="--latency/--no-latency",
+        help="Time the written int8 model against the float model at batch 1 on this machine (about 2 s, runs "
+        "interleaved in random order, 3 repeats) and, where int8 is slower, name the parts that make it slow.")
     ray: str | None = option(
         None, help="Run calibration and the fallback search as Ray tasks on the cluster at this address "
         "(auto: a local Ray); needs pip install 'onnxq[ray]'. The result is the same as with one worker.")

@@ -80,13 +80,18 @@ def create_session(
     providers: tuple[str, ...] = (CPU,),
     external_folder: Path | None = None,
     threads: int = 0,
+    profile_prefix: Path | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session of a model given as a proto, bytes or a file path (see
-    ``session_options`` for ``external_folder``) on ``threads`` threads (0: ONNX Runtime's default);
-    a model it refuses is reported as ``ModelError``."""
+    ``session_options`` for ``external_folder``) on ``threads`` threads (0: ONNX Runtime's default),
+    profiled into files starting with ``profile_prefix`` when given; a model it refuses is
+    reported as ``ModelError``."""
     options = session_options(external_folder)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     data = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, options, providers=list(providers))

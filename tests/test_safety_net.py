@@ -183,7 +183,7 @@ def test_cli_says_loudly_when_the_target_is_missed_and_json_carries_it(detector,
                        "--no-fallback", "--min-sqnr", "60", "--json", "--quiet")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["target_met"] is False
-    [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning: the model misses")]
     assert "misses the accuracy target (SQNR >= 60 dB" in warning and "y[axis 2: 0:4]: SQNR" in warning
     assert out.is_file()
 

@@ -134,6 +134,12 @@ def summary(result: ConversionResult) -> Table:
         table.add_section()
         table.add_row("accuracy target", "met" if result.accuracy.met else "[bold red]NOT MET[/]",
                       f"on {result.accuracy.measured_on}")
+    latency = result.latency
+    if latency is not None:
+        table.add_section()
+        ratio = f"{latency.ratio:.2f}x ({latency.spread[0]:.2f}-{latency.spread[1]:.2f}x)"
+        table.add_row("batch-1 latency", f"{latency.int8_ms:.3f} ms", f"{latency.float_ms:.3f} ms  "
+                      + (f"[bold red]{ratio} SLOWER[/]" if latency.slower else ratio))
     return table
 
 
@@ -170,7 +176,9 @@ def report_conversion(result: ConversionResult, quiet: bool, as_json: bool) -> N
             Console().print(summary(result))
         for note in result.notes:
             typer.echo(f"note: {note}", err=True)
-    for line in accuracy_lines(result):  # said even with --quiet
+    from onnxq.report.latency import latency_lines  # deferred, as every pipeline import here
+
+    for line in accuracy_lines(result) + latency_lines(result.latency):  # said even with --quiet
         typer.echo(line, err=True)
 
 

@@ -30,11 +30,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxq.calibration.data import KEPT_BATCHES
+from onnxq.cpu import DOT_PRODUCT_FLAGS, read_cpuinfo
 from onnxq.graph import with_outputs
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.runtime import session_options
 
-_NO_SATURATION_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 MEASURED_BATCHES = KEPT_BATCHES  # the first calibration batches, which a one-shot source keeps too
 ROUNDING_NOISE = 1 / 12  # power of the rounding error of a quantized output, in steps squared
 
@@ -46,17 +46,13 @@ def saturates(machine: str, cpuinfo: str | None) -> bool:
         return False  # ARM: dot-product kernels accumulate in 32 bits
     if cpuinfo is None:
         return True  # unknown x86: assume the common AVX2 path
-    return not set(cpuinfo.split()) & _NO_SATURATION_FLAGS
+    return not DOT_PRODUCT_FLAGS.intersection(cpuinfo.split())
 
 
 @functools.cache
 def cpu_saturates() -> bool:
     """Whether this CPU's u8 x s8 integer kernels can saturate."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = None
-    return saturates(platform.machine(), cpuinfo)
+    return saturates(platform.machine(), read_cpuinfo())
 
 
 def _session(model: onnx.ModelProto, fused: bool, external_folder: Path | None) -> ort.InferenceSession:
