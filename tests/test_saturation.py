@@ -31,6 +31,13 @@ def test_saturation_in_any_measured_batch_counts_and_rounding_level_differences_
     assert not saturation_hurts(off_by_one, exact)
 
 
+def test_a_float_output_is_judged_in_the_steps_of_its_range():
+    """A MatMul writing float (MatMulIntegerToFloat): its range 0..255 gives steps of 1.0 here."""
+    exact = [np.linspace(0, 255, 64, dtype=np.float32).reshape(1, 64)]
+    assert saturation_hurts([exact[0] + np.where(np.arange(64) < 8, 4.0, 0.0).astype(np.float32)], exact)  # 2 steps^2
+    assert not saturation_hurts([exact[0] + 0.1], exact)  # 0.01 steps^2: rounding level
+
+
 def _first_layer_model():
     """An image-like first layer: 3 input channels, so few products per output that one pair of
     large uint8 pixels times large weights can pass int16."""

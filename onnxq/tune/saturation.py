@@ -12,7 +12,9 @@ with an instruction that adds pairs of products into int16, saturating above 327
    pair of large activations meeting a pair of large weights): one sample of a small layer (a Gemm
    on a vector) can miss it when most samples hit it, so every measured batch counts.
 3. A layer whose saturation error (fused vs exact, in output steps, over all measured batches)
-   has more power than its own rounding noise (1/12 step squared) gets 7-bit weights.
+   has more power than its own rounding noise (1/12 step squared) gets 7-bit weights. A MatMul
+   that writes float (``OpInfo.float_output``, MatMulIntegerToFloat) is judged in the steps a
+   uint8 output over its measured range would have.
 4. Layers inside If/Loop/Scan bodies cannot be run on their own, so they are not measured: on
    a CPU that saturates, every uint8 one gets 7-bit weights (the safe side).
 """
@@ -32,6 +34,7 @@ import onnxruntime as ort
 from onnxq.calibration.data import KEPT_BATCHES
 from onnxq.cpu import DOT_PRODUCT_FLAGS, read_cpuinfo
 from onnxq.graph import with_outputs
+from onnxq.ops import rule_for
 from onnxq.rewrite.plan import QuantPlan
 from onnxq.runtime import session_options
 
@@ -63,7 +66,8 @@ def _session(model: onnx.ModelProto, fused: bool, external_folder: Path | None) 
 
 
 def _layer_boundaries(model: ir.Model, plan: QuantPlan) -> dict[ir.Node, tuple[str, str]]:
-    """For each candidate layer of the QDQ ``model``: (its quantized input, its quantized output)."""
+    """For each candidate layer of the QDQ ``model``: (its quantized input, its quantized output,
+    or its float output where it writes float: ``OpInfo.float_output``)."""
     boundaries = {}
     for node, decision in plan.decisions.items():
         if node.op_type not in ("Conv", "Gemm", "MatMul") or decision.weight_slot is None:
@@ -80,14 +84,21 @@ def _layer_boundaries(model: ir.Model, plan: QuantPlan) -> dict[ir.Node, tuple[s
         quantize = [u.node for u in output.uses() if u.node.op_type == "QuantizeLinear"]
         if quantize:
             boundaries[node] = (dequantize.inputs[0].name, quantize[0].outputs[0].name)
+        elif output is node.outputs[0] and rule_for(node).float_output:
+            boundaries[node] = (dequantize.inputs[0].name, output.name)
     return boundaries
 
 
 def saturation_hurts(fused: list[np.ndarray], exact: list[np.ndarray]) -> bool:
-    """Rule 3: whether a layer's quantized outputs from the fused kernel (``fused``, one array per
-    measured batch) differ from the exact ones (``exact``) by more power than rounding noise."""
-    errors = [(f.astype(np.float64) - e.astype(np.float64)).ravel() for f, e in zip(fused, exact, strict=True)]
-    return float(np.mean(np.concatenate(errors) ** 2)) > ROUNDING_NOISE
+    """Rule 3: whether a layer's outputs from the fused kernel (``fused``, one array per measured
+    batch) differ from the exact ones (``exact``) by more power than rounding noise: in steps of
+    its quantized output, or for a float output in the steps a uint8 output over its range would have."""
+    errors = np.concatenate([(f.astype(np.float64) - e.astype(np.float64)).ravel()
+                             for f, e in zip(fused, exact, strict=True)])
+    if exact and np.issubdtype(exact[0].dtype, np.floating):
+        values = np.concatenate([e.ravel() for e in exact])
+        errors = errors / max(float(np.ptp(values)) / 255, np.finfo(np.float32).tiny)
+    return float(np.mean(errors ** 2)) > ROUNDING_NOISE
 
 
 def saturating_layers(
