@@ -30,6 +30,7 @@ from benchmarks.corpus_models import CORPUS
 TIMED = {
     "calibration": (onnxq.api, "calibrate_model"),
     "search": (onnxq.api, "tune_fallback"),
+    "sensitivity": (onnxq.tune.fallback, "rank_units"),  # the sensitivity step inside the search
     "build": (onnxq.tune.fallback, "build_model"),  # trial models, built on the driver
     "run": (onnxq.tune.trials, "run_all"),  # trial models run in the driver's process (one worker)
 }
@@ -101,12 +102,13 @@ def main() -> None:
                 ray.shutdown()
                 cluster.shutdown()
     base = rows[0]
-    print("\n| setting | calibration s | search s | search vs 1 worker | models built (s on the driver) | "
-          "search trials | kept float | same bytes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| setting | calibration s | search s | search vs 1 worker | of it sensitivity s | models built (s on the "
+          "driver) | search trials | kept float | same bytes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['setting']} | {row['calibration_s']:.1f} | {row['search_s']:.1f} | "
-              f"{row['search_s'] / base['search_s']:.2f}x | {row['build_calls']} ({row['build_s']:.1f}) | "
+              f"{row['search_s'] / base['search_s']:.2f}x | {row['sensitivity_s']:.1f} | "
+              f"{row['build_calls']} ({row['build_s']:.1f}) | "
               f"{row['trials']} | {row['kept_float']} | {'yes' if row['sha256'] == base['sha256'] else 'NO'} |")
     print(f"\none worker: {base['run_calls']} trial-model runs took {base['run_s']:.1f} s in all")
     if args.json:
