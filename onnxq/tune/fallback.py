@@ -221,7 +221,7 @@ class _Search:
                 return [_known(error - baseline) for error in errors_of([all_float - nodes for nodes in units])]
 
         report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
-        slots = self.trials.executor.slots  # models measured at once: a few per worker, so that progress shows
+        slots = self.trials.slots  # models measured at once: a few per worker, so that progress shows
         gains = rank_units(self.plain.units, gains_of, progress=report, step=1 if slots == 1 else 4 * slots)
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
@@ -285,7 +285,7 @@ def tune_fallback(
             for key in unit:
                 gains[key] = max(gain, gains.get(key, -math.inf))
         ranked = [frozenset(unit) for unit in gains_by_unit]
-        lookahead = Lookahead(search.trials.executor.slots, search.known, search.prefetch)
+        lookahead = Lookahead(search.trials.slots, search.known, search.prefetch)
         result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials, lookahead)
     except _OutOfTime:
         best = search.best_so_far()
