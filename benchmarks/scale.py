@@ -6,8 +6,10 @@ nodes (``--ray``), on one corpus model, and whether every setting writes the sam
 [--json PATH]``: run outside the repository with onnxq on ``PYTHONPATH``. The calibration and
 search times are those of ``onnxq.calibration.runner.calibrate_model`` and
 ``onnxq.tune.fallback.tune_fallback`` inside ``onnxq.convert`` (timed by wrapping them, nothing
-else changed); the search runs without a time budget (``--fallback-budget 0``) so that every
-setting does the same trials.
+else changed), and so are the search's sensitivity step (``rank_units``) and its rounds of trial
+scoring (``_Search.prefetch``: one per trial with one worker; with more, several trials scored at
+once, ahead of the search); the search runs without a time budget (``--fallback-budget 0``) so that
+every setting does the same trials. Models built beyond one worker's were scored ahead and not used.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TIMED = {
     "calibration": (onnxq.api, "calibrate_model"),
     "search": (onnxq.api, "tune_fallback"),
     "sensitivity": (onnxq.tune.fallback, "rank_units"),  # the sensitivity step inside the search
+    "rounds": (onnxq.tune.fallback._Search, "prefetch"),  # search trials scored at once (with workers: ahead)
     "build": (onnxq.tune.fallback, "build_model"),  # trial models, built on the driver
     "run": (onnxq.tune.trials, "run_all"),  # trial models run in the driver's process (one worker)
 }
@@ -103,13 +106,13 @@ def main() -> None:
                 cluster.shutdown()
     base = rows[0]
     print("\n| setting | calibration s | search s | search vs 1 worker | of it sensitivity s | models built (s on the "
-          "driver) | search trials | kept float | same bytes |")
+          "driver) | search trials (rounds) | kept float | same bytes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['setting']} | {row['calibration_s']:.1f} | {row['search_s']:.1f} | "
               f"{row['search_s'] / base['search_s']:.2f}x | {row['sensitivity_s']:.1f} | "
               f"{row['build_calls']} ({row['build_s']:.1f}) | "
-              f"{row['trials']} | {row['kept_float']} | {'yes' if row['sha256'] == base['sha256'] else 'NO'} |")
+              f"{row['trials']} ({row['rounds_calls']}) | {row['kept_float']} | {'yes' if row['sha256'] == base['sha256'] else 'NO'} |")
     print(f"\none worker: {base['run_calls']} trial-model runs took {base['run_s']:.1f} s in all")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
