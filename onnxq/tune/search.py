@@ -157,8 +157,9 @@ def _ahead(ranked: Sequence[frozenset[str]], sensitivity: dict[str, float], max_
         if proposal is None:
             continue
         nodes, phase = proposal
-        if base | nodes not in chosen and not lookahead.known(base | nodes):
-            chosen.append(base | nodes)
+        keys = base | nodes
+        if keys not in chosen and not lookahead.known(keys):
+            chosen.append(keys)
         passed, tried = passes.get(phase, (0, 0))
         p_pass = (passed + 1) / (tried + 2)
         for verdict, p in ((False, 1 - p_pass), (True, p_pass)):
