@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +18,12 @@ import onnx.helper as oh
 import pytest
 
 import onnxq
+import onnxq.api
 from onnxq.calibration.data import Batch
 from onnxq.calibration.observers import make_observer
 from onnxq.calibration.runner import calibrate
 from onnxq.distribute import Executor
+from onnxq.tune import fallback
 from onnxq.workspace.store import Workspace
 from tests.graphs import make_model
 from tests.test_cli_errors import DEMO, assert_clean_failure, onnxq as run_cli
@@ -103,6 +107,59 @@ def test_merging_shard_observers_in_any_order_equals_one_run(method):
             part.update(shards[index])
             merged.merge(part)
         assert merged.to_dict() == whole.to_dict(), order
+
+
+def _searched(folder: Path, resume: bool = False) -> tuple[bytes, list[dict]]:
+    """A conversion whose safety net runs a search of 16 trials (minmax): what it wrote, and the
+    trial steps in its workspace in order."""
+    output = folder / "out.onnx"
+    result = onnxq.convert(DEMO, output, _digits(), onnxq.QuantConfig(method="minmax"), workspace=folder / "ws",
+                           fallback=onnxq.FallbackOptions(min_sqnr_db=55.0), resume=resume)
+    assert result.fallback is not None and result.fallback.met
+    steps = sorted((folder / "ws" / "steps").glob("*-trial.json"))
+    return output.read_bytes(), [json.loads(step.read_text())["payload"] for step in steps]
+
+
+@pytest.fixture(scope="module")
+def searched_once(tmp_path_factory) -> tuple[Path, bytes, list[dict]]:
+    folder = tmp_path_factory.mktemp("search")
+    return folder, *_searched(folder)
+
+
+@pytest.fixture
+def three_slots(monkeypatch) -> list[int]:
+    """Conversions run on three in-process slots whose tasks finish backwards; the list gets the
+    size of each batch of trials the search scores ahead."""
+    batches: list[int] = []
+    prefetch = fallback._Search.prefetch
+
+    def recorded(search, keysets):
+        batches.append(len(keysets))
+        return prefetch(search, keysets)
+
+    monkeypatch.setattr(fallback._Search, "prefetch", recorded)
+    monkeypatch.setattr(onnxq.api, "executor_for", lambda workers, ray: _FinishingBackwards())
+    return batches
+
+
+def test_search_trials_scored_ahead_leave_the_bytes_and_the_workspace_of_one_worker(searched_once, three_slots,
+                                                                                     tmp_path):
+    _, output, trials = searched_once
+    assert len(trials) >= 12
+    assert _searched(tmp_path) == (output, trials)
+    assert max(three_slots) == 3  # trials were scored ahead, three at a time
+
+
+def test_a_search_resumed_with_another_worker_count_gives_the_same_bytes_and_trials(searched_once, three_slots,
+                                                                                    tmp_path):
+    folder, output, trials = searched_once
+    shutil.copytree(folder / "ws", tmp_path / "ws")
+    steps = sorted((tmp_path / "ws" / "steps").glob("*.json"))
+    cut = [step for step in steps if step.name.endswith("-trial.json")][len(trials) // 2]
+    for step in steps[steps.index(cut):]:  # as if killed after half of the trials
+        step.unlink()
+    assert _searched(tmp_path, resume=True) == (output, trials)
+    assert max(three_slots) == 3
 
 
 def test_workers_below_one_is_a_clean_usage_error(tmp_path):

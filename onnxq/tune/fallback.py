@@ -1,6 +1,8 @@
 """The accuracy-driven fallback: measure each unit's sensitivity, then search the smallest set
 of units to keep float so that the metric meets its target (see ``onnxq.tune``). Sensitivity
-and every trial are workspace steps; a resumed run reuses them."""
+and every trial are workspace steps; a resumed run reuses them. Trials scored ahead of the search
+(several workers, ``onnxq.tune.search``) are recorded only when the search consumes them, so the
+workspace is the same for any number of workers."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from onnxq.rewrite.build import BuiltModel, build_model
 from onnxq.report.evaluate import FloatRuns
 from onnxq.runtime import concatenate_runs
 from onnxq.tune.metrics import Metric, Outputs, relative_error, resolve_metric, target
-from onnxq.tune.search import search_fallback
+from onnxq.tune.search import Lookahead, search_fallback
 from onnxq.tune.sensitivity import rank_units
 from onnxq.tune.target import METRIC_NAME
 from onnxq.tune.trials import TrialRunner
@@ -117,6 +119,7 @@ class _Search:
         self.unloadable = 0  # trial models ONNX Runtime refused
         self.plain: BuiltModel = self.build(base)  # its units and what it keeps float
         self.scores: dict[frozenset[str], list[float]] = self._recorded_scores()  # whole set, then halves
+        self.ahead: dict[frozenset[str], list[float] | None] = {}  # scored ahead, not consumed (None: refused)
 
     def build(self, keep_float: dict[str, str]) -> BuiltModel:
         return build_model(self.loaded, self.state, self.config, self.layers, keep_float, self.options.dtype)
@@ -135,9 +138,7 @@ class _Search:
                     raise _OutOfTime
                 yield self.build(self.keep_of(keys)).model
 
-        outputs = self.trials.outputs(models(), len(keysets), batches, parts, self.data.flat_if_ragged)
-        self.unloadable += sum(output is None for output in outputs)
-        return outputs
+        return self.trials.outputs(models(), len(keysets), batches, parts, self.data.flat_if_ragged)
 
     def _recorded_scores(self) -> dict[frozenset[str], list[float]]:
         scores = {}
@@ -155,13 +156,28 @@ class _Search:
         return min(value - target(reference, self.options.max_drop)
                    for value, reference in zip(values, self.data.float_scores))
 
+    def known(self, keys: frozenset[str]) -> bool:
+        """Whether the trial of ``keys`` has a result at hand: recorded, or scored ahead."""
+        return keys in self.scores or keys in self.ahead
+
+    def prefetch(self, keysets: list[frozenset[str]]) -> None:
+        """Score the trials of ``keysets`` together (in parallel where the executor has workers),
+        ahead of the search: kept unrecorded until it consumes them (``margin``)."""
+        data = self.data
+        for keys, outputs in zip(keysets, self.outputs_of(keysets, data.batches, data.parts)):
+            self.ahead[keys] = None if outputs is None else \
+                [float(data.metric(out, ref, lab)) for out, ref, lab in zip(outputs, data.references, data.labels)]
+
     def margin(self, keys: frozenset[str]) -> float:
-        """How far the worst part's score is above its target (the search accepts >= 0)."""
+        """How far the worst part's score is above its target (the search accepts >= 0); a trial
+        not yet recorded is scored (or taken from those scored ahead) and recorded."""
         data = self.data
         if keys not in self.scores:
-            outputs = self.outputs_of([keys], data.batches, data.parts)[0]
-            self.scores[keys] = [-math.inf] * len(data.parts) if outputs is None else \
-                [float(data.metric(out, ref, lab)) for out, ref, lab in zip(outputs, data.references, data.labels)]
+            if keys not in self.ahead:
+                self.prefetch([keys])
+            scores = self.ahead.pop(keys)
+            self.unloadable += scores is None
+            self.scores[keys] = [-math.inf] * len(data.parts) if scores is None else scores
             self.space.append(TrialStep(
                 calibration_step=self.calibration_step, eval=data.eval_id, metric=data.metric_name,
                 fallback_dtype=self.options.dtype, keep_float=sorted(keys),
@@ -187,8 +203,10 @@ class _Search:
                 return {tuple(key.split("|")): recorded.gains[key] for key in recorded.ranking}  # JSON sorts keys
 
         def errors_of(keysets: list[frozenset[str]]) -> list[float]:
+            runs = self.outputs_of(keysets, data.subset)
+            self.unloadable += sum(outputs is None for outputs in runs)
             return [math.nan if outputs is None else relative_error(outputs[0], data.subset_reference)
-                    for outputs in self.outputs_of(keysets, data.subset)]  # nan: no gain known, it counts as none
+                    for outputs in runs]  # nan: no gain known, it counts as none
 
         if options.sensitivity == "only-float":
             baseline = errors_of([base])[0]
@@ -203,7 +221,7 @@ class _Search:
                 return [_known(error - baseline) for error in errors_of([all_float - nodes for nodes in units])]
 
         report = None if self.progress is None else (lambda done, total: self.progress("sensitivity", done, total))
-        slots = self.trials.executor.slots  # models measured at once: a few per worker, so that progress shows
+        slots = self.trials.slots  # models measured at once: a few per worker, so that progress shows
         gains = rank_units(self.plain.units, gains_of, progress=report, step=1 if slots == 1 else 4 * slots)
         self.space.append(SensitivityStep(
             calibration_step=self.calibration_step, eval=data.eval_id, base=sorted(base), samples=data.samples,
@@ -267,7 +285,8 @@ def tune_fallback(
             for key in unit:
                 gains[key] = max(gain, gains.get(key, -math.inf))
         ranked = [frozenset(unit) for unit in gains_by_unit]
-        result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials)
+        lookahead = Lookahead(search.trials.slots, search.known, search.prefetch)
+        result = search_fallback(ranked, frozenset(base), gains, search.margin, accept, options.max_trials, lookahead)
     except _OutOfTime:
         best = search.best_so_far()
         return search.keep_of(best), search.report(best, gains, out_of_time=True)

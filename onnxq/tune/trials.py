@@ -43,11 +43,16 @@ class TrialRunner:
         self.executor, self.offload = executor, offload
         self._shards: dict[tuple[int, int], tuple[Sequence[Batch], list[Shared]]] = {}
 
+    @property
+    def slots(self) -> int:
+        """Models that run at once: one where they run here (rule 2), else the executor's slots."""
+        return 1 if self.offload else self.executor.slots
+
     def outputs(self, models: Iterable[ir.Model], count: int, batches: Sequence[Batch],
                 parts: tuple[slice, ...], flat_if_ragged: bool) -> list[list[Outputs] | None]:
         """The outputs of each of ``count`` ``models`` (built as they are consumed) on ``batches``,
         once per slice in ``parts``; ``None`` for a model ONNX Runtime refused."""
-        if self.executor.slots == 1 or self.offload:
+        if self.slots == 1:
             return [self._outputs_here(model, batches, parts, flat_if_ragged) for model in models]
         shards = self._shared(batches, 1 if count >= self.executor.slots else self.executor.slots)
         shared: list[Shared] = []
