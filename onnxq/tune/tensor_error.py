@@ -5,10 +5,12 @@ chains, as ReduceSum times 1/n with Reciprocal(Sqrt(...)); masks as Add, Where o
 huge constants): rules written for one spelling miss the next. Measuring does not. Rules:
 1. Every activation tensor the plan quantizes (of the main graph) is quantized and dequantized
    with its planned scale and zero point, alone, on the first ``MEASURED_BATCHES`` calibration
-   batches. Its error is measured on the tensor itself and on every tensor its readers compute
-   from it, following readers up to ``REGION_DEPTH`` nodes deep and stopping at weighted layers
-   (quantized Conv, ConvTranspose, Gemm, MatMul with constant weights: what they read is the tensor
-   itself), nodes with bodies and shape reads. The tensor's figure is the worst SQNR among them:
+   batches. Its error is measured on the tensor itself and where what its readers compute from it
+   leaves them: the readers are followed breadth first, up to ``REGION_DEPTH`` nodes deep and
+   ``REGION_NODES`` nodes in all, stopping at weighted layers (quantized Conv, ConvTranspose, Gemm,
+   MatMul with constant weights: what they read is the tensor itself), nodes with bodies and
+   shape reads; their outputs read by other nodes, or by none, or by the graph are compared.
+   The tensor's figure is the worst SQNR among them:
    an error harmless on the tensor can be ruinous after the ops that read it (a residual stream
    whose few huge channels set one coarse scale is normalized next, and every small channel is lost).
 2. The readers run as copies beside the float graph, reading the quantized tensor and the float
@@ -42,6 +44,7 @@ from onnxq.rewrite.quant_math import QuantParams, dequantize, quantize
 POOR_TENSOR_DB = 12.0  # the error's RMS is a quarter of the signal's
 MEASURED_BATCHES = 4
 REGION_DEPTH = 12  # deep enough to pass a layer norm written out in ten ops
+REGION_NODES = 16  # the cost bound: an unrolled recurrent net has long chains of elementwise ops
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
 _SHAPE_READS = frozenset({"Shape", "Size"})
 
@@ -60,7 +63,7 @@ def fake_quantized(values: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def _readers(value: ir.Value, stops: set[ir.Node], order: dict[ir.Node, int]) -> list[ir.Node]:
-    """Rule 1's nodes computing from ``value`` (up to ``REGION_DEPTH`` deep), in graph order."""
+    """Rule 1's nodes computing from ``value`` (up to ``REGION_DEPTH`` deep, ``REGION_NODES`` in all), in graph order."""
     found: set[ir.Node] = set()
     level = [value]
     for _ in range(REGION_DEPTH):
@@ -72,6 +75,8 @@ def _readers(value: ir.Value, stops: set[ir.Node], order: dict[ir.Node, int]) ->
                     continue
                 found.add(node)
                 following += node.outputs
+                if len(found) == REGION_NODES:
+                    return sorted(found, key=order.__getitem__)
         level = following
     return sorted(found, key=order.__getitem__)
 
@@ -123,6 +128,7 @@ class _ErrorModel:
         quantized = self._add("QuantizeLinear", [value.name, scale, zero_point], f"{value.name}_quantized")
         renamed = {value.name: self._add("DequantizeLinear", [quantized, scale, zero_point], f"{value.name}_dequantized")}
         pairs = [self._compare(value.name, renamed[value.name])]
+        region = set(readers)
         for node in readers:
             copy = ir.serde.serialize_node(node)
             copy.name = ""
@@ -131,7 +137,9 @@ class _ErrorModel:
             for slot, output in enumerate(node.outputs):
                 if output.name:
                     renamed[output.name] = copy.output[slot] = self._name(f"{output.name}_requantized")
-                    if output.dtype in _FLOATS:
+                    leaves = output.is_graph_output() or not output.uses() or \
+                        any(use.node not in region for use in output.uses())
+                    if leaves and output.dtype in _FLOATS:
                         pairs.append(self._compare(output.name, renamed[output.name]))
             graph.node.append(copy)
         self.errors[value.name] = pairs
