@@ -1,7 +1,8 @@
 """Run one quantizer on one model in a fresh process and report its time and peak RSS as JSON.
 
 ``python -m benchmarks.convert_one TOOL MODEL OUTPUT DATA [METHOD [FORMAT [ACTIVATIONS]]]``: TOOL is ``onnxq``,
-``ort`` (ONNX Runtime's quantize_static) or ``float`` (one plain inference pass, for reference);
+``ort`` (ONNX Runtime's quantize_static), ``calibrate`` (onnxq's calibration alone, nothing written)
+or ``float`` (one plain inference pass, for reference);
 DATA is an .npz with one array per model input (samples on axis 0), or ``stream`` for
 ``benchmarks.stream.samples``. Both tools are fed one sample at a time. METHOD is minmax
 (default), percentile or entropy; FORMAT is qdq (default) or qoperator; ACTIVATIONS is uint8
@@ -54,6 +55,21 @@ def _convert_onnxq(model: str, output: str, calibration: str, method: str, form:
     data = "benchmarks.stream:samples" if calibration == "stream" else calibration
     config = onnxq.QuantConfig(method=method, format=form, activations=activations)
     onnxq.convert(model, output, data, config, run=onnxq.RunOptions(device="cpu"))
+
+
+def _calibrate_onnxq(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:
+    """onnxq's calibration alone (``calibrate_model`` on the loaded model), nothing written."""
+    import onnxq
+    from onnxq.calibration.data import BatchSource, model_inputs
+    from onnxq.calibration.runner import calibrate_model
+    from onnxq.load.prepare import load
+
+    loaded = load(model)
+    data = "benchmarks.stream:samples" if calibration == "stream" else calibration
+    source = BatchSource(data, model_inputs(loaded.proto))
+    start = time.perf_counter()
+    calibrate_model(loaded, source, onnxq.QuantConfig(method=method), onnxq.RunOptions(device="cpu"), None, None, None)
+    CALIBRATION_SECONDS[0] = time.perf_counter() - start
 
 
 def _float_pass(model: str, output: str, calibration: str, method: str, form: str, activations: str) -> None:
@@ -119,7 +135,7 @@ def main() -> None:
     method = sys.argv[5] if len(sys.argv) > 5 else "minmax"
     form = sys.argv[6] if len(sys.argv) > 6 else "qdq"
     activations = sys.argv[7] if len(sys.argv) > 7 else "uint8"
-    convert = {"onnxq": _convert_onnxq, "ort": _convert_ort, "float": _float_pass}[tool]
+    convert = {"onnxq": _convert_onnxq, "ort": _convert_ort, "float": _float_pass, "calibrate": _calibrate_onnxq}[tool]
     start = time.perf_counter()
     error = None
     try:

@@ -127,7 +127,7 @@ class RunOptions:
         "to the CPU and says why).")
     memory_budget_mb: float = option(
         2048.0, flag="--memory-budget",
-        help="MB of exposed tensors per calibration batch; more are calibrated in several passes.")
+        help="MB of exposed tensors at once (two batches with histogram methods); more are calibrated in several passes.")
     checkpoint_interval_s: float = option(
         30.0, flag="--checkpoint-interval", help="Seconds between calibration checkpoints.")
     external_data: str = option(

@@ -13,18 +13,23 @@ Rules:
    CPU and runs ONNX Runtime on one thread, so Ray places as many tasks on a node as it has cores.
 4. A Ray task whose worker dies is retried by Ray (``max_retries``); a local worker process that
    dies ends the run with an error, and ``--resume`` continues it from the driver's workspace.
+5. ``submit`` starts a few tasks and returns at once, so that a stage can prepare (and start) the
+   next ones while they run: local processes and Ray queue them; the calling process runs them on
+   a thread of its own, where ONNX Runtime and numpy's loops release the GIL.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +42,7 @@ from onnxq.errors import ConfigError, OnnxqError
 RAY_RETRIES = 3  # times Ray reruns a task whose worker process died
 _CACHED = 4  # values and sessions a worker keeps (``worker_cached``)
 _cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_cache_lock = threading.RLock()
 
 
 class WorkerLost(Exception):
@@ -56,14 +62,15 @@ class Shared:
 
 def worker_cached(key: str, make: Callable[[], Any]) -> Any:
     """``make()``, kept in this process under ``key`` among the last few (rule 2)."""
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    value = make()
-    _cache[key] = value
-    while len(_cache) > _CACHED:
-        _cache.popitem(last=False)
-    return value
+    with _cache_lock:  # tasks on threads of one process (rule 5) make a value once
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        value = make()
+        _cache[key] = value
+        while len(_cache) > _CACHED:
+            _cache.popitem(last=False)
+        return value
 
 
 def shared_value(shared: Shared) -> Any:
@@ -97,10 +104,26 @@ class Executor:
         consumed as tasks are handed out, at most twice as many waiting as there are slots."""
         return [function(*args) for args in arguments]
 
+    def submit(self, function: Callable, arguments: list[tuple]) -> Callable[[], list]:
+        """Start ``function`` on each of ``arguments`` (a few: all are handed out at once) and return
+        a function that waits for the results, in the order of the arguments. Here they run on a
+        thread of this process, so that the caller can go on (rule 5)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.map(function, arguments))
+            except BaseException as exc:  # handed to whoever waits for the results
+                future.set_exception(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        return future.result
+
     def release(self, shared: Shared) -> None:
         """Forget ``shared`` and what was cached under its key, once no task needs it."""
-        for key in [key for key in _cache if key.startswith(shared.key)]:
-            del _cache[key]
+        with _cache_lock:
+            for key in [key for key in _cache if key.startswith(shared.key)]:
+                del _cache[key]
 
     def close(self) -> None:
         _cache.clear()
@@ -146,27 +169,49 @@ class LocalExecutor(Executor):
         if shared.path is not None:
             Path(shared.path).unlink(missing_ok=True)
 
-    def map(self, function: Callable, arguments: Iterable[tuple]) -> list:
+    def _started(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"))
-        pool = self._pool
+        return self._pool
 
-        def wait(pending: list) -> list:
-            return list(concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED).not_done)
-
-        futures: list[concurrent.futures.Future] = []
+    @contextlib.contextmanager
+    def _watching(self, futures: list[concurrent.futures.Future]) -> Iterator[None]:
+        """On any failure the tasks not started yet are cancelled; a dead worker is ``WorkerLost``."""
         try:
-            futures.extend(_bounded(lambda args: pool.submit(function, *args), wait, arguments, 2 * self.slots))
-            return [future.result() for future in futures]
-        except BrokenProcessPool as exc:
+            yield
+        except BaseException as exc:
+            for future in futures:
+                future.cancel()
+            if not isinstance(exc, BrokenProcessPool):
+                raise
             self._pool = None
             raise WorkerLost(
                 "a local worker process died (a script that calls onnxq with workers > 1 must do so under "
                 "if __name__ == '__main__':, as multiprocessing requires); rerun with --resume to continue"
             ) from exc
-        finally:
-            for future in futures:
-                future.cancel()
+
+    def map(self, function: Callable, arguments: Iterable[tuple]) -> list:
+        pool = self._started()
+
+        def wait(pending: list) -> list:
+            return list(concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED).not_done)
+
+        futures: list[concurrent.futures.Future] = []
+        with self._watching(futures):
+            futures.extend(_bounded(lambda args: pool.submit(function, *args), wait, arguments, 2 * self.slots))
+            return [future.result() for future in futures]
+
+    def submit(self, function: Callable, arguments: list[tuple]) -> Callable[[], list]:
+        pool = self._started()
+        futures: list[concurrent.futures.Future] = []
+        with self._watching(futures):
+            futures.extend(pool.submit(function, *args) for args in arguments)
+
+        def results() -> list:
+            with self._watching(futures):
+                return [future.result() for future in futures]
+
+        return results
 
     def close(self) -> None:
         if self._pool is not None:
@@ -205,15 +250,23 @@ class RayExecutor(Executor):
         return Shared(uuid.uuid4().hex, ref=self._ray.put(value))
 
     def map(self, function: Callable, arguments: Iterable[tuple]) -> list:
-        ray = self._ray
-        if function not in self._remote:
-            self._remote[function] = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(function)
-        remote = self._remote[function]
-
         def wait(pending: list) -> list:
-            return ray.wait(pending, num_returns=1)[1]
+            return self._ray.wait(pending, num_returns=1)[1]
 
-        refs = list(_bounded(lambda args: remote.remote(*args), wait, arguments, 2 * self.slots))
+        return self._results(list(_bounded(lambda args: self._remote_of(function).remote(*args), wait, arguments,
+                                           2 * self.slots)))
+
+    def submit(self, function: Callable, arguments: list[tuple]) -> Callable[[], list]:
+        refs = [self._remote_of(function).remote(*args) for args in arguments]
+        return lambda: self._results(refs)
+
+    def _remote_of(self, function: Callable) -> Any:
+        if function not in self._remote:
+            self._remote[function] = self._ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(function)
+        return self._remote[function]
+
+    def _results(self, refs: list) -> list:
+        ray = self._ray
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:

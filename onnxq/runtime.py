@@ -62,12 +62,17 @@ def installation_note() -> str | None:
 
 
 def session_options(external_folder: Path | None = None) -> ort.SessionOptions:
-    """Quiet session options (failures reach the user as one-line errors, not as log lines);
+    """Quiet session options (failures reach the user as one-line errors, not as log lines),
+    without ONNX Runtime's memory pattern;
     ``external_folder`` is where the external data files of a model given as bytes lie. Its
     weights are then mapped from there in place: neither copied into the bytes nor into
     prepacked buffers, so that memory stays near the size of the weights."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    # no memory pattern: ONNX Runtime would keep, beside its arena, one block planned for all
+    # of a run's tensors at once (large for the sessions that expose every activation)
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -93,6 +93,50 @@ def test_calibration_state_does_not_depend_on_the_order_shards_finish_in():
     assert _calibration_state(_FinishingBackwards()) == _calibration_state(None)
 
 
+class _EarlierRoundsFinishLast(Executor):
+    """In-process run-ahead (``submit`` on threads) where, of two rounds in flight, the earlier
+    one finishes last."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def submit(self, function, arguments):
+        self.rounds += 1
+        delay = 0.05 if self.rounds % 2 else 0.0
+
+        def late(*args):
+            time.sleep(delay)
+            return function(*args)
+
+        return super().submit(late, arguments)
+
+
+def test_run_ahead_rounds_finishing_out_of_order_give_the_state_of_observing_batch_by_batch():
+    model = make_model([oh.make_node("Relu", ["input"], ["r"]), oh.make_node("Neg", ["r"], ["output"])],
+                       [("input", [4, 16])], [("output", [4, 16])])
+    rng = np.random.default_rng(3)
+    batches = [Batch({"input": rng.normal(0, 2 ** (i % 5), (4, 16)).astype(np.float32)}, 4) for i in range(9)]
+
+    class Source:
+        first = batches[0]
+        one_shot = False
+
+        def __call__(self):
+            return iter(batches)
+
+    executor = _EarlierRoundsFinishLast()
+    state, _ = calibrate(model, {"input": "k_in", "r": "k_r", "output": "k_out"}, {"input": 2, "r": 2, "output": 2},
+                         Source(), onnxq.QuantConfig(method="percentile"), onnxq.RunOptions(device="cpu"),
+                         executor=executor)
+    assert executor.rounds == len(batches)  # every round went through submit: run-ahead was on
+    expected = {key: make_observer("percentile") for key in ("k_in", "k_r", "k_out")}
+    for batch in batches:  # the same tensors in numpy (exact ops), observed in data order
+        values = batch.feed["input"]
+        for key, array in (("k_in", values), ("k_r", np.maximum(values, 0)), ("k_out", -np.maximum(values, 0))):
+            expected[key].update(array)
+    assert state.to_step().observers == {key: expected[key].to_dict() for key in sorted(expected)}
+
+
 @pytest.mark.parametrize("method", ["percentile", "entropy", "minmax"])
 def test_merging_shard_observers_in_any_order_equals_one_run(method):
     rng = np.random.default_rng(2)

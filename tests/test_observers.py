@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from onnxq.calibration.observers import METHODS, HistogramObserver, make_observer, observer_from_dict
+from onnxq.calibration.observers import HISTOGRAM_BINS, METHODS, HistogramObserver, make_observer, observer_from_dict
 
 RNG = np.random.default_rng(7)
 
@@ -66,6 +66,51 @@ def test_growing_the_range_keeps_every_count_in_the_right_bin():
     counts, edges = observer.counts, observer.bin_edges()
     expected, _ = np.histogram([0.1, -0.2, 0.3, 100.0], bins=edges)
     np.testing.assert_array_equal(counts, expected)
+
+
+def _reference_counts(values: np.ndarray, exponent: int) -> np.ndarray:
+    """The histogram as onnxq first computed it: each float32 value divided by the bin width in
+    float64 (exact for every float32), floored, offset to the middle bin, counted."""
+    width = 2.0 ** (exponent + 1) / HISTOGRAM_BINS
+    index = np.floor(values.astype(np.float64) / width).astype(np.int64) + HISTOGRAM_BINS // 2
+    return np.bincount(index, minlength=HISTOGRAM_BINS)
+
+
+def _edge_values(exponent: int) -> np.ndarray:
+    """Every bin edge of the range ``[-2**exponent, 2**exponent)``, the float32 values just
+    beside each, the smallest and largest subnormals, tiny normals and signed zeros."""
+    width = np.float32(2.0 ** (exponent + 1) / HISTOGRAM_BINS)
+    edges = (np.arange(-HISTOGRAM_BINS // 2, HISTOGRAM_BINS // 2) * width).astype(np.float32)
+    tiny = np.array([1e-45, 1.1754942e-38, 1.1754944e-38, 1e-30, 1e-12], np.float32)
+    values = np.concatenate([edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf)),
+                             tiny, -tiny, np.array([0.0, -0.0], np.float32)])
+    limit = np.float32(2.0**exponent)
+    return values[np.abs(values) < limit]
+
+
+@pytest.mark.parametrize("exponent", [-40, -12, 0, 3, 10, 11, 30, 127])
+def test_counts_at_bin_edges_equal_float64_division(exponent):
+    values = _edge_values(exponent)
+    observer = HistogramObserver()
+    observer.update(values)
+    assert observer.exponent == exponent  # the largest value sits just below the top edge
+    np.testing.assert_array_equal(observer.counts, _reference_counts(values, exponent))
+
+
+def test_counts_of_growing_ranges_equal_float64_division_at_the_final_range():
+    batches = [RNG.choice(_edge_values(exponent), 500) for exponent in (-20, 2, 9, 12, 40)]
+    observer = HistogramObserver()
+    for batch in batches:
+        observer.update(batch)
+    assert observer.exponent == 40
+    np.testing.assert_array_equal(observer.counts, _reference_counts(np.concatenate(batches), 40))
+
+
+def test_tiny_negative_values_in_wide_bins_fall_below_zero():
+    observer = HistogramObserver()
+    observer.update(np.array([-1e-45, -1e-30, 0.0, 5000.0], np.float32))  # bins 8 wide
+    half = HISTOGRAM_BINS // 2
+    assert observer.counts[half - 1] == 2 and observer.counts[half] == 1
 
 
 def test_minmax_is_the_exact_extremes():

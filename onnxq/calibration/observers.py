@@ -25,9 +25,40 @@ HISTOGRAM_BINS = 2048  # over [-R, R); must be a multiple of 4
 _MIN_EXPONENT = -40
 
 
-def _finite(array: np.ndarray) -> np.ndarray:
+def _finite_extremes(array: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """The finite values of ``array`` (flat, float32) with their minimum and maximum, or ``None``
+    when there are none. The extremes come first: NaN propagates through them and an infinity is
+    one of them, so they are finite exactly when every value is, and only then is no filter needed."""
     flat = np.asarray(array, dtype=np.float32).reshape(-1)
-    return flat if np.isfinite(flat).all() else flat[np.isfinite(flat)]
+    if not flat.size:
+        return None
+    low, high = flat.min(), flat.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        flat = flat[np.isfinite(flat)]
+        if not flat.size:
+            return None
+        low, high = flat.min(), flat.max()
+    return flat, float(low), float(high)
+
+
+def _bin_counts(values: np.ndarray, width: float) -> np.ndarray:
+    """How many of ``values`` (float32, each ``|v| < HISTOGRAM_BINS / 2 * width``) fall in each bin
+    ``[(k - HISTOGRAM_BINS / 2) * width, (k + 1 - HISTOGRAM_BINS / 2) * width)``, ``width`` a power of two.
+
+    The bin index is ``floor(v / width)``. For ``width <= 1`` it is computed in float32: ``v``
+    times the power of two ``1 / width`` is exact (a float32 scaled up, below 1024 in magnitude),
+    and so are its floor and the offset; counting bins with ``bincount`` on those indices gives the
+    same counts as float64 division, at a fraction of the memory traffic. A wider bin would scale
+    down, where a tiny negative ``v`` can round to -0 and land in the bin above: those go through
+    float64, which holds every float32 quotient exactly.
+    """
+    if width <= 1.0:
+        scaled = np.multiply(values, np.float32(1.0 / width))
+    else:
+        scaled = np.divide(values, width, dtype=np.float64)
+    np.floor(scaled, out=scaled)
+    scaled += HISTOGRAM_BINS // 2
+    return np.bincount(scaled.astype(np.intp), minlength=HISTOGRAM_BINS)
 
 
 class MinMaxObserver:
@@ -40,10 +71,9 @@ class MinMaxObserver:
         self.maximum = -math.inf
 
     def update(self, array: np.ndarray) -> None:
-        values = _finite(array)
-        if values.size:
-            self.minimum = min(self.minimum, float(values.min()))
-            self.maximum = max(self.maximum, float(values.max()))
+        found = _finite_extremes(array)
+        if found is not None:
+            self.update_bounds(found[1], found[2])
 
     def update_bounds(self, low: float, high: float) -> None:
         """Update with the extremes of a batch computed elsewhere (inside the ONNX graph)."""
@@ -97,16 +127,16 @@ class HistogramObserver(MinMaxObserver):
         return max(_MIN_EXPONENT, math.floor(math.log2(amax)) + 1) if amax > 0 else _MIN_EXPONENT
 
     def update(self, array: np.ndarray) -> None:
-        values = _finite(array)
-        if not values.size:
+        found = _finite_extremes(array)
+        if found is None:
             return
-        super().update(values)
-        exponent = self._exponent_for(float(np.abs(values).max()))
+        values, low, high = found
+        self.update_bounds(low, high)
+        exponent = self._exponent_for(max(-low, high))  # the largest |value|
         if self.exponent is None:
             self.exponent = exponent
         self._grow_to(exponent)
-        index = np.floor(values.astype(np.float64) / self.bin_width).astype(np.int64) + HISTOGRAM_BINS // 2
-        self.counts += np.bincount(index, minlength=HISTOGRAM_BINS)
+        self.counts += _bin_counts(values, self.bin_width)
 
     def merge(self, other: HistogramObserver) -> None:
         if other.exponent is None:

@@ -13,10 +13,15 @@ Rules:
    of each round per worker; each shard is observed by fresh observers, which the driver merges
    into the state in shard order. Merging is exact, so the state equals one worker's; the
    driver alone checkpoints, after whole rounds.
+5. Run-ahead: where values come back to be binned (histogram methods), the next round starts
+   before the last one is merged, so that the model runs on one batch while the values of the
+   other are binned; merges stay in round order. Two rounds' tensors are then in memory, and
+   each pass is sized so that two batches' tensors fit the memory budget.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -170,13 +175,16 @@ def _observe_shard(job: Shared, batches: list[Batch], threads: int) -> dict[str,
     return observers
 
 
-def _observe_round(state: CalibrationState, executor: Executor, job: Shared, batches: list[Batch]) -> None:
-    """Observe a round of batches, a contiguous shard per worker, and merge in shard order."""
+def _start_round(executor: Executor, job: Shared, batches: list[Batch],
+                 ahead: bool) -> Callable[[], list[dict[str, MinMaxObserver]]]:
+    """Observe a round of batches, a contiguous shard per worker; returns the wait for the
+    shards' observers, in shard order. Only ``ahead`` (rule 5) returns before they are done."""
     size = -(-len(batches) // executor.slots)
     shards = [(job, batches[i : i + size], executor.threads) for i in range(0, len(batches), size)]
-    for observers in executor.map(_observe_shard, shards):
-        for key, observer in observers.items():
-            state.observers[key].merge(observer)
+    if ahead:
+        return executor.submit(_observe_shard, shards)
+    results = executor.map(_observe_shard, shards)
+    return lambda: results
 
 
 def calibrate(
@@ -211,7 +219,8 @@ def calibrate(
     if state is None:
         keys = list(tensors.values())
         sizes = _tensor_bytes(proto, batches.first.feed, list(tensors))
-        per_batch = [0 if names_of[k] in reduce_in_graph else sizes[names_of[k]] for k in keys]
+        # two batches' values may be in memory at once (rule 5)
+        per_batch = [0 if names_of[k] in reduce_in_graph else 2 * sizes[names_of[k]] for k in keys]
         passes = _split_into_passes(keys, per_batch, run.memory_budget_mb * 2**20)
         state = CalibrationState({k: make_observer(config.observer_method, config.percentile) for k in keys}, passes)
     notes: list[str] = [device_note] if device_note else []
@@ -227,16 +236,28 @@ def calibrate(
                                       config.observer_method, config.percentile))
         skip, seen, digest = state.samples_done, 0, ""
         waiting: list[Batch] = []
+        # (wait for its observers, samples seen and data digest after it, its samples), oldest first
+        started: collections.deque[tuple[Callable[[], list], int, str, int]] = collections.deque()
+        ahead = 1 if any("values" in sources for sources in exposed.values()) else 0  # rule 5
+
+        def merge_oldest() -> None:
+            results, seen_after, digest_after, samples = started.popleft()
+            for observers in results():
+                for key, observer in observers.items():
+                    state.observers[key].merge(observer)
+            state.samples_done, state.data_done_sha256 = seen_after, digest_after
+            if state.pass_index == 0:
+                state.samples_seen = seen_after
+            if progress is not None:
+                progress(samples)
+            checkpoints.maybe_record()
 
         def observe_waiting() -> None:
-            _observe_round(state, executor, job, waiting)
-            state.samples_done, state.data_done_sha256 = seen, digest
-            if state.pass_index == 0:
-                state.samples_seen = seen
-            if progress is not None:
-                progress(sum(batch.samples for batch in waiting))
+            started.append((_start_round(executor, job, waiting, ahead > 0), seen, digest,
+                            sum(b.samples for b in waiting)))
             waiting.clear()
-            checkpoints.maybe_record()
+            while len(started) > ahead:
+                merge_oldest()
 
         for batch in batches():
             seen += batch.samples
@@ -257,6 +278,8 @@ def calibrate(
                 observe_waiting()
         if waiting:
             observe_waiting()
+        while started:
+            merge_oldest()
         executor.release(job)
         if seen == 0:
             raise CalibrationDataError(
