@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxq
+from onnxq.config import FallbackOptions, QuantConfig
 from onnxq.analysis.cleanup import clean_up
 from onnxq.load.prepare import load
 from onnxq.passes import GraphPass, PassResult
@@ -165,7 +166,10 @@ def test_weight_behind_a_cast_or_reshape_gets_per_channel_int8_and_no_float_copy
     (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
     x_shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     data = {"x": RNG.normal(size=[16, *x_shape[1:]]).astype(np.float32)}
-    result = onnxq.convert(model, tmp_path / "q.onnx", data)
+    # 8-bit weights whatever the CPU (on one without VNNI these layers saturate and would get 7 bits,
+    # or the safety net would keep them float); the output is checked with exact QDQ arithmetic
+    result = onnxq.convert(model, tmp_path / "q.onnx", data, config=QuantConfig(reduce_range="never"),
+                           fallback=FallbackOptions(auto=False))
     quantized = onnx.load(tmp_path / "q.onnx")
     op = next(n for n in quantized.graph.node if n.op_type in ("Conv", "MatMul", "Gemm"))
     dequantize = producer(quantized, op.input[1])
@@ -182,7 +186,7 @@ def test_weight_behind_a_cast_or_reshape_gets_per_channel_int8_and_no_float_copy
     assert result.op_counts[op.op_type].quantized == 1
     assert inspect_model(tmp_path / "q.onnx", fusion=False).op_counts()[op.op_type] == {"int8": 1, "float": 0}
     feed = {"x": data["x"][: x_shape[0]]}
-    assert sqnr_db(run(model, feed)[0], run(quantized, feed)[0]) > 30
+    assert sqnr_db(run(model, feed)[0], run(quantized, feed, fused=False)[0]) > 30
 
 
 def test_inspect_counts_an_op_whose_weight_is_float_as_float(tmp_path):

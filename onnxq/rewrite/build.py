@@ -53,7 +53,8 @@ def plan_for_state(
     excluded = set(sentinel)
     ranges = {name: by_key[key] for name, key in tensor_keys.items() if key in by_key and key not in excluded}
     chosen_ranges = {name: tuple(chosen[key]) for name, key in tensor_keys.items() if chosen and key in chosen}
-    return plan_quantization(graph, ranges, config, keep_float, chosen_ranges)
+    left_float = frozenset(name for name, key in tensor_keys.items() if key in by_key and key in excluded)
+    return plan_quantization(graph, ranges, config, keep_float, chosen_ranges, left_float)
 
 
 def reduced_layers(plan: QuantPlan, keys: dict[ir.Node, str], config: QuantConfig, reduced: tuple[str, ...]) -> set[ir.Node]:

@@ -5,8 +5,9 @@ Rules, in order:
 1. Nodes are visited in topological order, those of If/Loop/Scan bodies right after their
    parent node (``onnxq.analysis.subgraphs``); each op's rule in the registry (``onnxq.ops``) says when its node is
    quantized. A node whose activations lack a float range stays float; so does one whose output
-   lacks it, unless its op may compute into a float output (``OpInfo.float_output``, QDQ form),
-   which then reads int8 inputs and writes float.
+   lacks it, unless the output was calibrated and is left float on purpose (``float_outputs``:
+   a poor or sentinel tensor) and the op may compute into a float output (``OpInfo.float_output``,
+   QDQ form): it then reads int8 inputs and writes float.
 2. Tensors that must share a scale (a data-movement op's input and output, a Concat's inputs
    and output) form one group; the group's range is the union of its members' ranges.
 3. A group whose members' magnitudes differ by more than ``max_shared_range_ratio`` would lose
@@ -73,7 +74,8 @@ def value_range(value: ir.Value | None, ranges: dict[str, Range]) -> Range | Non
     return ranges.get(value.name)
 
 
-def _decide_compute(node: ir.Node, rule: OpInfo, ranges: dict[str, Range], config: QuantConfig) -> NodeDecision | None:
+def _decide_compute(node: ir.Node, rule: OpInfo, ranges: dict[str, Range], config: QuantConfig,
+                    float_outputs: frozenset[str]) -> NodeDecision | None:
     inputs = node.inputs
     slots = list(rule.activation_inputs)
     weight_slot = axis = bias_slot = None
@@ -88,8 +90,9 @@ def _decide_compute(node: ir.Node, rule: OpInfo, ranges: dict[str, Range], confi
     for slot in slots:
         if slot >= len(inputs) or value_range(inputs[slot], ranges) is None:
             return None
-    if not node.outputs or (node.outputs[0].name not in ranges
-                             and not (rule.float_output and config.format == "qdq" and weight_slot is not None)):
+    writes_float = node.outputs and node.outputs[0].name in float_outputs and rule.float_output \
+        and config.format == "qdq" and weight_slot is not None
+    if not node.outputs or (node.outputs[0].name not in ranges and not writes_float):
         return None
     if weight_slot is not None and rule.bias_input is not None and rule.bias_input < len(inputs):
         bias = inputs[rule.bias_input]
@@ -102,7 +105,8 @@ def _decide_compute(node: ir.Node, rule: OpInfo, ranges: dict[str, Range], confi
 
 
 def _decide_nodes(
-    graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, float_nodes: set[ir.Node]
+    graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, float_nodes: set[ir.Node],
+    float_outputs: frozenset[str],
 ) -> tuple[dict[ir.Node, NodeDecision], set[ir.Value]]:
     decisions: dict[ir.Node, NodeDecision] = {}
     quantized_outputs: set[ir.Value] = set()
@@ -112,7 +116,7 @@ def _decide_nodes(
             continue
         decision = None
         if rule.kind == "compute":
-            decision = _decide_compute(node, rule, ranges, config)
+            decision = _decide_compute(node, rule, ranges, config, float_outputs)
         elif rule.kind == "shared":
             if node.inputs and node.inputs[0] in quantized_outputs:
                 decision = NodeDecision(rule, (0,))
@@ -162,14 +166,15 @@ def _magnitude(r: Range) -> float:
 
 def plan_quantization(
     graph: ir.Graph, ranges: dict[str, Range], config: QuantConfig, keep_float: frozenset[ir.Node] = frozenset(),
-    chosen: dict[str, Range] | None = None,
+    chosen: dict[str, Range] | None = None, float_outputs: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Decide which nodes and tensors of ``graph`` are quantized, and with which params;
-    ``keep_float`` nodes stay float; ``chosen`` ranges (by tensor name) replace calibrated ones (rule 4)."""
+    ``keep_float`` nodes stay float; ``chosen`` ranges (by tensor name) replace calibrated ones (rule 4);
+    ``float_outputs``: calibrated tensors left float on purpose (rule 1)."""
     float_nodes: set[ir.Node] = set(keep_float)
     notes: list[str] = []
     while True:
-        decisions, quantized_outputs = _decide_nodes(graph, ranges, config, float_nodes)
+        decisions, quantized_outputs = _decide_nodes(graph, ranges, config, float_nodes, float_outputs)
         groups = _Groups()
         members: dict[ir.Value, None] = {}  # ordered: names in the output must not depend on hashing
         concats_of: dict[ir.Value, list[ir.Node]] = {}
