@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -259,27 +260,33 @@ def calibrate(
             while len(started) > ahead:
                 merge_oldest()
 
-        for batch in batches():
-            seen += batch.samples
-            digest = fold_batch(digest, batch)
-            if state.pass_index == 0:
-                constant.intersection_update(_constant_inputs(batch))
-            if seen <= skip:
-                if seen == skip and state.data_done_sha256 and digest != state.data_done_sha256:
-                    raise CalibrationDataError(_OTHER_DATA)
-                continue
-            if seen - batch.samples < skip:
-                raise CalibrationDataError(
-                    "the calibration data is batched differently from the run being resumed; "
-                    "resume with the same data and --batch-size"
-                )
-            waiting.append(batch)
-            if len(waiting) == round_size:
+        try:
+            for batch in batches():
+                seen += batch.samples
+                digest = fold_batch(digest, batch)
+                if state.pass_index == 0:
+                    constant.intersection_update(_constant_inputs(batch))
+                if seen <= skip:
+                    if seen == skip and state.data_done_sha256 and digest != state.data_done_sha256:
+                        raise CalibrationDataError(_OTHER_DATA)
+                    continue
+                if seen - batch.samples < skip:
+                    raise CalibrationDataError(
+                        "the calibration data is batched differently from the run being resumed; "
+                        "resume with the same data and --batch-size"
+                    )
+                waiting.append(batch)
+                if len(waiting) == round_size:
+                    observe_waiting()
+            if waiting:
                 observe_waiting()
-        if waiting:
-            observe_waiting()
-        while started:
-            merge_oldest()
+            while started:
+                merge_oldest()
+        except BaseException:
+            for results, *_ in started:  # rounds still running finish first: a thread left inside
+                with contextlib.suppress(BaseException):  # ONNX Runtime when the process exits aborts it
+                    results()
+            raise
         executor.release(job)
         if seen == 0:
             raise CalibrationDataError(
