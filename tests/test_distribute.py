@@ -69,21 +69,26 @@ class _FinishingBackwards(Executor):
         return [function(*args) for args in reversed(arguments)][::-1]
 
 
+class _Source:
+    """A re-readable batch source over ``batches`` (the protocol ``calibrate`` reads)."""
+
+    one_shot = False
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches, self.first = batches, batches[0]
+
+    def __call__(self):
+        return iter(self.batches)
+
+
 def _calibration_state(executor: Executor | None) -> dict:
     model = make_model([oh.make_node("Relu", ["input"], ["r"]), oh.make_node("Sigmoid", ["r"], ["output"])],
                        [("input", [4, 16])], [("output", [4, 16])])
     rng = np.random.default_rng(1)
     batches = [Batch({"input": rng.normal(0, 2 ** (i % 5), (4, 16)).astype(np.float32)}, 4) for i in range(23)]
 
-    class Source:
-        first = batches[0]
-        one_shot = False
-
-        def __call__(self):
-            return iter(batches)
-
     state, _ = calibrate(model, {"input": "k_in", "r": "k_r", "output": "k_out"}, {"input": 2, "r": 2, "output": 2},
-                         Source(), onnxq.QuantConfig(method="entropy"),
+                         _Source(batches), onnxq.QuantConfig(method="entropy"),
                          onnxq.RunOptions(device="cpu", **SEVERAL_PASSES), executor=executor)
     assert len(state.passes) == 3
     return state.to_step().observers
@@ -117,16 +122,9 @@ def test_run_ahead_rounds_finishing_out_of_order_give_the_state_of_observing_bat
     rng = np.random.default_rng(3)
     batches = [Batch({"input": rng.normal(0, 2 ** (i % 5), (4, 16)).astype(np.float32)}, 4) for i in range(9)]
 
-    class Source:
-        first = batches[0]
-        one_shot = False
-
-        def __call__(self):
-            return iter(batches)
-
     executor = _EarlierRoundsFinishLast()
     state, _ = calibrate(model, {"input": "k_in", "r": "k_r", "output": "k_out"}, {"input": 2, "r": 2, "output": 2},
-                         Source(), onnxq.QuantConfig(method="percentile"), onnxq.RunOptions(device="cpu"),
+                         _Source(batches), onnxq.QuantConfig(method="percentile"), onnxq.RunOptions(device="cpu"),
                          executor=executor)
     assert executor.rounds == len(batches)  # every round went through submit: run-ahead was on
     expected = {key: make_observer("percentile") for key in ("k_in", "k_r", "k_out")}
