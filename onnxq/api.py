@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,7 +37,7 @@ from onnxq.report.inspect import inspect_model
 from onnxq.report.latency import Latency, batch_one, conversion_latency, latency_providers
 from onnxq.rewrite.build import BuiltModel, OpCount, build_model
 from onnxq.rewrite.qoperator import NormalizeQdqPass, QOperatorPass, has_quantize_nodes
-from onnxq.runtime import CPU, create_session
+from onnxq.runtime import CPU, create_session, session_of
 from onnxq.save.output import ModelSource, write_output
 from onnxq.transform import TransformData, float_exact_passes, transform_steps
 from onnxq.tune.fallback import (
@@ -47,6 +47,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
+from onnxq.tune.speed import SLOWER_REASON, SpeedChoice, leave_slow_float, speed_notes
 from onnxq.tune.target import AccuracyCheck, AccuracyTarget
 from onnxq.workspace.manifest import (
     build_manifest,
@@ -54,7 +55,7 @@ from onnxq.workspace.manifest import (
     data_fingerprint,
     default_workspace,
 )
-from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, SmoothingStep, TrialStep
+from onnxq.workspace.steps import CalibrationStep, LayersStep, QuantizedStep, SmoothingStep, SpeedStep, TrialStep
 from onnxq.workspace.store import Step, Workspace, locked
 
 T = TypeVar("T")
@@ -363,8 +364,13 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
-    fidelity, int8_session = None, None
     latency_wanted = run.latency and not loaded.offload
+    timing_data = eval_source if eval_source is not None else source
+    if latency_wanted and fallback.speed and timing_data is not None and latency_providers(config.target) == (CPU,):
+        built = _leave_slow_float(conversion, loaded, state, config, layers, keep, fallback.dtype, built,
+                                  batch_one(timing_data.first, inputs), calibration_step.index,
+                                  _as_accurate(loaded, measurement, report_runs, target, built))
+    fidelity, int8_session = None, None
 
     def evaluate(written: ModelSource) -> None:
         nonlocal fidelity, int8_session
@@ -382,7 +388,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         conversion.notes.append("accuracy not measured: no calibration data to hold out (pass --eval-data)")
     else:
         accuracy = target.check(fidelity, measurement.description)
-    latency, data = None, eval_source if eval_source is not None else source
+    latency, data = None, timing_data
     if run.latency and loaded.offload:
         conversion.notes.append("latency not measured: the weights are in external data (a big model), and timing "
                                 "both models would hold both in memory")
@@ -404,6 +410,41 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
         accuracy=accuracy,
         latency=latency,
     )
+
+
+def _as_accurate(loaded: LoadedModel, measurement: _Measurement | None, report_runs: FloatRuns | None,
+                 target: AccuracyTarget, built: BuiltModel) -> Callable[[BuiltModel], bool]:
+    """Whether a model misses the accuracy target by no more than ``built`` does, on the data the
+    conversion is measured on (always true without such data)."""
+    if measurement is None:
+        return lambda _: True
+
+    def shortfall(model: BuiltModel) -> float:
+        with session_of(model.model, loaded.offload, "the int8 model") as session:
+            return target.shortfall(_fidelity(loaded, session, measurement.report, report_runs))
+
+    return lambda trial: shortfall(trial) <= shortfall(built)
+
+
+def _leave_slow_float(conversion: _Conversion, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
+                      layers: LayersStep, keep: dict[str, str], dtype: str, built: BuiltModel, feed: dict[str, np.ndarray],
+                      calibration_step: int, accurate_enough: Callable[[BuiltModel], bool]) -> BuiltModel:
+    """``built``, or the model with the nodes that int8 only slows down float (``onnxq.tune.speed``):
+    read back from the workspace when resuming, else measured and recorded; adds the note."""
+    recorded = conversion.space.latest(SpeedStep) if conversion.resume else None
+    step = None if recorded is None else recorded.read(SpeedStep)
+    if step is not None and step.calibration_step == calibration_step and step.base == sorted(keep):
+        choice = SpeedChoice(tuple(step.slower), step.kept, step.ratio, tuple(step.spread))
+        if choice.kept:
+            built = build_model(loaded, state, config, layers, keep | dict.fromkeys(step.slower, SLOWER_REASON), dtype)
+    else:
+        built, choice = leave_slow_float(loaded, state, config, layers, keep, dtype, built, feed, accurate_enough)
+        if choice is None:
+            return built
+        conversion.space.append(SpeedStep(calibration_step, sorted(keep), list(choice.slower), choice.kept,
+                                          choice.ratio, list(choice.spread)))
+    conversion.notes += speed_notes(choice)
+    return built
 
 
 def _latency(loaded: LoadedModel, int8_session: ort.InferenceSession, output_path: Path, feed: dict[str, np.ndarray],

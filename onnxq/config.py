@@ -176,6 +176,11 @@ class FallbackOptions:
         help="Measure every conversion against the accuracy target (--min-sqnr, --min-agreement) on held-out "
         "calibration samples (or --eval-data) and, where it is missed, keep the most sensitive nodes float "
         "until it is met.")
+    speed: bool = option(
+        True, flag="--speed-fallback/--no-speed-fallback",
+        help="Where latency is measured (--latency, on the CPU): profile both models, and keep float the quantized "
+        "nodes whose int8 kernels (with the Q/DQ they need) take longer than their float ones, when the model that "
+        "results is faster in every timing repeat and as accurate.")
     min_sqnr_db: float = option(
         23.0, flag="--min-sqnr", help="Accuracy target: SQNR in dB of every output, and every part of an output "
         "whose values differ in scale (box coordinates vs class scores), against the float model.")

@@ -76,6 +76,15 @@ def runs_within(budget_s: float, warm_up_ms: float, repeats: int = REPEATS) -> i
     return max(MIN_RUNS, min(MAX_RUNS, fitting))
 
 
+def timed_within(sessions: Mapping[str, ort.InferenceSession], feed: Feed,
+                 budget_s: float) -> tuple[dict[str, list[list[float]]], int]:
+    """The times of the named sessions on ``feed``, warmed up and interleaved in ``REPEATS``
+    repeats of runs that fit ``budget_s`` (rules 1-3), and the runs per repeat."""
+    warm_up = interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs=1, repeats=1)
+    runs = runs_within(budget_s, sum(t[0][0] for t in warm_up.values()))
+    return interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs), runs
+
+
 @dataclasses.dataclass(frozen=True)
 class Latency:
     """Batch-1 latency of the int8 model against the float model: medians in ms, their ratio
@@ -101,10 +110,7 @@ class Latency:
 def measure_latency(float_session: ort.InferenceSession, int8_session: ort.InferenceSession, feed: Feed,
                     budget_s: float = LATENCY_BUDGET_S) -> Latency:
     """Time both sessions on ``feed`` (rules 1-4); ``conversion_latency`` also names the slow parts."""
-    sessions = {"float": float_session, "int8": int8_session}
-    warm_up = interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs=1, repeats=1)
-    runs = runs_within(budget_s, sum(t[0][0] for t in warm_up.values()))
-    times = interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs)
+    times, runs = timed_within({"float": float_session, "int8": int8_session}, feed, budget_s)
     ratio, low, high = ratio_spread(times, "int8", "float")
     return Latency(
         float_ms=statistics.median(_flat(times["float"])),

@@ -169,6 +169,22 @@ class QuantizedStep(StepRecord):
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeedStep(StepRecord):
+    """What ``onnxq.tune.speed`` measured for the model of the calibration step
+    ``calibration_step`` with the keep-float set ``base`` (keys): the quantized nodes slower in
+    int8 on this machine (keys), whether the model with them float was kept, and its latency over
+    the int8 model's (median ratio, lowest and highest over the repeats)."""
+
+    KIND: ClassVar[str] = "speed"
+    calibration_step: int
+    base: list
+    slower: list
+    kept: bool
+    ratio: float
+    spread: list
+
+
+@dataclasses.dataclass(frozen=True)
 class SmoothingStep(StepRecord):
     """The outlier-migration factors (``onnxq.transform.smoothing``): tensor key of each
     smoothed activation -> its per-channel factors (``encode_array``)."""

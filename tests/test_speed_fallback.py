@@ -1,0 +1,124 @@
+"""Leaving float what int8 only slows down (``onnxq.tune.speed``): kernels charged to the nodes
+that need them, the nodes found slower, the choice, and the pass inside ``convert`` (its timing
+injected: a test cannot rely on which kernels this CPU runs faster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+import onnxq
+from onnxq.report.profile import Kernel
+from onnxq.tune import speed
+from onnxq.workspace.steps import SpeedStep
+from onnxq.workspace.store import Workspace
+from tests.graphs import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "digits_cnn.onnx"
+CALIB = ROOT / "models" / "calib.npz"
+
+
+def _kernel(name: str, op: str, ms: float) -> Kernel:
+    return Kernel(name, op, "part", False, ms)
+
+
+def _graphs() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """x -> Conv c1 -> HardSwish h1 -> Conv c2 -> y, float and in QDQ form (h1 left float)."""
+    floats = oh.make_graph([oh.make_node("Conv", ["x", "w1"], ["t1"], name="c1"),
+                            oh.make_node("HardSwish", ["t1"], ["t2"], name="h1"),
+                            oh.make_node("Conv", ["t2", "w2"], ["y"], name="c2")], "g", [], [])
+    qdq = oh.make_graph([
+        oh.make_node("QuantizeLinear", ["x", "s"], ["x_q"], name="x_q"),
+        oh.make_node("DequantizeLinear", ["x_q", "s"], ["x_dq"], name="x_dq"),
+        oh.make_node("DequantizeLinear", ["w1_q", "s"], ["w1_dq"], name="w1_dq"),
+        oh.make_node("Conv", ["x_dq", "w1_dq"], ["t1"], name="c1"),
+        oh.make_node("QuantizeLinear", ["t1", "s"], ["t1_q"], name="t1_q"),
+        oh.make_node("DequantizeLinear", ["t1_q", "s"], ["t1_dq"], name="t1_dq"),
+        oh.make_node("HardSwish", ["t1_dq"], ["t2"], name="h1"),
+        oh.make_node("QuantizeLinear", ["t2", "s"], ["t2_q"], name="t2_q"),
+        oh.make_node("DequantizeLinear", ["t2_q", "s"], ["t2_dq"], name="t2_dq"),
+        oh.make_node("DequantizeLinear", ["w2_q", "s"], ["w2_dq"], name="w2_dq"),
+        oh.make_node("Conv", ["t2_dq", "w2_dq"], ["y"], name="c2"),
+    ], "g", [], [])
+    return oh.make_model(floats), oh.make_model(qdq)
+
+
+def test_kernels_are_charged_to_the_nodes_that_need_them():
+    float_model, int8_model = _graphs()
+    # as ONNX Runtime runs the int8 model: the input's Q (c1 needs it), c1 fused, the DQ of c1's
+    # int8 output (c1 writes it), the HardSigmoid and Mul ONNX Runtime made of h1, the Q h1's
+    # output needs for c2, a weight DQ left unfused (read by c2), c2 fused
+    int8_kernels = [_kernel("x_q", "QuantizeLinear", 0.1), _kernel("c1", "QLinearConv", 0.5),
+                    _kernel("t1_dq", "DequantizeLinear", 0.2), _kernel("HardSigmoid_7", "HardSigmoid", 0.3),
+                    _kernel("Mul_8", "Mul", 0.4), _kernel("t2_q", "QuantizeLinear", 0.6),
+                    _kernel("w2_dq", "DequantizeLinear", 0.05), _kernel("c2", "QLinearConv", 0.7)]
+    charged = speed.charged_ms(int8_kernels, int8_model, float_model.graph)
+    assert charged == pytest.approx({"c1": 0.1 + 0.5 + 0.2 + 0.3 + 0.4, "c2": 0.6 + 0.05 + 0.7})
+    # the float model: c1 fused with h1 and named after its output, c2 by its name
+    float_kernels = [_kernel("t1", "Conv", 0.8), _kernel("c2", "Conv", 0.9)]
+    assert speed.charged_ms(float_kernels, float_model, float_model.graph) == pytest.approx({"c1": 0.8, "c2": 0.9})
+
+
+def test_a_node_is_slower_in_int8_only_beyond_the_noise_and_only_if_quantized():
+    float_ms = {"same": 1.0, "slower": 1.0, "fused_in_float": 0.0, "not_quantized": 0.1, "faster": 2.0}
+    int8_ms = {"same": 1.0 + speed.NOISE / 2, "slower": 1.5, "fused_in_float": 0.2, "not_quantized": 9.0,
+               "faster": 1.0}
+    quantized = {"same", "slower", "fused_in_float", "faster"}
+    assert speed.slower_nodes(float_ms, int8_ms, quantized) == ["slower", "fused_in_float"]
+
+
+def test_the_model_with_slower_nodes_float_is_kept_only_when_faster_in_every_repeat_and_as_accurate():
+    assert speed.choose(["a"], lambda: (0.8, 0.7, 0.9), lambda: True).kept
+    assert not speed.choose(["a"], lambda: (0.8, 0.7, 1.01), lambda: True).kept  # one repeat not faster
+    assert not speed.choose(["a"], lambda: (0.8, 0.7, 0.9), lambda: False).kept
+    nothing = speed.choose([], lambda: pytest.fail("nothing to time"), lambda: pytest.fail("nothing to measure"))
+    assert nothing == speed.SpeedChoice((), False)
+
+
+def _convert(tmp_path: Path, name: str, **fallback) -> onnxq.ConversionResult:
+    return onnxq.convert(DEMO, tmp_path / f"{name}.onnx", CALIB, workspace=tmp_path / "ws",
+                         fallback=onnxq.FallbackOptions(auto=False, **fallback), resume=name == "resumed")
+
+
+@pytest.fixture
+def first_conv_slow(monkeypatch):
+    """The demo's first Conv found slower in int8, and the model with it float faster: what this
+    CPU measures is replaced, the rest of the pass runs."""
+    monkeypatch.setattr(speed, "MIN_FLOAT_MS", 0.0)
+    conv = next(node.name for node in onnx.load(DEMO).graph.node if node.op_type == "Conv")
+    monkeypatch.setattr(speed, "slower_nodes", lambda f, i, quantized: [n for n in quantized if n == conv])
+    monkeypatch.setattr(speed, "time_against", lambda *args: (0.8, 0.75, 0.85))
+    return conv
+
+
+def test_convert_keeps_the_slower_node_float_records_it_and_a_resumed_run_reads_it_back(tmp_path, first_conv_slow,
+                                                                                       monkeypatch):
+    result = _convert(tmp_path, "out")
+    written = onnx.load(tmp_path / "out.onnx")
+    conv = next(node for node in written.graph.node if node.name == first_conv_slow)
+    assert all(not name.endswith("_dequantized") for name in conv.input[1:])  # float weights: kept float
+    assert sum(node.op_type == "Conv" for node in written.graph.node) >= 2  # the other Convs stay quantized
+    assert any("kept float 1 node(s) whose int8 kernels ran slower" in note for note in result.notes)
+    recorded = Workspace.open(tmp_path / "ws").latest(SpeedStep).read(SpeedStep)
+    assert recorded.kept and len(recorded.slower) == 1 and recorded.spread == [0.75, 0.85]
+    # the written model still computes what the float model does, within int8 error
+    feed = {"input": np.load(CALIB)["input"][:4]}
+    expected, got = run(onnx.load(DEMO), feed)[0], run(written, feed)[0]
+    assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.99
+    monkeypatch.setattr(onnxq.api, "leave_slow_float", lambda *args: pytest.fail("a resumed run times nothing"))
+    _convert(tmp_path, "resumed")
+    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "out.onnx").read_bytes()
+
+
+def test_no_speed_fallback_quantizes_the_slower_node(tmp_path, first_conv_slow):
+    result = _convert(tmp_path, "out", speed=False)
+    assert not any("slower" in note for note in result.notes)
+    assert Workspace.open(tmp_path / "ws").latest(SpeedStep) is None
+    written = onnx.load(tmp_path / "out.onnx")
+    conv = next(node for node in written.graph.node if node.name == first_conv_slow)
+    assert conv.input[1].endswith("_dequantized")
