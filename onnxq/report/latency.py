@@ -19,7 +19,7 @@ import dataclasses
 import random
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +57,11 @@ def interleaved_ms(sessions: Mapping[str, ort.InferenceSession], feeds: Mapping[
     return times
 
 
-def ratio_spread(times: Mapping[str, list[list[float]]], name: str, reference: str) -> tuple[float, float, float]:
-    """The median, lowest and highest over the repeats of the ratio of ``name``'s median time
-    over ``reference``'s (rule 4)."""
-    per_repeat = [statistics.median(mine) / statistics.median(theirs)
-                  for mine, theirs in zip(times[name], times[reference])]
+def ratio_spread(times: Mapping[str, list[list[float]]], name: str, reference: str,
+                 statistic: Callable[[list[float]], float] = statistics.median) -> tuple[float, float, float]:
+    """The median, lowest and highest over the repeats of the ratio of ``name``'s time over
+    ``reference``'s, each time the ``statistic`` (median) of a repeat's runs (rule 4)."""
+    per_repeat = [statistic(mine) / statistic(theirs) for mine, theirs in zip(times[name], times[reference])]
     return statistics.median(per_repeat), min(per_repeat), max(per_repeat)
 
 
