@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -47,7 +48,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
-from onnxq.tune.speed import SLOWER_REASON, SpeedChoice, leave_slow_float, speed_notes
+from onnxq.tune.speed import SLOWER_REASON, SpeedChoice, SpeedRound, leave_slow_float, speed_notes
 from onnxq.tune.target import AccuracyCheck, AccuracyTarget
 from onnxq.workspace.manifest import (
     build_manifest,
@@ -423,7 +424,8 @@ def _as_accurate(loaded: LoadedModel, measurement: _Measurement | None, report_r
         with session_of(model.model, loaded.offload, "the int8 model") as session:
             return target.shortfall(_fidelity(loaded, session, measurement.report, report_runs))
 
-    return lambda trial: shortfall(trial) <= shortfall(built)
+    baseline = functools.cache(lambda: shortfall(built))
+    return lambda trial: shortfall(trial) <= baseline()
 
 
 def _leave_slow_float(conversion: _Conversion, loaded: LoadedModel, state: CalibrationState, config: QuantConfig,
@@ -434,15 +436,16 @@ def _leave_slow_float(conversion: _Conversion, loaded: LoadedModel, state: Calib
     recorded = conversion.space.latest(SpeedStep) if conversion.resume else None
     step = None if recorded is None else recorded.read(SpeedStep)
     if step is not None and step.calibration_step == calibration_step and step.base == sorted(keep):
-        choice = SpeedChoice(tuple(step.slower), step.kept, step.ratio, tuple(step.spread))
-        if choice.kept:
-            built = build_model(loaded, state, config, layers, keep | dict.fromkeys(step.slower, SLOWER_REASON), dtype)
+        choice = SpeedChoice(tuple(SpeedRound.of_record(r) for r in step.rounds))
+        if choice.kept_float:
+            built = build_model(loaded, state, config, layers, keep | dict.fromkeys(choice.kept_float, SLOWER_REASON),
+                                dtype)
     else:
         built, choice = leave_slow_float(loaded, state, config, layers, keep, dtype, built, feed, accurate_enough)
         if choice is None:
             return built
-        conversion.space.append(SpeedStep(calibration_step, sorted(keep), list(choice.slower), choice.kept,
-                                          choice.ratio, list(choice.spread)))
+        conversion.space.append(SpeedStep(calibration_step, sorted(keep),
+                                          [r.record() for r in choice.rounds]))
     conversion.notes += speed_notes(choice)
     return built
 

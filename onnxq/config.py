@@ -180,7 +180,7 @@ class FallbackOptions:
         True, flag="--speed-fallback/--no-speed-fallback",
         help="Where latency is measured (--latency, on the CPU): profile both models, and keep float the quantized "
         "nodes whose int8 kernels (with the Q/DQ they need) take longer than their float ones, when the model that "
-        "results is faster in every timing repeat and as accurate.")
+        "results is faster (a sign test over paired timed runs) and as accurate; up to 3 rounds.")
     min_sqnr_db: float = option(
         23.0, flag="--min-sqnr", help="Accuracy target: SQNR in dB of every output, and every part of an output "
         "whose values differ in scale (box coordinates vs class scores), against the float model.")

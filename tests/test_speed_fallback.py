@@ -72,12 +72,20 @@ def test_a_node_is_slower_in_int8_only_beyond_the_noise_and_only_if_quantized():
     assert speed.slower_nodes(float_ms, int8_ms, quantized) == ["slower", "fused_in_float"]
 
 
-def test_the_model_with_slower_nodes_float_is_kept_only_when_faster_in_every_repeat_and_as_accurate():
-    assert speed.choose(["a"], lambda: (0.8, 0.7, 0.9), lambda: True).kept
-    assert not speed.choose(["a"], lambda: (0.8, 0.7, 1.01), lambda: True).kept  # one repeat not faster
-    assert not speed.choose(["a"], lambda: (0.8, 0.7, 0.9), lambda: False).kept
-    nothing = speed.choose([], lambda: pytest.fail("nothing to time"), lambda: pytest.fail("nothing to measure"))
-    assert nothing == speed.SpeedChoice((), False)
+def test_the_sign_test_needs_more_faster_pairs_than_chance_gives():
+    # binomial tables for a fair coin: P(X >= 9 of 10) = 0.0107, P(X = 10) = 0.00098;
+    # P(X >= 15 of 20) = 0.0207, P(X >= 16 of 20) = 0.0059; P(X >= 40 of 60) = 0.0067, P(X >= 39) = 0.0137
+    assert [speed.faster_needed(n) for n in (10, 20, 60)] == [10, 16, 40]
+
+
+def test_the_model_with_slower_nodes_float_is_kept_only_when_faster_beyond_chance_and_as_accurate():
+    n = 20
+    clearly = [0.8] * speed.faster_needed(n) + [1.2] * (n - speed.faster_needed(n))
+    by_chance = [0.8] * (speed.faster_needed(n) - 1) + [1.2] * (n - speed.faster_needed(n) + 1)
+    kept = speed.choose(["a"], lambda: clearly, lambda: True)
+    assert kept.kept and (kept.faster_pairs, kept.pairs) == (speed.faster_needed(n), n)
+    assert not speed.choose(["a"], lambda: by_chance, lambda: True).kept
+    assert not speed.choose(["a"], lambda: clearly, lambda: False).kept
 
 
 def _convert(tmp_path: Path, name: str, **fallback) -> onnxq.ConversionResult:
@@ -92,7 +100,7 @@ def first_conv_slow(monkeypatch):
     monkeypatch.setattr(speed, "MIN_FLOAT_MS", 0.0)
     conv = next(node.name for node in onnx.load(DEMO).graph.node if node.op_type == "Conv")
     monkeypatch.setattr(speed, "slower_nodes", lambda f, i, quantized: [n for n in quantized if n == conv])
-    monkeypatch.setattr(speed, "time_against", lambda *args: (0.8, 0.75, 0.85))
+    monkeypatch.setattr(speed, "paired_ratios", lambda *args: [0.8] * 20)
     return conv
 
 
@@ -103,9 +111,10 @@ def test_convert_keeps_the_slower_node_float_records_it_and_a_resumed_run_reads_
     conv = next(node for node in written.graph.node if node.name == first_conv_slow)
     assert all(not name.endswith("_dequantized") for name in conv.input[1:])  # float weights: kept float
     assert sum(node.op_type == "Conv" for node in written.graph.node) >= 2  # the other Convs stay quantized
-    assert any("kept float 1 node(s) whose int8 kernels ran slower" in note for note in result.notes)
+    assert any("speed fallback: kept float 1 node(s)" in note for note in result.notes)
     recorded = Workspace.open(tmp_path / "ws").latest(SpeedStep).read(SpeedStep)
-    assert recorded.kept and len(recorded.slower) == 1 and recorded.spread == [0.75, 0.85]
+    # round 1 keeps the Conv float; round 2 finds nothing more (the Conv is no longer quantized)
+    assert [(len(r["slower"]), r["kept"], r["faster_pairs"], r["pairs"]) for r in recorded.rounds] == [(1, True, 20, 20)]
     # the written model still computes what the float model does, within int8 error
     feed = {"input": np.load(CALIB)["input"][:4]}
     expected, got = run(onnx.load(DEMO), feed)[0], run(written, feed)[0]
@@ -122,3 +131,18 @@ def test_no_speed_fallback_quantizes_the_slower_node(tmp_path, first_conv_slow):
     written = onnx.load(tmp_path / "out.onnx")
     conv = next(node for node in written.graph.node if node.name == first_conv_slow)
     assert conv.input[1].endswith("_dequantized")
+
+
+def test_rounds_go_on_while_their_model_is_kept_and_stop_at_one_that_is_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "MIN_FLOAT_MS", 0.0)
+    first, second = [node.name for node in onnx.load(DEMO).graph.node if node.op_type == "Conv"][:2]
+    # round 1 finds the first Conv slower and its model is faster; round 2 the second, and its model is not
+    monkeypatch.setattr(speed, "slower_nodes", lambda f, i, quantized: [n for n in (first, second) if n in quantized][:1])
+    timings = iter([[0.8] * 20, [1.1] * 20])
+    monkeypatch.setattr(speed, "paired_ratios", lambda *args: next(timings))
+    result = _convert(tmp_path, "out")
+    recorded = Workspace.open(tmp_path / "ws").latest(SpeedStep).read(SpeedStep)
+    assert [(len(r["slower"]), r["kept"]) for r in recorded.rounds] == [(1, True), (1, False)]
+    written = {node.name: node for node in onnx.load(tmp_path / "out.onnx").graph.node}
+    assert not written[first].input[1].endswith("_dequantized") and written[second].input[1].endswith("_dequantized")
+    assert any("round 2: 1 node(s) left int8" in note for note in result.notes)

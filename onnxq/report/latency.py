@@ -19,7 +19,7 @@ import dataclasses
 import random
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ LATENCY_BUDGET_S = 2.0  # seconds of timed runs per conversion, all repeats and 
 REPEATS = 3
 MIN_RUNS = 1  # per model and repeat, however slow the model
 MAX_RUNS = 20  # per model and repeat, however fast the model
+MIN_PAIRS, MAX_PAIRS = 10, 200  # pairs of runs ``paired_ratios`` times
 
 Feed = dict[str, np.ndarray]
 
@@ -57,12 +58,32 @@ def interleaved_ms(sessions: Mapping[str, ort.InferenceSession], feeds: Mapping[
     return times
 
 
-def ratio_spread(times: Mapping[str, list[list[float]]], name: str, reference: str,
-                 statistic: Callable[[list[float]], float] = statistics.median) -> tuple[float, float, float]:
-    """The median, lowest and highest over the repeats of the ratio of ``name``'s time over
-    ``reference``'s, each time the ``statistic`` (median) of a repeat's runs (rule 4)."""
-    per_repeat = [statistic(mine) / statistic(theirs) for mine, theirs in zip(times[name], times[reference])]
+def ratio_spread(times: Mapping[str, list[list[float]]], name: str, reference: str) -> tuple[float, float, float]:
+    """The median, lowest and highest over the repeats of the ratio of ``name``'s median time
+    over ``reference``'s (rule 4)."""
+    per_repeat = [statistics.median(mine) / statistics.median(theirs)
+                  for mine, theirs in zip(times[name], times[reference])]
     return statistics.median(per_repeat), min(per_repeat), max(per_repeat)
+
+
+def paired_ratios(reference: ort.InferenceSession, other: ort.InferenceSession, feed: Feed, budget_s: float,
+                  seed: int = 0) -> list[float]:
+    """``other``'s time over ``reference``'s in pairs of runs made one right after the other, in a
+    seeded random order within each pair: what disturbs the machine for a moment disturbs one pair,
+    in either direction. After a warm-up run of each, as many pairs as fit ``budget_s``
+    (``MIN_PAIRS`` to ``MAX_PAIRS``)."""
+    order, sessions = random.Random(seed), {"reference": reference, "other": other}
+    warm_up = interleaved_ms(sessions, dict.fromkeys(sessions, feed), runs=1, repeats=1)
+    pair_ms = sum(t[0][0] for t in warm_up.values())
+    ratios = []
+    for _ in range(max(MIN_PAIRS, min(MAX_PAIRS, int(budget_s * 1000 / max(pair_ms, 1e-3))))):
+        ms = {}
+        for name in order.sample(list(sessions), 2):
+            start = time.perf_counter()
+            sessions[name].run(None, feed)
+            ms[name] = time.perf_counter() - start
+        ratios.append(ms["other"] / ms["reference"])
+    return ratios
 
 
 def _flat(repeats: list[list[float]]) -> list[float]:

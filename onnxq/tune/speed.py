@@ -12,19 +12,23 @@
    two int8 layers) to the node charged before it, in the order the kernels ran.
 3. A quantized node whose int8 kernels take ``NOISE`` longer than its float kernels, or more, is
    slower in int8 (a kernel's median time over a few runs moves by some percent between runs).
-4. The model with every such node float is built and timed against the int8 model (runs of
-   both interleaved, ``onnxq.report.latency``, each repeat's time its lower quartile: runs that
-   another process slowed down weigh less); it is kept only when it is faster in every
-   repeat and meets the accuracy target as well as the int8 model does, where there is data to
-   measure on. One round: the nodes around a new float node change their Q/DQ, so the kept
-   model's own latency is what the summary reports.
-5. The choice is a workspace step; a resumed run reads it back and times nothing.
+4. The model with every such node float is built and timed against the int8 model in pairs of
+   runs, one right after the other (``onnxq.report.latency.paired_ratios``): a moment of another
+   process's work disturbs one pair, either way. It is kept only when it is faster in so many
+   of the pairs that chance would give that less than once in a hundred (a sign test:
+   ``faster_needed``), and meets the accuracy target as well as the int8 model does, where there
+   is data to measure on.
+5. Keeping nodes float moves Q/DQ to new places, so rules 2-4 run again on the kept model (its
+   own profile, judged against it), up to ``MAX_ROUNDS`` rounds, until a round finds nothing
+   slower or its model is not kept. The rounds are a workspace step; a resumed run reads them
+   back and times nothing.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -33,8 +37,9 @@ import onnxruntime as ort
 
 from onnxq.calibration.state import CalibrationState
 from onnxq.config import QuantConfig
+from onnxq.errors import WorkspaceError
 from onnxq.load.prepare import LoadedModel
-from onnxq.report.latency import LATENCY_BUDGET_S, REPEATS, interleaved_ms, ratio_spread, timed_within
+from onnxq.report.latency import interleaved_ms, paired_ratios
 from onnxq.report.profile import Kernel, profile
 from onnxq.rewrite.build import BuiltModel, build_model
 from onnxq.runtime import create_session, session_proto
@@ -42,6 +47,8 @@ from onnxq.workspace.steps import LayersStep
 
 MIN_FLOAT_MS = 1.0  # batch-1 float latency below which the pass does not run (rule 1)
 PROFILE_RUNS = 6  # profiled runs of each model: a kernel's time is its median
+TIMING_BUDGET_S = 3.0  # seconds of paired runs that judge the trial (rule 4)
+MAX_ROUNDS = 3  # rounds of rules 2-4 (rule 5)
 NOISE = 0.1  # relative excess of a node's int8 time over its float time that counts (rule 3)
 SLOWER_REASON = "slower in int8 on this CPU"
 
@@ -92,40 +99,64 @@ def slower_nodes(float_ms: dict[str, float], int8_ms: dict[str, float], quantize
                   key=lambda name: -excess[name])
 
 
+CHANCE = 0.01  # the sign test's level: chance alone passes it less often than this (rule 4)
+
+
+def faster_needed(pairs: int) -> int:
+    """The fewest pairs (of ``pairs``) in which the trial must be faster: the smallest count that
+    a fair coin reaches with probability under ``CHANCE`` (exact binomial tail; rule 4)."""
+    tail = 0
+    for count in range(pairs, -1, -1):
+        tail += math.comb(pairs, count)
+        if tail / 2**pairs >= CHANCE:
+            return count + 1
+    return 0
+
+
 @dataclasses.dataclass(frozen=True)
-class SpeedChoice:
-    """The outcome of the pass: the nodes found slower in int8 (names), whether the model with them
-    float was kept, and its latency over the int8 model's (median ratio and spread over repeats)."""
+class SpeedRound:
+    """One round of the pass: the nodes found slower in int8 (keys), whether the model with them
+    float was kept, the median of its paired time ratios to the model before, and in how many of
+    how many pairs it was faster."""
 
     slower: tuple[str, ...]
     kept: bool
     ratio: float = 1.0
-    spread: tuple[float, float] = (1.0, 1.0)
+    faster_pairs: int = 0
+    pairs: int = 0
+
+    def record(self) -> dict:
+        """The round as ``SpeedStep`` records it."""
+        return dataclasses.asdict(self) | {"slower": list(self.slower)}
+
+    @classmethod
+    def of_record(cls, recorded: dict) -> SpeedRound:
+        """A round read back from a ``SpeedStep``; a damaged one is a ``WorkspaceError``."""
+        try:
+            return cls(tuple(str(key) for key in recorded["slower"]), bool(recorded["kept"]),
+                       float(recorded["ratio"]), int(recorded["faster_pairs"]), int(recorded["pairs"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WorkspaceError(f"a speed step's round is damaged ({exc}); start a new run") from exc
 
 
-def time_against(int8_session: ort.InferenceSession, trial_session: ort.InferenceSession, feed: Feed,
-                 budget_s: float) -> tuple[float, float, float]:
-    """The trial model's latency over the int8 model's: median ratio, lowest and highest over the
-    repeats of interleaved runs (rule 4)."""
-    times, _ = timed_within({"int8": int8_session, "trial": trial_session}, feed, budget_s)
-    return ratio_spread(times, "trial", "int8", lower_quartile)
+@dataclasses.dataclass(frozen=True)
+class SpeedChoice:
+    """The rounds of the pass (rule 5); the nodes it keeps float are those of its kept rounds."""
+
+    rounds: tuple[SpeedRound, ...]
+
+    @property
+    def kept_float(self) -> tuple[str, ...]:
+        return tuple(key for round_ in self.rounds if round_.kept for key in round_.slower)
 
 
-def lower_quartile(runs: list[float]) -> float:
-    """The time a quarter of the runs beat: what a model takes when the machine lets it run
-    (another process only ever adds time to a run), so that a run slowed by it weighs less."""
-    return float(np.percentile(runs, 25))
-
-
-def choose(slower: list[str], timed: Callable[[], tuple[float, float, float]],
-           accurate_enough: Callable[[], bool]) -> SpeedChoice:
-    """Rule 4: keep the model with the ``slower`` nodes float when ``timed()`` (its latency over
-    the int8 model's) says faster in every repeat and ``accurate_enough()`` holds."""
-    if not slower:
-        return SpeedChoice((), False)
-    ratio, low, high = timed()
-    kept = high < 1.0 and accurate_enough()
-    return SpeedChoice(tuple(slower), kept, ratio, (low, high))
+def choose(slower: list[str], timed: Callable[[], list[float]], accurate_enough: Callable[[], bool]) -> SpeedRound:
+    """Rule 4: keep the model with the ``slower`` nodes float when ``timed()`` (its paired time
+    ratios to the model before) passes the sign test and ``accurate_enough()`` holds."""
+    ratios = timed()
+    faster = sum(ratio < 1 for ratio in ratios)
+    kept = faster >= faster_needed(len(ratios)) and accurate_enough()
+    return SpeedRound(tuple(slower), kept, float(np.median(ratios)), faster, len(ratios))
 
 
 def _profiled(model: onnx.ModelProto, feed: Feed, what: str, external_folder=None) -> list[Kernel]:
@@ -136,40 +167,45 @@ def _profiled(model: onnx.ModelProto, feed: Feed, what: str, external_folder=Non
 def leave_slow_float(loaded: LoadedModel, state: CalibrationState, config: QuantConfig, layers: LayersStep,
                      keep_float: dict[str, str], fallback_dtype: str, built: BuiltModel, feed: Feed,
                      accurate_enough: Callable[[BuiltModel], bool]) -> tuple[BuiltModel, SpeedChoice | None]:
-    """The model to write (``built`` or the one with its slower nodes float) and the choice, by
-    node key; ``None`` where the float model is too fast to judge (rule 1). ``accurate_enough``
-    tells whether a model meets the accuracy target as well as ``built`` does."""
+    """The model to write (``built`` or one with nodes int8 slows down float) and the rounds that
+    chose it (rule 5); ``None`` where the float model is too fast to judge (rule 1).
+    ``accurate_enough`` tells whether a model meets the accuracy target as well as ``built`` does."""
     float_model = loaded.cleaned
     float_session = create_session(float_model, "the float model", external_folder=loaded.external_folder)
     float_runs = interleaved_ms({"float": float_session}, {"float": feed}, runs=3, repeats=1)["float"][0]
     if float(np.median(float_runs)) < MIN_FLOAT_MS:
         return built, None
-    int8_model = session_proto(built.model)
     float_ms = charged_ms(_profiled(float_model, feed, "the float model", loaded.external_folder), float_model,
                           float_model.graph)
-    int8_ms = charged_ms(_profiled(int8_model, feed, "the int8 model"), int8_model, float_model.graph)
     keys = {node.name: key for node, key in loaded.keys.nodes.items() if node.graph is loaded.model.graph}
-    quantized = {name for name, key in keys.items() if any(key in unit for unit in built.units)}
-    slower = [keys[name] for name in slower_nodes(float_ms, int8_ms, quantized)]
-    if not slower:
-        return built, SpeedChoice((), False)
-    trial = build_model(loaded, state, config, layers, keep_float | dict.fromkeys(slower, SLOWER_REASON),
-                        fallback_dtype)
-    int8_session = create_session(int8_model, "the int8 model")
-    trial_session = create_session(session_proto(trial.model), "the int8 model with its slow nodes float")
-    choice = choose(slower, lambda: time_against(int8_session, trial_session, feed, LATENCY_BUDGET_S),
-                    lambda: accurate_enough(trial))
-    return (trial if choice.kept else built), choice
+    rounds: list[SpeedRound] = []
+    current, kept = built, dict(keep_float)
+    for _ in range(MAX_ROUNDS):
+        int8_model = session_proto(current.model)
+        int8_ms = charged_ms(_profiled(int8_model, feed, "the int8 model"), int8_model, float_model.graph)
+        quantized = {name for name, key in keys.items() if any(key in unit for unit in current.units)}
+        slower = [keys[name] for name in slower_nodes(float_ms, int8_ms, quantized)]
+        if not slower:
+            break
+        trial = build_model(loaded, state, config, layers, kept | dict.fromkeys(slower, SLOWER_REASON), fallback_dtype)
+        before = create_session(int8_model, "the int8 model")
+        after = create_session(session_proto(trial.model), "the int8 model with its slow nodes float")
+        rounds.append(choose(slower, lambda: paired_ratios(before, after, feed, TIMING_BUDGET_S),
+                             lambda: accurate_enough(trial)))
+        if not rounds[-1].kept:
+            break
+        current, kept = trial, kept | dict.fromkeys(slower, SLOWER_REASON)
+    return current, SpeedChoice(tuple(rounds))
 
 
 def speed_notes(choice: SpeedChoice) -> list[str]:
-    """The summary's line on the pass."""
-    if not choice.slower:
+    """The summary's line on the pass: each round, and what it kept float."""
+    if not choice.rounds:
         return []
-    timed = f"{choice.ratio:.2f}x the int8 model's batch-1 latency ({choice.spread[0]:.2f}-{choice.spread[1]:.2f}x " \
-            f"over {REPEATS} repeats)"
-    if choice.kept:
-        return [f"kept float {len(choice.slower)} node(s) whose int8 kernels ran slower than their float ones on this "
-                f"CPU (profiled): the model with them float runs at {timed}; --no-speed-fallback quantizes them"]
-    return [f"{len(choice.slower)} quantized node(s) ran slower in int8 than in float on this CPU (profiled), but the "
-            f"model with them float was not kept: {timed}, or less accurate"]
+    rounds = "; ".join(
+        f"round {i}: {len(r.slower)} node(s) {'kept float' if r.kept else 'left int8'}, {r.ratio:.2f}x the time of the "
+        f"model before (median of {r.pairs} paired runs, faster in {r.faster_pairs}, {faster_needed(r.pairs)} needed"
+        f"{'' if r.kept or r.faster_pairs < faster_needed(r.pairs) else ', but less accurate'})"
+        for i, r in enumerate(choice.rounds, 1))
+    return [f"speed fallback: kept float {len(choice.kept_float)} node(s) whose int8 kernels ran slower than their float "
+            f"ones on this CPU (profiled; --no-speed-fallback quantizes them): {rounds}"]

@@ -170,18 +170,16 @@ class QuantizedStep(StepRecord):
 
 @dataclasses.dataclass(frozen=True)
 class SpeedStep(StepRecord):
-    """What ``onnxq.tune.speed`` measured for the model of the calibration step
-    ``calibration_step`` with the keep-float set ``base`` (keys): the quantized nodes slower in
-    int8 on this machine (keys), whether the model with them float was kept, and its latency over
-    the int8 model's (median ratio, lowest and highest over the repeats)."""
+    """The rounds of ``onnxq.tune.speed`` on the model of the calibration step ``calibration_step``
+    with the keep-float set ``base`` (keys): each round a dict of the quantized nodes slower in
+    int8 on this machine (``slower``, keys), whether the model with them float was kept
+    (``kept``), the median of its paired time ratios to the model before (``ratio``), and in how
+    many of how many pairs it was faster (``faster_pairs``, ``pairs``)."""
 
     KIND: ClassVar[str] = "speed"
     calibration_step: int
     base: list
-    slower: list
-    kept: bool
-    ratio: float
-    spread: list
+    rounds: list
 
 
 @dataclasses.dataclass(frozen=True)
