@@ -88,10 +88,13 @@ def convert_peer(tool: str, model: Path, output: Path, data: Path) -> dict:
             return {"seconds": float("nan"), "status": "failed",
                     "message": f"not run: set {QUARK_PYTHON} to a Python with amd-quark and torch installed"}
         command = [python, str(Path(__file__).with_name("quark_static.py")), str(model), str(output), str(data)]
-    else:
-        command = [sys.executable, str(Path(__file__).with_name("ort_static.py")), str(model), str(output), str(data),
+    else:  # as a module: run as a file, its folder would come first on sys.path, and benchmarks/float16.py
+        # would shadow the `float16` module of ONNX Runtime's transformers tools that quant_pre_process imports
+        command = [sys.executable, "-m", "benchmarks.ort_static", str(model), str(output), str(data),
                    "uint8" if tool == "ort-u8" else "int8"]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=output.parent)
+    root = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=output.parent, env=env)
     if proc.returncode != 0:
         return {"seconds": float("nan"), "status": "failed", "message": _last_line(proc.stderr)}
     report = json.loads(_last_line(proc.stdout))
