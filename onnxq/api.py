@@ -370,7 +370,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     if latency_wanted and fallback.speed and timing_data is not None and latency_providers(config.target) == (CPU,):
         built = _leave_slow_float(conversion, loaded, state, config, layers, keep, fallback.dtype, built,
                                   batch_one(timing_data.first, inputs), calibration_step.index,
-                                  _as_accurate(loaded, measurement, report_runs, target, built))
+                                  _as_accurate(loaded, measurement, report_runs, eval_source, target, built))
     fidelity, int8_session = None, None
 
     def evaluate(written: ModelSource) -> None:
@@ -414,15 +414,24 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
 
 
 def _as_accurate(loaded: LoadedModel, measurement: _Measurement | None, report_runs: FloatRuns | None,
-                 target: AccuracyTarget, built: BuiltModel) -> Callable[[BuiltModel], bool]:
+                 eval_source: BatchSource | None, target: AccuracyTarget, built: BuiltModel) -> Callable[[BuiltModel], bool]:
     """Whether a model misses the accuracy target by no more than ``built`` does, on the data the
-    conversion is measured on (always true without such data)."""
+    conversion is measured on: the report's batches where they are kept in memory, else those of
+    the search, else the first ``SAFETY_NET_SAMPLES`` of ``--eval-data`` read again (a streamed
+    report must stay whole for the written model). Always true without such data."""
     if measurement is None:
+        return lambda _: True
+    batches, float_runs = measurement.report, report_runs
+    if not isinstance(batches, list):
+        batches, float_runs = measurement.search, None
+        if batches is None and eval_source is not None and not eval_source.one_shot:
+            batches = first_samples(eval_source(), SAFETY_NET_SAMPLES)
+    if not batches:
         return lambda _: True
 
     def shortfall(model: BuiltModel) -> float:
         with session_of(model.model, loaded.offload, "the int8 model") as session:
-            return target.shortfall(_fidelity(loaded, session, measurement.report, report_runs))
+            return target.shortfall(_fidelity(loaded, session, batches, float_runs))
 
     baseline = functools.cache(lambda: shortfall(built))
     return lambda trial: shortfall(trial) <= baseline()

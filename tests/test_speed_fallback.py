@@ -146,3 +146,12 @@ def test_rounds_go_on_while_their_model_is_kept_and_stop_at_one_that_is_not(tmp_
     written = {node.name: node for node in onnx.load(tmp_path / "out.onnx").graph.node}
     assert not written[first].input[1].endswith("_dequantized") and written[second].input[1].endswith("_dequantized")
     assert any("round 2: 1 node(s) left int8" in note for note in result.notes)
+
+
+def test_with_streamed_eval_data_the_accuracy_check_leaves_the_report_all_of_it(tmp_path, first_conv_slow):
+    # --eval-data read from a file is streamed to the report: the pass's own accuracy check must not use it up
+    eval_path = ROOT / "models" / "eval.npz"
+    result = onnxq.convert(DEMO, tmp_path / "out.onnx", CALIB, eval_data=eval_path, workspace=tmp_path / "ws",
+                           fallback=onnxq.FallbackOptions(auto=False))
+    assert any("speed fallback: kept float 1 node(s)" in note for note in result.notes)
+    assert result.fidelity.samples == len(np.load(eval_path)["input"])
