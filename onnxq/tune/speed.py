@@ -207,5 +207,9 @@ def speed_notes(choice: SpeedChoice) -> list[str]:
         f"model before (median of {r.pairs} paired runs, faster in {r.faster_pairs}, {faster_needed(r.pairs)} needed"
         f"{'' if r.kept or r.faster_pairs < faster_needed(r.pairs) else ', but less accurate'})"
         for i, r in enumerate(choice.rounds, 1))
+    if not choice.kept_float:
+        return [f"speed fallback: {len(choice.rounds[0].slower)} quantized node(s) ran slower in int8 than in float on "
+                f"this CPU (profiled), but the model with them float was not faster or not as accurate, so they stay "
+                f"int8: {rounds}"]
     return [f"speed fallback: kept float {len(choice.kept_float)} node(s) whose int8 kernels ran slower than their float "
             f"ones on this CPU (profiled; --no-speed-fallback quantizes them): {rounds}"]
