@@ -367,7 +367,7 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)
     latency_wanted = run.latency and not loaded.offload
     timing_data = eval_source if eval_source is not None else source
-    if latency_wanted and fallback.speed and timing_data is not None and latency_providers(config.target) == (CPU,):
+    if latency_wanted and fallback.speed and timing_data is not None and config.target == "cpu":
         built = _leave_slow_float(conversion, loaded, state, config, layers, keep, fallback.dtype, built,
                                   batch_one(timing_data.first, inputs), calibration_step.index,
                                   _as_accurate(loaded, measurement, report_runs, eval_source, target, built))

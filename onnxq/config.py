@@ -178,7 +178,7 @@ class FallbackOptions:
         "until it is met.")
     speed: bool = option(
         True, flag="--speed-fallback/--no-speed-fallback",
-        help="Where latency is measured (--latency, on the CPU): profile both models, and keep float the quantized "
+        help="With --latency and --target cpu: profile both models, and keep float the quantized "
         "nodes whose int8 kernels (with the Q/DQ they need) take longer than their float ones, when the model that "
         "results is faster (a sign test over paired timed runs) and as accurate; up to 3 rounds.")
     min_sqnr_db: float = option(

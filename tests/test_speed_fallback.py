@@ -163,3 +163,10 @@ def test_the_note_says_when_nothing_was_kept():
         "speed fallback: 2 quantized node(s) ran slower in int8 than in float on this CPU (profiled), but the model with "
         "them float was not faster or not as accurate, so they stay int8: round 1: 2 node(s) left int8, 1.07x the time "
         "of the model before (median of 42 paired runs, faster in 17, 29 needed)"]
+
+
+def test_a_model_for_a_gpu_target_is_not_judged_by_cpu_kernels(tmp_path, first_conv_slow):
+    result = onnxq.convert(DEMO, tmp_path / "out.onnx", CALIB, onnxq.QuantConfig(target="cuda"),
+                           workspace=tmp_path / "ws", fallback=onnxq.FallbackOptions(auto=False))
+    assert not any("speed fallback" in note for note in result.notes)
+    assert Workspace.open(tmp_path / "ws").latest(SpeedStep) is None

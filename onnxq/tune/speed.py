@@ -1,7 +1,7 @@
 """Leave float what int8 only slows down, measured on this machine:
 
-1. It runs where the conversion times its output (``--latency``, the CPU provider, weights in
-   memory) and the float model takes at least ``MIN_FLOAT_MS`` per batch-1 run: below that, ONNX
+1. It runs where the conversion times its output (``--latency``), for ``--target cpu``, with the
+   weights in memory, and the float model takes at least ``MIN_FLOAT_MS`` per batch-1 run: below that, ONNX
    Runtime's overhead per run and per kernel decides, not the arithmetic.
 2. Both models are profiled (``onnxq.report.profile``) and every kernel is charged to a node of
    the float graph: a kernel named as a node, or as a node's first output (ONNX Runtime names
