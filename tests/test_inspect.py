@@ -11,6 +11,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
+from onnxq.cli.render import inspection_tables
 from onnxq.report.inspect import inspect_model
 from tests.graphs import make_model
 from tests.test_cli_errors import DEMO, ROOT, onnxq as run_cli
@@ -32,6 +33,14 @@ def test_quantized_demo_counts_and_sizes(tmp_path):
         assert counts[op] == {"int8": count.quantized, "float": count.float}, op
     int8_share = report.bytes_by_dtype["int8"] / sum(report.bytes_by_dtype.values())
     assert int8_share > 0.9  # weights are int8; no float copies left beside them
+    # the Q/DQ counts are said as counts, not in the int8 / float columns of the table
+    written = onnx.load(tmp_path / "m.onnx")
+    count = {op: sum(node.op_type == op for node in written.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    ops = inspection_tables(report)[0]
+    cells = [[str(cell) for cell in column.cells] for column in ops.columns]
+    row = cells[0].index(f"QuantizeLinear nodes: {count['QuantizeLinear']}, DequantizeLinear nodes: "
+                         f"{count['DequantizeLinear']}")
+    assert cells[1][row] == cells[2][row] == ""
 
 
 def test_unfused_groups_are_listed(tmp_path):

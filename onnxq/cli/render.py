@@ -189,7 +189,7 @@ def inspection_tables(report: Inspection) -> list[Table]:
     for op, counts in report.op_counts().items():
         ops.add_row(op, str(counts["int8"]), str(counts["float"]))
     ops.add_section()
-    ops.add_row("QuantizeLinear / DequantizeLinear", str(report.quantize_nodes), str(report.dequantize_nodes))
+    ops.add_row(f"QuantizeLinear nodes: {report.quantize_nodes}, DequantizeLinear nodes: {report.dequantize_nodes}", "", "")
     sizes = Table(title="initializer bytes by dtype")
     sizes.add_column("dtype")
     sizes.add_column("MB", justify="right")
