@@ -61,10 +61,7 @@ def charged_ms(kernels: list[Kernel], model: onnx.ModelProto, float_graph: onnx.
     names = {node.name for node in float_graph.node}
     by_output = {node.output[0]: node.name for node in float_graph.node if node.output}
     producer = {output: node.name for node in float_graph.node for output in node.output}
-    readers: dict[str, list[str]] = collections.defaultdict(list)
-    for node in float_graph.node:
-        for name in node.input:
-            readers[name].append(node.name)
+    readers, int8_readers = _readers(float_graph), _readers(model.graph)
     nodes = {node.name: node for node in model.graph.node}
     q_inputs = {out: node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"
                 for out in node.output}
@@ -78,7 +75,7 @@ def charged_ms(kernels: list[Kernel], model: onnx.ModelProto, float_graph: onnx.
         elif node is not None and node.op_type == "DequantizeLinear":
             tensor = q_inputs.get(node.input[0])
             owner = producer.get(tensor, last) if tensor is not None else \
-                next((r for out in node.output for r in _int8_readers(model, out)), last)
+                next((r for out in node.output for r in int8_readers.get(out, [])), last)
         owner = owner if owner is not None else last
         if owner is not None:
             ms[owner] += kernel.ms
@@ -86,9 +83,13 @@ def charged_ms(kernels: list[Kernel], model: onnx.ModelProto, float_graph: onnx.
     return dict(ms)
 
 
-def _int8_readers(model: onnx.ModelProto, tensor: str) -> list[str]:
-    """The nodes of ``model`` reading ``tensor`` (a dequantized weight's readers)."""
-    return [node.name for node in model.graph.node if tensor in node.input]
+def _readers(graph: onnx.GraphProto) -> dict[str, list[str]]:
+    """The names of the nodes of ``graph`` reading each tensor, in graph order."""
+    readers: dict[str, list[str]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node.name)
+    return readers
 
 
 def slower_nodes(float_ms: dict[str, float], int8_ms: dict[str, float], quantized: set[str]) -> list[str]:
@@ -180,21 +181,23 @@ def leave_slow_float(loaded: LoadedModel, state: CalibrationState, config: Quant
     keys = {node.name: key for node, key in loaded.keys.nodes.items() if node.graph is loaded.model.graph}
     rounds: list[SpeedRound] = []
     current, kept = built, dict(keep_float)
+    int8_model, before = session_proto(built.model), None
     for _ in range(MAX_ROUNDS):
-        int8_model = session_proto(current.model)
         int8_ms = charged_ms(_profiled(int8_model, feed, "the int8 model"), int8_model, float_model.graph)
         quantized = {name for name, key in keys.items() if any(key in unit for unit in current.units)}
         slower = [keys[name] for name in slower_nodes(float_ms, int8_ms, quantized)]
         if not slower:
             break
         trial = build_model(loaded, state, config, layers, kept | dict.fromkeys(slower, SLOWER_REASON), fallback_dtype)
-        before = create_session(int8_model, "the int8 model")
-        after = create_session(session_proto(trial.model), "the int8 model with its slow nodes float")
+        trial_model = session_proto(trial.model)
+        before = before or create_session(int8_model, "the int8 model")
+        after = create_session(trial_model, "the int8 model with its slow nodes float")
         rounds.append(choose(slower, lambda: paired_ratios(before, after, feed, TIMING_BUDGET_S),
                              lambda: accurate_enough(trial)))
         if not rounds[-1].kept:
             break
         current, kept = trial, kept | dict.fromkeys(slower, SLOWER_REASON)
+        int8_model, before = trial_model, after  # the kept model is the next round's int8 model
     return current, SpeedChoice(tuple(rounds))
 
 
