@@ -124,7 +124,7 @@ class RunOptions:
     device: str = option(
         "auto", choices=("auto", "cpu", "cuda"),
         help="Where calibration runs: cuda only if ONNX Runtime's CUDA provider really loads (auto falls back "
-        "to the CPU and says why).")
+        "to the CPU, and says why on a machine with an NVIDIA GPU).")
     memory_budget_mb: float = option(
         2048.0, flag="--memory-budget",
         help="MB of exposed tensors at once (two batches with histogram methods); more are calibrated in several passes.")

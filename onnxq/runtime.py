@@ -134,8 +134,14 @@ def cuda_unavailable_reason() -> str | None:
     return "ONNX Runtime's CUDA execution provider did not load (no GPU, or CUDA/cuDNN libraries missing)"
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU its driver knows (whatever ONNX Runtime can use)."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def calibration_providers(device: str) -> tuple[tuple[str, ...], str | None]:
-    """Execution providers for calibration, and a note when ``auto`` fell back to the CPU.
+    """Execution providers for calibration, and a note when ``auto`` fell back to the CPU on a
+    machine with an NVIDIA GPU (without one, the CPU is what anyone expects: nothing to say).
 
     ``cuda`` raises ``DeviceError`` with the reason when CUDA cannot be used.
     """
@@ -146,7 +152,7 @@ def calibration_providers(device: str) -> tuple[tuple[str, ...], str | None]:
         return (CUDA, CPU), None
     if device == "cuda":
         raise DeviceError(f"cannot calibrate on CUDA: {reason}; use --device cpu or auto")
-    return (CPU,), f"calibrating on CPU: {reason}"
+    return (CPU,), f"calibrating on CPU: {reason}" if nvidia_gpu_present() else None
 
 
 @contextlib.contextmanager

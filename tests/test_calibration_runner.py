@@ -26,11 +26,20 @@ def test_cuda_requested_without_cuda_fails_with_the_reason(tmp_path):
 
 
 @pytest.mark.skipif(NO_CUDA is None, reason="CUDA is available here")
-def test_auto_device_falls_back_to_cpu_and_says_so(tmp_path):
+def test_auto_device_falls_back_to_cpu_and_says_so_where_there_is_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxq.runtime.nvidia_gpu_present", lambda: True)
     providers, note = calibration_providers("auto")
     assert providers == ("CPUExecutionProvider",) and NO_CUDA in note
     result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB)
     assert any(note.startswith("calibrating on CPU") for note in result.notes)
+
+
+@pytest.mark.skipif(NO_CUDA is None, reason="CUDA is available here")
+def test_auto_device_on_a_machine_without_a_gpu_calibrates_on_cpu_quietly(tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxq.runtime.nvidia_gpu_present", lambda: False)
+    assert calibration_providers("auto") == (("CPUExecutionProvider",), None)
+    result = onnxq.convert(DEMO, tmp_path / "m.onnx", CALIB)
+    assert not any("CUDA" in note for note in result.notes)
 
 
 def test_cpu_device_never_probes_cuda():
