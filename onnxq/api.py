@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxq.analysis.rules import resolve_rules, save_rules
-from onnxq.calibration.data import Batch, BatchSource, DataSource, model_inputs, source_path
+from onnxq.calibration.data import KEPT_BATCHES, Batch, BatchSource, DataSource, model_inputs, source_path
 from onnxq.calibration.holdout import HOLD_OUT_SAMPLES, HeldOutSplit, first_samples
 from onnxq.calibration.layer_inputs import layer_input_batches
 from onnxq.calibration.runner import ProgressCallback, calibrate_model
@@ -194,21 +194,28 @@ class _Measurement:
     description: str
 
 
-SAFETY_NET_SAMPLES = 2 * HOLD_OUT_SAMPLES  # evaluation samples the safety net's search runs on
+SAFETY_NET_SAMPLES = 2 * HOLD_OUT_SAMPLES  # at most this many samples of --eval-data are measured twice
+SEARCH_SAMPLES = 16  # calibration samples the safety net's search scores its trial models on
 
 
 def _measurement(eval_source: BatchSource | None, source: BatchSource | None, config: QuantConfig,
                  fallback: FallbackOptions) -> _Measurement | None:
-    """``--eval-data`` (all of it for ``--max-drop``, its first ``SAFETY_NET_SAMPLES`` for the
-    safety net), else the held-out calibration batches; ``None`` without data to measure on."""
+    """The data a conversion is measured on: held-out data reports (``--eval-data``, else the
+    held-out calibration batches); ``--max-drop`` searches on all of ``--eval-data`` (its metric
+    and labels), the safety net on ``SEARCH_SAMPLES`` calibration samples that are not reported
+    on, so that the set it chose on does not judge its choice. Without held-out batches the
+    calibration samples do both. ``None`` without data to measure on."""
     if eval_source is not None:
-        if fallback.max_drop is not None or eval_source.one_shot:  # read once: kept for the search and the report
+        if fallback.max_drop is not None or eval_source.one_shot:  # read once: kept for the report (and search)
             batches = list(eval_source())
-            search = batches if fallback.max_drop is not None else \
-                first_samples(batches, SAFETY_NET_SAMPLES) if fallback.auto else None
-            return _Measurement(search, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
-        search = first_samples(eval_source(), SAFETY_NET_SAMPLES) if fallback.auto else None
-        return _Measurement(search, eval_source(), "--eval-data")
+            report: Iterable[Batch] = batches
+        else:
+            batches, report = None, eval_source()
+        if fallback.max_drop is not None:
+            return _Measurement(batches, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
+        search = _search_batches(source) if fallback.auto else None
+        what = "--eval-data" if batches is None else f"{sum(b.samples for b in batches)} samples of --eval-data"
+        return _Measurement(search, report, what)
     if source is None:
         return None
     held_out = source.held_out() if isinstance(source, HeldOutSplit) else []
@@ -218,7 +225,16 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     samples = sum(b.samples for b in batches)
     what = f"{samples} held-out calibration samples" if held_out else \
         f"{samples} calibration samples (not held out: {'too few batches' if config.hold_out else '--no-hold-out'})"
-    return _Measurement(batches if fallback.auto else None, batches, what)
+    search = None if not fallback.auto else _search_batches(source) if held_out else batches
+    return _Measurement(search, batches, what)
+
+
+def _search_batches(source: BatchSource | None) -> list[Batch] | None:
+    """The first ``SEARCH_SAMPLES`` calibration samples (of those a one-shot source kept)."""
+    if source is None:
+        return None
+    batches = source.first_batches(KEPT_BATCHES) if source.one_shot else source()
+    return first_samples(batches, SEARCH_SAMPLES) or None
 
 
 def _fidelity(loaded: LoadedModel, session: ort.InferenceSession, batches: Iterable[Batch],
@@ -360,8 +376,8 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
             conversion.notes += fallback_notes(report)
             if measurement.search is not measurement.report:
                 conversion.notes.append(
-                    f"the search ran on the first {sum(b.samples for b in measurement.search)} samples of --eval-data; "
-                    "the accuracy check below is on all of it")
+                    f"the search scored its trials on {sum(b.samples for b in measurement.search)} calibration "
+                    f"samples; the accuracy check below is on {measurement.description}, which it did not see")
     if base:
         conversion.notes.append(f"kept float {len(base)} node(s) by --keep-float rules")
     built = build_model(loaded, state, config, layers, keep, fallback.dtype)

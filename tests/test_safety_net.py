@@ -13,6 +13,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import onnxq
+import onnxq.api
 from onnxq.calibration.holdout import HOLD_OUT_EVERY
 from onnxq.report.evaluate import Fidelity, OutputFidelity, fidelity_of
 from onnxq.report.parts import Part, is_distribution, output_parts
@@ -174,6 +175,50 @@ def test_the_safety_net_repairs_the_broken_part_by_default(detector, tmp_path, w
     _, scores = _scores_sqnr(result.output, detector_data(16, seed=6))  # other samples than searched on
     assert scores >= 23  # the default target
     assert result.op_counts["MatMul"].quantized == 2  # the repair keeps the heavy ops int8
+
+
+@pytest.fixture
+def searched_on(monkeypatch):
+    """The inputs ``x`` of every batch the fallback search scores its trials on, as recorded."""
+    seen: list[np.ndarray] = []
+    tune_fallback = onnxq.api.tune_fallback
+
+    def recording(loaded, state, config, layers, base, options, batches, *rest):
+        seen.extend(batch.feed["x"] for batch in batches)
+        return tune_fallback(loaded, state, config, layers, base, options, batches, *rest)
+
+    monkeypatch.setattr(onnxq.api, "tune_fallback", recording)
+    return seen
+
+
+def _rows_in(rows: list[np.ndarray], data: np.ndarray) -> list[int]:
+    """The indices of ``data``'s samples that are among ``rows``."""
+    return [i for i, sample in enumerate(data) if any(np.array_equal(sample[None], row) for row in rows)]
+
+
+def test_the_search_never_scores_on_the_held_out_samples_it_is_judged_by(detector, tmp_path, searched_on,
+                                                                         without_poor_tensor_rule):
+    """Choosing the float set on the samples that then report the result would grade the
+    search on its own answers: it searches on calibration samples, the check is on the others."""
+    model, calibration = detector
+    result = onnxq.convert(model, tmp_path / "out.onnx", calibration, ONE_SCALE)
+    data = np.load(calibration)["x"]
+    held = [i for i in range(len(data)) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+    searched = _rows_in(searched_on, data)
+    assert searched and not set(searched) & set(held)
+    assert len(searched) == onnxq.api.SEARCH_SAMPLES
+    assert result.fallback is not None and result.accuracy.measured_on == f"{len(held)} held-out calibration samples"
+    assert any("which it did not see" in note for note in result.notes)
+
+
+def test_with_eval_data_the_search_scores_on_calibration_samples(detector, tmp_path, searched_on,
+                                                                 without_poor_tensor_rule):
+    model, calibration = detector
+    np.savez(tmp_path / "eval.npz", **detector_data(16, seed=9))
+    result = onnxq.convert(model, tmp_path / "out.onnx", calibration, ONE_SCALE, eval_data=str(tmp_path / "eval.npz"))
+    assert _rows_in(searched_on, np.load(tmp_path / "eval.npz")["x"]) == []
+    assert len(_rows_in(searched_on, np.load(calibration)["x"])) == onnxq.api.SEARCH_SAMPLES
+    assert result.fallback is not None and result.accuracy.measured_on == "--eval-data"
 
 
 def test_cli_says_loudly_when_the_target_is_missed_and_json_carries_it(detector, tmp_path):
