@@ -15,8 +15,10 @@ import pytest
 import onnxq
 import onnxq.api
 from onnxq.calibration.holdout import HOLD_OUT_EVERY
-from onnxq.report.evaluate import Fidelity, OutputFidelity, fidelity_of
+from onnxq.calibration.data import Batch
+from onnxq.report.evaluate import Fidelity, OutputFidelity, compare_runs, fidelity_of
 from onnxq.report.parts import Part, is_distribution, output_parts
+from onnxq.tune.metrics import top1_score
 from onnxq.tune.target import AccuracyTarget
 from tests.graphs import make_model, run, sqnr_db
 from tests.test_cli_errors import onnxq as onnxq_cli
@@ -88,6 +90,40 @@ def test_softmax_outputs_are_distributions_and_logits_or_sigmoids_are_not():
 
 def _fidelity(sqnr: float, agreement: float | None = None, decisions: int = 0) -> Fidelity:
     return Fidelity(1, (OutputFidelity("y", sqnr, 1.0, 0.0, (), agreement, decisions),))
+
+
+def test_a_two_class_softmax_is_one_part_though_its_classes_differ_tenfold():
+    """A face / not-face softmax whose 'face' column is rare: its columns differ in RMS by far
+    more than 10x, yet a distribution's axis holds one quantity and is judged by agreement."""
+    rng = np.random.default_rng(11)
+    face = np.where(rng.random(200) < 0.01, 0.97, rng.uniform(0.0, 0.01, 200))
+    probabilities = np.stack([1 - face, face], axis=1).astype(np.float32)
+    assert is_distribution(probabilities)
+    assert output_parts(probabilities) == ()
+    assert output_parts(probabilities[:, :1] * [1.0, 0.01]) != ()  # not a distribution: it splits
+
+
+def _labelled_batches(boxes: np.ndarray, probabilities: np.ndarray, labels: np.ndarray):
+    """One labelled batch per sample: (batch, float outputs, int8 outputs); int8 flips sample 0's class."""
+    flipped = probabilities.copy()
+    flipped[0] = flipped[0, ::-1]
+    return [(Batch({"x": np.zeros(1, np.float32)}, 1, labels[i : i + 1]), [boxes[i : i + 1], probabilities[i : i + 1]],
+             [boxes[i : i + 1], flipped[i : i + 1]]) for i in range(len(labels))]
+
+
+def test_top1_is_read_from_the_softmax_output_not_the_box_regression_before_it():
+    """MTCNN's ONet writes a [N, 4] box regression first and the [N, 2] face softmax last; labels
+    0/1 index both, but only the softmax is a classifier."""
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 2, 20)
+    probabilities = np.where(labels[:, None] == 1, [0.1, 0.9], [0.8, 0.2]).astype(np.float32)
+    boxes = rng.normal(0, 0.1, (20, 4)).astype(np.float32)
+    fidelity = compare_runs(["boxes", "face"], _labelled_batches(boxes, probabilities, labels))
+    assert fidelity.top1_output == "face"
+    assert fidelity.float_top1 == 1.0
+    assert fidelity.quantized_top1 == pytest.approx(19 / 20)  # only sample 0 flipped
+    outputs = {"boxes": boxes, "face": np.concatenate([b[2][1] for b in _labelled_batches(boxes, probabilities, labels)])}
+    assert top1_score(outputs, {"boxes": boxes, "face": probabilities}, labels) == pytest.approx(19 / 20)
 
 
 def test_target_is_met_exactly_at_its_sqnr_and_agreement():

@@ -123,7 +123,8 @@ def summary(result: ConversionResult) -> Table:
     fidelity = result.fidelity
     if fidelity is not None:
         if fidelity.float_top1 is not None:
-            table.add_row("top-1 accuracy", f"{fidelity.quantized_top1:.2%}", f"{fidelity.float_top1:.2%}")
+            table.add_row(f"top-1 accuracy ({fidelity.top1_output})", f"{fidelity.quantized_top1:.2%}",
+                          f"{fidelity.float_top1:.2%}")
         for output in fidelity.outputs:
             table.add_row(f"{output.name} vs float", f"SQNR {output.sqnr_db:.1f} dB", f"cosine {output.cosine:.5f}")
             for part in output.parts:
@@ -243,7 +244,7 @@ def comparison_tables(result: Comparison, rows: int) -> list[Table]:
         outputs.add_row(output.name, f"{output.sqnr_db:.2f}", f"{output.cosine:.5f}", f"{output.max_abs_error:.4g}")
     tables = [outputs]
     if result.fidelity.float_top1 is not None:
-        top1 = Table(title="top-1 accuracy")
+        top1 = Table(title=f"top-1 accuracy of {result.fidelity.top1_output}")
         top1.add_column("float", justify="right")
         top1.add_column("int8", justify="right")
         top1.add_row(f"{result.fidelity.float_top1:.2%}", f"{result.fidelity.quantized_top1:.2%}")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from onnxq.calibration.data import Batch
 from onnxq.errors import CalibrationDataError, first_line
-from onnxq.report.parts import is_distribution, output_parts
+from onnxq.report.parts import is_distribution, labelled_output, output_parts
 from onnxq.tune.metrics import cosine_similarity
 
 
@@ -49,6 +49,7 @@ class Fidelity:
     outputs: tuple[OutputFidelity, ...]
     float_top1: float | None = None
     quantized_top1: float | None = None
+    top1_output: str | None = None  # the output top-1 is read from (``labelled_output``)
 
 
 class ErrorAccumulator:
@@ -146,26 +147,30 @@ class FloatRuns:
 
 
 def compare_runs(names: list[str], runs: Iterable[tuple[Batch, list[np.ndarray], list[np.ndarray]]]) -> Fidelity:
-    """Fidelity from ``(batch, float outputs, quantized outputs)`` per batch; top-1 uses the
-    first output's last axis and the batch's labels."""
+    """Fidelity from ``(batch, float outputs, quantized outputs)`` per batch; top-1 is read from
+    the output ``labelled_output`` picks on the first labelled batch."""
     accumulators = {name: OutputAccumulator(name) for name in names}
     samples = labelled = float_correct = quantized_correct = 0
+    chosen: int | None = None
     for batch, reference, quantized in runs:
         for name, f, q in zip(names, reference, quantized):
             accumulators[name].update(f, q)
         samples += batch.samples
         labels = None if batch.labels is None else batch.labels.reshape(-1)
-        if labels is not None and reference[0].ndim == 2 and reference[0].shape[0] == labels.size:
-            f_pred = reference[0].argmax(axis=1)
-            q_pred = quantized[0].argmax(axis=1)
-            float_correct += int((f_pred == labels).sum())
-            quantized_correct += int((q_pred == labels).sum())
+        if labels is None:
+            continue
+        if chosen is None and not labelled:
+            chosen = labelled_output(reference, labels)
+        if chosen is not None and reference[chosen].shape[0] == labels.size:
+            float_correct += int((reference[chosen].argmax(axis=1) == labels).sum())
+            quantized_correct += int((quantized[chosen].argmax(axis=1) == labels).sum())
             labelled += len(labels)
     return Fidelity(
         samples=samples,
         outputs=tuple(accumulators[name].result() for name in names),
         float_top1=float_correct / labelled if labelled else None,
         quantized_top1=quantized_correct / labelled if labelled else None,
+        top1_output=names[chosen] if labelled else None,
     )
 
 

@@ -11,7 +11,8 @@ A detector's ``[1, 4 + C, N]`` output holds box coordinates in pixels beside cla
    judge rare classes, whose scores sit below any 8-bit step, on their own.
 3. The axis that splits with the largest difference is used; an output with none is one part.
 4. An output is a distribution when its values lie in [0, 1] and sum to 1 along the last axis
-   (softmax outputs): its arg-max along that axis is the decision that matters.
+   (softmax outputs): its arg-max along that axis is the decision that matters, and that axis is
+   never split (a face / not-face softmax holds one quantity, not two kinds of values).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def output_parts(reference: np.ndarray) -> tuple[Part, ...]:
     if values.ndim < 2 or values.size == 0 or not np.issubdtype(values.dtype, np.floating):
         return ()
     best: tuple[float, int, int] = (0.0, 0, 0)  # gap, axis, split point
-    for axis in range(1, values.ndim):
+    for axis in range(1, values.ndim - is_distribution(values)):  # rule 4: not a distribution's axis
         extent = values.shape[axis]
         if not 2 <= extent <= MAX_EXTENT:
             continue
@@ -87,3 +88,12 @@ def is_distribution(reference: np.ndarray) -> bool:
     if values.min() < 0 or values.max() > 1 + _SUM_TOLERANCE:
         return False
     return bool(np.all(np.abs(values.sum(axis=-1, dtype=np.float64) - 1) <= _SUM_TOLERANCE))
+
+
+def labelled_output(reference: list[np.ndarray], labels: np.ndarray) -> int | None:
+    """The output the labels are classes of: of the ``[N, classes]`` outputs (N: one per label),
+    the first that is a distribution (softmax), else the first with a column for every label;
+    ``None`` when there is none (a box regression beside the softmax is never it)."""
+    candidates = [i for i, f in enumerate(reference)
+                  if f.ndim == 2 and f.shape[0] == labels.size and f.shape[1] > int(labels.max(initial=0))]
+    return next((i for i in candidates if is_distribution(reference[i])), candidates[0] if candidates else None)

@@ -9,6 +9,7 @@ import numpy as np
 
 from onnxq.calibration.data import load_callable
 from onnxq.errors import ConfigError, first_line
+from onnxq.report.parts import is_distribution, labelled_output
 
 Outputs = dict[str, np.ndarray]
 
@@ -59,12 +60,16 @@ def cosine_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None
 
 
 def top1_score(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    """Top-1 accuracy of the first output against ``labels``; without labels, agreement of its
-    arg-max (over the last axis) with the float model's."""
-    name = next(iter(reference))
+    """Top-1 accuracy against ``labels`` of the output they are classes of (``labelled_output``);
+    without labels (or no such output), arg-max agreement (over the last axis) with the float
+    model of its first distribution output, else of its first output."""
+    names = list(reference)
+    if labels is not None:
+        chosen = labelled_output([reference[name] for name in names], labels.reshape(-1))
+        if chosen is not None:
+            return float((outputs[names[chosen]].argmax(axis=-1) == labels.reshape(-1)).mean())
+    name = next((name for name in names if is_distribution(reference[name])), names[0])
     predicted = outputs[name].argmax(axis=-1).reshape(-1)
-    if labels is not None and labels.size == predicted.size:
-        return float((predicted == labels.reshape(-1)).mean())
     return float((predicted == reference[name].argmax(axis=-1).reshape(-1)).mean())
 
 
