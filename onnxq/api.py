@@ -48,7 +48,7 @@ from onnxq.tune.fallback import (
     tune_fallback,
 )
 from onnxq.tune.layers import measure_layers
-from onnxq.tune.speed import SLOWER_REASON, SpeedChoice, SpeedRound, leave_slow_float, speed_notes
+from onnxq.tune.speed import SLOWER_REASON, SpeedChoice, SpeedRound, leave_slow_float, speed_notes, too_fast_note
 from onnxq.tune.target import AccuracyCheck, AccuracyTarget
 from onnxq.workspace.manifest import (
     build_manifest,
@@ -468,6 +468,7 @@ def _leave_slow_float(conversion: _Conversion, loaded: LoadedModel, state: Calib
     else:
         built, choice = leave_slow_float(loaded, state, config, layers, keep, dtype, built, feed, accurate_enough)
         if choice is None:
+            conversion.notes.append(too_fast_note())
             return built
         conversion.space.append(SpeedStep(calibration_step, sorted(keep),
                                           [r.record() for r in choice.rounds]))

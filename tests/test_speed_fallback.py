@@ -165,6 +165,15 @@ def test_the_note_says_when_nothing_was_kept():
         "of the model before (median of 42 paired runs, faster in 17, 29 needed)"]
 
 
+def test_a_float_model_too_fast_to_judge_is_said_so(tmp_path, monkeypatch):
+    """Under ``MIN_FLOAT_MS`` a run's time is ONNX Runtime's overhead: the pass does not run, and
+    the summary says why instead of leaving the user to wonder (a new user's MTCNN ONet, 0.5 ms)."""
+    monkeypatch.setattr(speed, "MIN_FLOAT_MS", 1e9)  # whatever this CPU's speed: every model is "too fast"
+    result = _convert(tmp_path, "out")
+    assert any(note.startswith("speed fallback: not run: the float model takes under 1e+09 ms") for note in result.notes)
+    assert Workspace.open(tmp_path / "ws").latest(SpeedStep) is None
+
+
 def test_a_model_for_a_gpu_target_is_not_judged_by_cpu_kernels(tmp_path, first_conv_slow):
     result = onnxq.convert(DEMO, tmp_path / "out.onnx", CALIB, onnxq.QuantConfig(target="cuda"),
                            workspace=tmp_path / "ws", fallback=onnxq.FallbackOptions(auto=False))

@@ -201,6 +201,12 @@ def leave_slow_float(loaded: LoadedModel, state: CalibrationState, config: Quant
     return current, SpeedChoice(tuple(rounds))
 
 
+def too_fast_note() -> str:
+    """The summary's line where rule 1 stops the pass."""
+    return (f"speed fallback: not run: the float model takes under {MIN_FLOAT_MS:g} ms a batch-1 run, where ONNX "
+            "Runtime's per-run overhead, not the kernels, sets the time")
+
+
 def speed_notes(choice: SpeedChoice) -> list[str]:
     """The summary's line on the pass: each round, and what it kept float."""
     if not choice.rounds:
