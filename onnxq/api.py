@@ -362,6 +362,8 @@ def _convert(loaded: LoadedModel, output_path: Path, calibration_data: DataSourc
     report_runs = None  # the float model's outputs, computed before any int8 model runs
     if measurement is not None and isinstance(measurement.report, list):
         report_runs = FloatRuns.of(loaded.float_session(), measurement.report)
+    elif eval_source is not None:  # streamed: data the model fails on is said so before anything times or runs it
+        FloatRuns.of(loaded.float_session(), [eval_source.first])
     target = AccuracyTarget.of(fallback)
     report, keep = None, base
     if measurement is not None and measurement.search:
