@@ -54,7 +54,7 @@ class QuantConfig:
         16.0, cli=False, changes_model=True,
         help="A Concat whose inputs' ranges differ by more than this factor is kept float.")
     method: str = option(
-        "minmax", choices=("auto", *METHODS), changes_model=True,
+        "auto", choices=("auto", *METHODS), changes_model=True,
         help="How activation ranges are chosen: auto = per tensor, among min/max, percentile and MSE-optimal clips, "
         "the one whose error in the layers reading it is least on calibration data; the others: one method for "
         "every tensor.")

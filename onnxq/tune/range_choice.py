@@ -5,12 +5,14 @@ the 256 levels of a tensor with a few huge outliers on those outliers; a clip sa
 keeps the levels for the rest, which is worse for a tensor whose extremes matter. Rules:
 1. The candidates of a group of tensors that share one scale (``onnxq.rewrite.plan`` rule 2) are
    its calibrated range (min/max), the ``PERCENTILES`` percentile clips and the MSE-optimal clip
-   of its values, read off one histogram of its members' values on the first calibration batch
-   and kept inside the calibrated range. Groups with fewer than ``MIN_VALUES`` values there (too
+   of its values, read off one histogram of its members' values on the first calibration batches
+   (``CANDIDATE_SAMPLES`` samples) and kept inside the calibrated range. Groups with fewer than
+   ``MIN_VALUES`` values there (too
    few to tell a tail from the range), or holding constants or tensors of If/Loop/Scan bodies,
    keep min/max.
-2. The candidates are judged on the second calibration batch, which they were not read off (on
-   their own batch a clip at its largest value would look free): a candidate's error is the
+2. The candidates are judged on the next calibration batches (``JUDGED_SAMPLES`` samples), which
+   they were not read off (on their own samples a clip at their largest value would look free; one
+   sample of each tells a tail from an image's content poorly): a candidate's error is the
    error it causes in the outputs of the weighted layers (a Conv, ConvTranspose, Gemm or MatMul
    with constant weights) that read a member of the group. Each such layer runs alone (float
    weights; every such layer of the model side by side in one ONNX Runtime session) on the
@@ -25,8 +27,9 @@ keeps the levels for the rest, which is worse for a tensor whose extremes matter
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
    key): the plan then computes the group's scale from it (``onnxq.rewrite.plan`` rule 4), and
    ``--resume`` and ``onnx recover`` rebuild the same model without data.
-Cost: one float run of the model on each of the two batches (exposing the quantized tensors),
-and one run of the weighted layers alone for the float values and for each candidate (at most 1 + 3).
+Cost: one float run of the model on each batch read (exposing the quantized tensors, one batch's
+tensors in memory at a time), and per judged batch one run of the weighted layers alone for the
+float values and for each candidate (at most 1 + 3).
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ from onnxq.load.prepare import LoadedModel
 from onnxq.rewrite.plan import QuantPlan, Range
 from onnxq.rewrite.quant_math import activation_params
 from onnxq.runtime import create_session
-from onnxq.tune.tensor_error import fake_quantized, float_values
+from onnxq.tune.tensor_error import fake_quantized, float_batches
 
 PERCENTILES = (99.99, 99.999)
+CANDIDATE_SAMPLES = 4  # samples the candidate clips are read off (rule 1)
+JUDGED_SAMPLES = 4  # further samples they are judged on (rule 2)
 MIN_VALUES = 2**14  # a 99.99 percentile needs 10**4 values to differ from the maximum
 CLIP_GAIN = 0.1  # a clip must lower the readers' error by 10 % (0.46 dB) to replace min/max
 _SAME = 0.01  # candidates within 1 % of the calibrated width of each other at both ends are one
@@ -191,31 +196,43 @@ def _measure(groups: list[_Group], values: dict[str, np.ndarray], readers: _Read
 def choose_ranges(loaded: LoadedModel, graph: ir.Graph, plan: QuantPlan, calibrated: dict[str, Range],
                   config: QuantConfig, source: BatchSource) -> dict[str, Range]:
     """The clipped ranges chosen for the main-graph activation tensors of ``plan`` (by name;
-    tensors that keep their calibrated range are left out), read off the first calibration batch
-    and judged on the second (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
+    tensors that keep their calibrated range are left out), read off the first calibration batches
+    and judged on the next (rules 1-3). ``calibrated``: the calibrated range of each tensor, by name."""
     groups = _groups(graph, plan, calibrated, with_readers=not loaded.offload)
     names = sorted({name for group in groups for name in group.members})
     if not names:
         return {}
     with np.errstate(invalid="ignore", over="ignore"):
-        batches = float_values(loaded, names, source, 2)
-        first = next(batches, None)  # None: data that could be read only once (calibration read it)
-        if first is None:
+        batches = float_batches(loaded, names, source)
+        read = 0  # stays 0 for data that could be read only once (calibration read it)
+        for samples, values in batches:
+            for group in groups:
+                for name in group.members:
+                    group.histogram.update(values[name])
+            read += samples
+            del values  # one batch's tensors in memory at a time
+            if read >= CANDIDATE_SAMPLES:
+                break
+        if not read:
             return {}
         for group in groups:
-            for name in group.members:
-                group.histogram.update(first[name])
             group.choose_candidates()
-        del first  # one batch's tensors in memory at a time
         groups = [group for group in groups if len(group.candidates) > 1]
-        second = next(batches, None) if groups else None
-        if second is None:
+        if not groups:
             return {}
         layers: list[tuple[ir.Node, str]] = []
         for group in groups:
             group.readers = list(range(len(layers), len(layers) + len(group.layers)))
             layers += group.layers
-        _measure(groups, second, _Readers(loaded, layers), config.activations)
+        readers, judged = _Readers(loaded, layers), 0
+        for samples, values in batches:
+            _measure(groups, values, readers, config.activations)
+            judged += samples
+            del values
+            if judged >= JUDGED_SAMPLES:
+                break
+        if not judged:
+            return {}
     chosen = {}
     for group in groups:
         clip = group.choice()

@@ -52,9 +52,15 @@ _SHAPE_READS = frozenset({"Shape", "Size"})
 def float_values(loaded: LoadedModel, names: list[str], source: BatchSource,
                  batches: int = MEASURED_BATCHES) -> Iterator[dict[str, np.ndarray]]:
     """The float values of the tensors ``names`` on each of the first ``batches`` calibration batches."""
+    for _, values in itertools.islice(float_batches(loaded, names, source), batches):
+        yield values
+
+
+def float_batches(loaded: LoadedModel, names: list[str], source: BatchSource) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Each calibration batch's sample count and the float values of the tensors ``names`` on it."""
     session = loaded.float_session(with_outputs(loaded.cleaned, names))
-    for batch in itertools.islice(source(), batches):
-        yield dict(zip(names, session.run(names, batch.feed)))
+    for batch in source():
+        yield batch.samples, dict(zip(names, session.run(names, batch.feed)))
 
 
 def fake_quantized(values: np.ndarray, params: QuantParams) -> np.ndarray:
