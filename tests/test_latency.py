@@ -145,8 +145,8 @@ def test_slow_parts_are_the_parts_slower_in_int8_worst_first():
     lines = slow_parts(kernels(float_trace, 2), kernels(int8_trace, 2))
     assert len(lines) == 2  # Conv is faster in int8: not named
     assert lines[0].startswith("QuantizeLinear/DequantizeLinear ONNX Runtime did not fuse away: 1 kernel(s), "
-                               "0.007 ms in int8 vs 0.000 ms in float")
-    assert lines[1].startswith("Add nodes: 1 kernel(s), 0.003 ms in int8 vs 0.001 ms in float")
+                               "0.007 ms in the int8 model vs 0.000 ms in the float model")
+    assert lines[1].startswith("Add nodes: 1 kernel(s), 0.003 ms in the int8 model vs 0.001 ms in the float model")
     assert slow_parts(kernels(int8_trace, 2), kernels(int8_trace, 2))[0].startswith("no part's kernels take longer")
 
 

@@ -129,8 +129,8 @@ def slow_parts(float_kernels: list[Kernel], int8_kernels: list[Kernel]) -> list[
         in_float = sum(k.in_float for k in mine)
         shown = ", ".join(f"{k.name} ({k.op}{' in float' if k.in_float else ''}) {k.ms:.3f} ms"
                           for k in mine[:SHOWN_KERNELS])
-        lines.append(f"{part}: {len(mine)} kernel(s), {_ms(mine):.3f} ms in int8 vs {_ms(theirs):.3f} ms in float "
-                     f"({len(theirs)} kernel(s)) per run"
+        lines.append(f"{part}: {len(mine)} kernel(s), {_ms(mine):.3f} ms in the int8 model vs {_ms(theirs):.3f} ms "
+                     f"in the float model ({len(theirs)} kernel(s)) per run"
                      + (f"; {in_float} ran in float on dequantized inputs (not fused into an int8 kernel, or "
                         "kept float)" if in_float else "")
                      + f"; slowest: {shown}")
