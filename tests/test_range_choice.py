@@ -134,3 +134,14 @@ def test_a_tensor_no_weighted_layer_reads_is_judged_by_its_own_error(tmp_path):
     errors = {name: sqnr_db(float_y, run(onnx.load_from_string(data), {"x": held_out}, fused=False)[0])
               for name, data in (("auto", auto), ("minmax", minmax))}
     assert errors["auto"] > errors["minmax"] + 3
+
+
+def test_with_nothing_left_to_judge_on_after_the_candidates_samples_every_tensor_keeps_min_max(tmp_path):
+    """Four samples in all: the candidate clips are read off all of them, and a clip judged on
+    the samples it was read off would look free: min/max stays."""
+    rng = np.random.default_rng(7)
+    model = _conv_model(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2)
+    calibration = _samples(rng, 4, outlier_at=2)
+    auto, _ = _convert(model, calibration, tmp_path, "auto", "auto")
+    assert _recorded_ranges(tmp_path / "auto.ws", model) == {}
+    assert _scales(auto)["x"] == pytest.approx((OUTLIER - calibration["x"].min()) / 255, rel=1e-6)

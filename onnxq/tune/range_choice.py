@@ -20,8 +20,9 @@ keeps the levels for the rest, which is worse for a tensor whose extremes matter
    zero point; the squared error of its output, relative to that output's energy, is summed over
    the layers. A group that no weighted layer reads is judged by its members' own quantization
    error, relative to their energy, and so is every group of a model whose weights lie in external
-   data (its layers side by side would be another model of that size). With a single calibration
-   batch, or data that can be read only once, every tensor keeps min/max.
+   data (its layers side by side would be another model of that size). With no batch left to
+   judge on after the candidates' (``CANDIDATE_SAMPLES`` samples or fewer in all), or data that
+   can be read only once, every tensor keeps min/max.
 3. A clip replaces min/max only when it lowers that error by at least ``CLIP_GAIN``: a clip that
    saves little on one batch may cost more on data it has not seen, where more lies beyond it.
 4. The chosen range is recorded for every member of the group (``LayersStep.ranges``, by tensor
