@@ -231,8 +231,8 @@ def pair_tables(pair: InspectionPair) -> list[Table]:
     for column in ("", "float model", "quantized model"):
         sparsity.add_column(column, justify="left" if not column else "right")
     sparsity.add_row("exact zeros", f"{before.weight_zero_fraction:.2%}", f"{after.weight_zero_fraction:.2%}")
-    sparsity.add_row("2:4 sparse weights", *(f"{sum(w.two_four_sparse for w in r.weights)} of {len(r.weights)}"
-                                             for r in (before, after)))
+    sparsity.add_row("2:4 sparse, of initializers with 2+ dims",
+                     *(f"{sum(w.two_four_sparse for w in r.weights)} of {len(r.weights)}" for r in (before, after)))
     return [sizes, sparsity, inspection_tables(after)[0]]
 
 
