@@ -206,16 +206,13 @@ def _measurement(eval_source: BatchSource | None, source: BatchSource | None, co
     on, so that the set it chose on does not judge its choice. Without held-out batches the
     calibration samples do both. ``None`` without data to measure on."""
     if eval_source is not None:
-        if fallback.max_drop is not None or eval_source.one_shot:  # read once: kept for the report (and search)
-            batches = list(eval_source())
-            report: Iterable[Batch] = batches
-        else:
-            batches, report = None, eval_source()
+        kept = fallback.max_drop is not None or eval_source.one_shot  # read once: kept for the report (and search)
+        batches = list(eval_source()) if kept else None
+        what = f"{sum(b.samples for b in batches)} samples of --eval-data" if kept else "--eval-data"
         if fallback.max_drop is not None:
-            return _Measurement(batches, batches, f"{sum(b.samples for b in batches)} samples of --eval-data")
+            return _Measurement(batches, batches, what)
         search = _search_batches(source) if fallback.auto else None
-        what = "--eval-data" if batches is None else f"{sum(b.samples for b in batches)} samples of --eval-data"
-        return _Measurement(search, report, what)
+        return _Measurement(search, batches if kept else eval_source(), what)
     if source is None:
         return None
     held_out = source.held_out() if isinstance(source, HeldOutSplit) else []

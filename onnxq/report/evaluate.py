@@ -148,7 +148,7 @@ class FloatRuns:
 
 def compare_runs(names: list[str], runs: Iterable[tuple[Batch, list[np.ndarray], list[np.ndarray]]]) -> Fidelity:
     """Fidelity from ``(batch, float outputs, quantized outputs)`` per batch; top-1 is read from
-    the output ``labelled_output`` picks on the first labelled batch."""
+    the output ``labelled_output`` picks on the first labelled batch that has one."""
     accumulators = {name: OutputAccumulator(name) for name in names}
     samples = labelled = float_correct = quantized_correct = 0
     chosen: int | None = None
@@ -159,7 +159,7 @@ def compare_runs(names: list[str], runs: Iterable[tuple[Batch, list[np.ndarray],
         labels = None if batch.labels is None else batch.labels.reshape(-1)
         if labels is None:
             continue
-        if chosen is None and not labelled:
+        if chosen is None:
             chosen = labelled_output(reference, labels)
         if chosen is not None and reference[chosen].shape[0] == labels.size:
             float_correct += int((reference[chosen].argmax(axis=1) == labels).sum())
