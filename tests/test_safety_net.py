@@ -101,29 +101,36 @@ def test_a_two_class_softmax_is_one_part_though_its_classes_differ_tenfold():
     assert is_distribution(probabilities)
     assert output_parts(probabilities) == ()
     assert output_parts(probabilities[:, :1] * [1.0, 0.01]) != ()  # not a distribution: it splits
+    per_step = probabilities.reshape(4, 50, 2)  # the same softmax per time step, [N, T, classes]
+    assert is_distribution(per_step) and output_parts(per_step) == ()
 
 
-def _labelled_batches(boxes: np.ndarray, probabilities: np.ndarray, labels: np.ndarray):
-    """One labelled batch per sample: (batch, float outputs, int8 outputs); int8 flips sample 0's class."""
-    flipped = probabilities.copy()
-    flipped[0] = flipped[0, ::-1]
-    return [(Batch({"x": np.zeros(1, np.float32)}, 1, labels[i : i + 1]), [boxes[i : i + 1], probabilities[i : i + 1]],
-             [boxes[i : i + 1], flipped[i : i + 1]]) for i in range(len(labels))]
+def _labelled_batches(order: list[str], float_outputs: dict[str, np.ndarray], labels: np.ndarray):
+    """One labelled batch per sample: (batch, float outputs, int8 outputs) with the outputs in
+    ``order``; int8 flips sample 0's class."""
+    int8_outputs = dict(float_outputs, face=float_outputs["face"].copy())
+    int8_outputs["face"][0] = int8_outputs["face"][0, ::-1]
+    return [(Batch({"x": np.zeros(1, np.float32)}, 1, labels[i : i + 1]),
+             [float_outputs[name][i : i + 1] for name in order], [int8_outputs[name][i : i + 1] for name in order])
+            for i in range(len(labels))]
 
 
-def test_top1_is_read_from_the_softmax_output_not_the_box_regression_before_it():
-    """MTCNN's ONet writes a [N, 4] box regression first and the [N, 2] face softmax last; labels
-    0/1 index both, but only the softmax is a classifier."""
+@pytest.mark.parametrize("order", [["boxes", "face"], ["face", "boxes"]])
+def test_top1_is_read_from_the_softmax_output_not_the_box_regression_beside_it(order):
+    """MTCNN's ONet writes a [N, 4] box regression first and the [N, 2] face softmax last (other
+    exports the other way round); labels 0/1 index both, but only the softmax is a classifier."""
     rng = np.random.default_rng(12)
     labels = rng.integers(0, 2, 20)
-    probabilities = np.where(labels[:, None] == 1, [0.1, 0.9], [0.8, 0.2]).astype(np.float32)
-    boxes = rng.normal(0, 0.1, (20, 4)).astype(np.float32)
-    fidelity = compare_runs(["boxes", "face"], _labelled_batches(boxes, probabilities, labels))
+    float_outputs = {"face": np.where(labels[:, None] == 1, [0.1, 0.9], [0.8, 0.2]).astype(np.float32),
+                     "boxes": rng.normal(0, 0.1, (20, 4)).astype(np.float32)}
+    batches = _labelled_batches(order, float_outputs, labels)
+    fidelity = compare_runs(order, batches)
     assert fidelity.top1_output == "face"
     assert fidelity.float_top1 == 1.0
     assert fidelity.quantized_top1 == pytest.approx(19 / 20)  # only sample 0 flipped
-    outputs = {"boxes": boxes, "face": np.concatenate([b[2][1] for b in _labelled_batches(boxes, probabilities, labels)])}
-    assert top1_score(outputs, {"boxes": boxes, "face": probabilities}, labels) == pytest.approx(19 / 20)
+    int8_outputs = {name: np.concatenate([b[2][order.index(name)] for b in batches]) for name in order}
+    reference = {name: float_outputs[name] for name in order}
+    assert top1_score(int8_outputs, reference, labels) == pytest.approx(19 / 20)
 
 
 def test_target_is_met_exactly_at_its_sqnr_and_agreement():
